@@ -1,0 +1,190 @@
+//! The event ABI between the kernel programs and userspace. Version [`ABI_VERSION`]; every type is
+//! `#[repr(C)]`, 8-byte aligned, and read by userspace with an unaligned copy of the ring-buffer record.
+
+/// Bumped on any layout change of the types in this module.
+pub const ABI_VERSION: u32 = 1;
+
+/// Compile-time ceiling of payload bytes copied per syscall. The runtime limit (`CAPTURE_LIMIT`) is
+/// at most this.
+pub const MAX_CAPTURE: usize = 16 * 1024;
+/// Default runtime payload copy limit per syscall.
+pub const DEFAULT_CAPTURE: u32 = 4096;
+/// How many iovecs of one readv/writev/sendmsg/recvmsg are copied.
+pub const MAX_IOVECS: usize = 8;
+
+/// [`EventHeader::kind`]: bytes transferred on a socket; the payload follows the header.
+pub const KIND_DATA: u8 = 1;
+/// [`EventHeader::kind`]: the traced process closed its socket fd.
+pub const KIND_CLOSE: u8 = 2;
+
+/// [`EventHeader::direction`]: the process wrote.
+pub const DIR_SEND: u8 = 0;
+/// [`EventHeader::direction`]: the process read.
+pub const DIR_RECV: u8 = 1;
+
+/// [`EventHeader::role`] / connection role: not seen connecting or accepting (opened before the agent).
+pub const ROLE_UNKNOWN: u8 = 0;
+/// The process connected (client end).
+pub const ROLE_CLIENT: u8 = 1;
+/// The process accepted (server end).
+pub const ROLE_SERVER: u8 = 2;
+
+/// [`EventHeader::source`] values: which hook produced the event.
+pub const SRC_READ: u8 = 1;
+/// write(2)
+pub const SRC_WRITE: u8 = 2;
+/// readv(2)
+pub const SRC_READV: u8 = 3;
+/// writev(2)
+pub const SRC_WRITEV: u8 = 4;
+/// recvfrom(2) / recv
+pub const SRC_RECVFROM: u8 = 5;
+/// sendto(2) / send
+pub const SRC_SENDTO: u8 = 6;
+/// recvmsg(2)
+pub const SRC_RECVMSG: u8 = 7;
+/// sendmsg(2)
+pub const SRC_SENDMSG: u8 = 8;
+/// recvmmsg(2), first message
+pub const SRC_RECVMMSG: u8 = 9;
+/// sendmmsg(2), first message
+pub const SRC_SENDMMSG: u8 = 10;
+/// close(2)
+pub const SRC_CLOSE: u8 = 11;
+
+/// Index into the `COUNTERS` per-CPU array: events lost because the ring buffer was full.
+pub const CNT_RINGBUF_FULL: u32 = 0;
+/// Payload copies from user memory that faulted (event sent without payload).
+pub const CNT_COPY_FAULT: u32 = 1;
+/// Syscalls whose entry could not be recorded (in-flight map full).
+pub const CNT_INFLIGHT_FULL: u32 = 2;
+/// Connections that could not be added to the connection map.
+pub const CNT_CONN_FULL: u32 = 3;
+/// Data events emitted.
+pub const CNT_EVENTS: u32 = 4;
+/// Syscalls whose payload was larger than the copy limit (event truncated, not lost).
+pub const CNT_TRUNCATED: u32 = 5;
+/// Number of counters.
+pub const NUM_COUNTERS: u32 = 6;
+
+/// Header of every ring-buffer record. A data event is followed by `captured` payload bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// `KIND_*`.
+    pub kind: u8,
+    /// `DIR_*`.
+    pub direction: u8,
+    /// `ROLE_*` of the connection as the kernel knows it.
+    pub role: u8,
+    /// Address family of the socket: 2 (AF_INET) or 10 (AF_INET6).
+    pub family: u8,
+    /// `SRC_*`: the hook that produced the event.
+    pub source: u8,
+    /// Reserved, zero.
+    pub _pad0: [u8; 3],
+    /// Process id (thread group id).
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// File descriptor in the process.
+    pub fd: i32,
+    /// Payload bytes that follow this header.
+    pub captured: u32,
+    /// Monotonic ns (bpf_ktime_get_ns) at syscall entry.
+    pub enter_ns: u64,
+    /// Monotonic ns at syscall exit.
+    pub exit_ns: u64,
+    /// Connection identity: monotonic ns at which the kernel first saw this socket. With `sock` and
+    /// `tgid` it is unique across fd and socket reuse.
+    pub conn_id: u64,
+    /// Kernel address of the `struct sock`: the same on every process sharing the socket.
+    pub sock: u64,
+    /// Bytes the syscall actually transferred (its return value).
+    pub bytes: u64,
+    /// Local address (IPv4 in the first 4 bytes), network order.
+    pub local_addr: [u8; 16],
+    /// Remote address (IPv4 in the first 4 bytes), network order.
+    pub remote_addr: [u8; 16],
+    /// Local port, host order.
+    pub local_port: u16,
+    /// Remote port, host order.
+    pub remote_port: u16,
+    /// Reserved, zero.
+    pub _pad1: u32,
+    /// Position of this event's first byte in the connection's stream in `direction`, counted by
+    /// the kernel from when it first saw the connection. A jump tells userspace events were lost.
+    pub stream_offset: u64,
+}
+
+/// Size of [`EventHeader`] in bytes.
+pub const HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
+
+/// Struct member offsets (bytes) of the running kernel, resolved by userspace from BTF and written
+/// into the `OFFSETS` global before the programs load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `task_struct.files`
+    pub task_files: u32,
+    /// `files_struct.fdt`
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`
+    pub fdt_max_fds: u32,
+    /// `fdtable.fd`
+    pub fdt_fd: u32,
+    /// `file.f_inode`
+    pub file_inode: u32,
+    /// `file.private_data`
+    pub file_private_data: u32,
+    /// `inode.i_mode`
+    pub inode_mode: u32,
+    /// `socket.sk`
+    pub socket_sk: u32,
+    /// `sock.__sk_common.skc_family`
+    pub sk_family: u32,
+    /// `sock.__sk_common.skc_daddr`
+    pub sk_daddr: u32,
+    /// `sock.__sk_common.skc_rcv_saddr`
+    pub sk_rcv_saddr: u32,
+    /// `sock.__sk_common.skc_dport` (network order)
+    pub sk_dport: u32,
+    /// `sock.__sk_common.skc_num` (host order)
+    pub sk_num: u32,
+    /// `sock.__sk_common.skc_v6_daddr`
+    pub sk_v6_daddr: u32,
+    /// `sock.__sk_common.skc_v6_rcv_saddr`
+    pub sk_v6_rcv_saddr: u32,
+    /// `sock.sk_type` (u16)
+    pub sk_type: u32,
+    /// `sock.sk_protocol` (u16)
+    pub sk_protocol: u32,
+    /// Reserved, zero (keeps the struct 8-byte sized).
+    pub _pad: u32,
+}
+
+const _: () = assert!(HEADER_SIZE % 8 == 0);
+const _: () = assert!(core::mem::size_of::<ConnState>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() % 8 == 0);
+
+/// Value of the kernel's connection map (`CONNS`, keyed by `struct sock` address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    /// See [`EventHeader::conn_id`].
+    pub conn_id: u64,
+    /// `ROLE_*`.
+    pub role: u8,
+    /// `CONN_F_*` flags; userspace may set them.
+    pub flags: u8,
+    /// Reserved, zero.
+    pub _pad: [u8; 6],
+    /// Bytes the kernel saw sent on this connection (next send event's `stream_offset`).
+    pub sent: u64,
+    /// Bytes the kernel saw received on this connection.
+    pub received: u64,
+}
+
+/// [`ConnState::flags`]: userspace decided the connection carries nothing it parses; send data
+/// events without payload (byte counts only).
+pub const CONN_F_NO_PAYLOAD: u8 = 1;

@@ -1,0 +1,620 @@
+//! The tracepoint programs and their maps.
+
+use core::ffi::c_void;
+use core::ptr::read_volatile;
+
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    bpf_probe_read_user, bpf_ringbuf_output,
+};
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user as read_user};
+use aya_ebpf::macros::{map, tracepoint};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::programs::TracePointContext;
+use tracer_ebpf::abi::*;
+
+/// Set by userspace before load: the agent's own process, never traced.
+#[unsafe(no_mangle)]
+static AGENT_TGID: u32 = 0;
+/// Set by userspace before load: payload bytes copied per syscall (at most `MAX_CAPTURE`).
+#[unsafe(no_mangle)]
+static CAPTURE_LIMIT: u32 = DEFAULT_CAPTURE;
+/// Set by userspace before load: non-zero when only the processes in `PIDS` are traced.
+#[unsafe(no_mangle)]
+static FILTER_PIDS: u8 = 0;
+/// Set by userspace before load: struct offsets of the running kernel, from BTF.
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    file_inode: 0,
+    file_private_data: 0,
+    inode_mode: 0,
+    socket_sk: 0,
+    sk_family: 0,
+    sk_daddr: 0,
+    sk_rcv_saddr: 0,
+    sk_dport: 0,
+    sk_num: 0,
+    sk_v6_daddr: 0,
+    sk_v6_rcv_saddr: 0,
+    sk_type: 0,
+    sk_protocol: 0,
+    _pad: 0,
+};
+
+/// Events to userspace. Userspace resizes it at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Syscalls between entry and exit, keyed by pid_tgid.
+#[map]
+static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
+
+/// Connections seen, keyed by `struct sock` address.
+#[map]
+static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Processes to trace when `FILTER_PIDS` is set.
+#[map]
+static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+/// Drop and activity counters, indexed by `CNT_*`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+/// Staging area for one event per CPU (indexed by CPU id; userspace sizes it to the possible
+/// CPUs): header plus room for a copy that starts below `MAX_CAPTURE` and is at most `MAX_CAPTURE`
+/// long (the verifier needs both bounds). A per-CPU array cannot hold values this large.
+#[map]
+static SCRATCH: Array<Scratch> = Array::with_max_entries(1, 0);
+
+#[repr(C)]
+struct Scratch {
+    header: EventHeader,
+    data: [u8; 2 * MAX_CAPTURE],
+}
+
+/// This CPU's staging area. Programs run with migration disabled, so the slot stays this CPU's.
+#[inline(always)]
+fn scratch() -> Option<*mut Scratch> {
+    // SAFETY: returns the current CPU id.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    SCRATCH.get_ptr_mut(cpu)
+}
+
+/// How the user buffer of an in-flight syscall is described.
+const BUF_PLAIN: u8 = 0;
+const BUF_IOVEC: u8 = 1;
+const BUF_NONE: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Inflight {
+    enter_ns: u64,
+    sock: u64,
+    /// Plain buffer or `struct iovec *`.
+    buf: u64,
+    /// Buffer length or iovec count.
+    len: u64,
+    /// For sendmmsg/recvmmsg: the `struct mmsghdr *` whose `msg_len` holds the first message's size.
+    mmsg: u64,
+    fd: i32,
+    source: u8,
+    direction: u8,
+    buf_kind: u8,
+    _pad: u8,
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const SOCK_STREAM: u16 = 1;
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+const EINPROGRESS: i64 = 115;
+const BPF_NOEXIST: u64 = 1;
+
+/// Offsets of the syscall tracepoint records: args start after the common header and syscall nr.
+const ARG0: usize = 16;
+const RET: usize = 16;
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // SAFETY: a plain read of a global that userspace rewrites before load; volatile so the
+    // compiler does not fold in the zero initialiser.
+    unsafe { read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn kread<T: Copy>(addr: u64) -> Option<T> {
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: bpf_probe_read_kernel validates the address and fails instead of faulting.
+    let rc = unsafe {
+        bpf_probe_read_kernel(
+            v.as_mut_ptr() as *mut c_void,
+            core::mem::size_of::<T>() as u32,
+            addr as *const c_void,
+        )
+    };
+    // SAFETY: the helper filled all of `v` when it returned 0.
+    if rc == 0 {
+        Some(unsafe { v.assume_init() })
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: syscall tracepoint records hold six 8-byte arguments from offset 16.
+    unsafe { ctx.read_at::<u64>(ARG0 + 8 * n) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: sys_exit records hold the 8-byte return value at offset 16.
+    unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1)
+}
+
+/// Whether the current process is traced at all.
+#[inline(always)]
+fn traced(tgid: u32) -> bool {
+    // SAFETY: plain reads of globals set before load.
+    if tgid == unsafe { read_volatile(&AGENT_TGID) } {
+        return false;
+    }
+    if unsafe { read_volatile(&FILTER_PIDS) } != 0 {
+        // SAFETY: the value is a flag byte; aliasing does not matter.
+        return unsafe { PIDS.get(tgid) }.is_some();
+    }
+    true
+}
+
+/// The `struct sock` behind `fd` in the current task, when it is a TCP/IP stream socket.
+#[inline(always)]
+fn sock_of_fd(fd: i64) -> Option<u64> {
+    if fd < 0 {
+        return None;
+    }
+    let o = offsets();
+    // SAFETY: returns the current task pointer; only dereferenced through probe reads.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kread(task + o.task_files as u64)?;
+    let fdt: u64 = kread(files + o.files_fdt as u64)?;
+    let max_fds: u32 = kread(fdt + o.fdt_max_fds as u64)?;
+    if fd as u64 >= max_fds as u64 {
+        return None;
+    }
+    let fd_array: u64 = kread(fdt + o.fdt_fd as u64)?;
+    let file: u64 = kread(fd_array + 8 * fd as u64)?;
+    if file == 0 {
+        return None;
+    }
+    let inode: u64 = kread(file + o.file_inode as u64)?;
+    let mode: u16 = kread(inode + o.inode_mode as u64)?;
+    if mode & S_IFMT != S_IFSOCK {
+        return None;
+    }
+    let socket: u64 = kread(file + o.file_private_data as u64)?;
+    let sk: u64 = kread(socket + o.socket_sk as u64)?;
+    if sk == 0 {
+        return None;
+    }
+    let family: u16 = kread(sk + o.sk_family as u64)?;
+    if family != AF_INET && family != AF_INET6 {
+        return None;
+    }
+    let sk_type: u16 = kread(sk + o.sk_type as u64)?;
+    if sk_type != SOCK_STREAM {
+        return None;
+    }
+    Some(sk)
+}
+
+/// The connection state of `sk` (created, role unknown, on first sight) with the stream offset of
+/// this event; advances that direction's byte count by `bytes`.
+#[inline(always)]
+fn conn_advance(sk: u64, now: u64, direction: u8, bytes: u64) -> (ConnState, u64) {
+    if CONNS.get_ptr(sk).is_none() {
+        let fresh = ConnState {
+            conn_id: now,
+            ..ConnState::default()
+        };
+        if CONNS.insert(sk, fresh, BPF_NOEXIST).is_err() && CONNS.get_ptr(sk).is_none() {
+            count(CNT_CONN_FULL);
+            return (fresh, 0);
+        }
+    }
+    let Some(c) = CONNS.get_ptr_mut(sk) else {
+        return (ConnState::default(), 0);
+    };
+    // SAFETY: pointer from a successful lookup. Two threads writing one socket at once may race
+    // on the counter; userspace then sees a small bogus gap, never a crash.
+    unsafe {
+        let counter = if direction == DIR_SEND {
+            &mut (*c).sent
+        } else {
+            &mut (*c).received
+        };
+        let offset = *counter;
+        *counter = offset + bytes;
+        (*c, offset)
+    }
+}
+
+/// A new connection on `sk`: a fresh identity, whatever an earlier socket at this address had.
+#[inline(always)]
+fn conn_open(sk: u64, role: u8) {
+    // SAFETY: reads the monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let c = ConnState {
+        conn_id: now,
+        role,
+        ..ConnState::default()
+    };
+    if CONNS.insert(sk, c, 0).is_err() {
+        count(CNT_CONN_FULL);
+    }
+}
+
+#[inline(always)]
+fn fill_tuple(h: &mut EventHeader, sk: u64) {
+    let o = offsets();
+    let family: u16 = kread(sk + o.sk_family as u64).unwrap_or(0);
+    h.family = family as u8;
+    let dport: u16 = kread(sk + o.sk_dport as u64).unwrap_or(0);
+    h.remote_port = u16::from_be(dport);
+    h.local_port = kread(sk + o.sk_num as u64).unwrap_or(0);
+    if family == AF_INET6 {
+        h.local_addr = kread(sk + o.sk_v6_rcv_saddr as u64).unwrap_or([0; 16]);
+        h.remote_addr = kread(sk + o.sk_v6_daddr as u64).unwrap_or([0; 16]);
+    } else {
+        let l: [u8; 4] = kread(sk + o.sk_rcv_saddr as u64).unwrap_or([0; 4]);
+        let r: [u8; 4] = kread(sk + o.sk_daddr as u64).unwrap_or([0; 4]);
+        h.local_addr = [0; 16];
+        h.remote_addr = [0; 16];
+        h.local_addr[..4].copy_from_slice(&l);
+        h.remote_addr[..4].copy_from_slice(&r);
+    }
+}
+
+/// Records a data syscall's entry when its fd is a TCP socket.
+#[inline(always)]
+fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let fd = arg(ctx, 0) as i64;
+    let Some(sock) = sock_of_fd(fd) else { return 0 };
+    let (buf, len, mmsg) = match buf_kind {
+        BUF_PLAIN | BUF_IOVEC => (arg(ctx, 1), arg(ctx, 2), 0),
+        _ => {
+            // sendmsg/recvmsg: struct msghdr; sendmmsg/recvmmsg: the first struct mmsghdr, which
+            // starts with a msghdr. msg_iov is at 16 and msg_iovlen at 24 in the x86-64/arm64 ABI.
+            let msg = arg(ctx, 1);
+            // SAFETY: user pointer read through the fault-tolerant helper.
+            let iov: u64 = unsafe { read_user((msg + 16) as *const u64) }.unwrap_or(0);
+            let iovlen: u64 = unsafe { read_user((msg + 24) as *const u64) }.unwrap_or(0);
+            let mmsg = if source == SRC_SENDMMSG || source == SRC_RECVMMSG {
+                msg
+            } else {
+                0
+            };
+            (iov, iovlen, mmsg)
+        }
+    };
+    let inflight = Inflight {
+        // SAFETY: reads the monotonic clock.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+        sock,
+        buf,
+        len,
+        mmsg,
+        fd: fd as i32,
+        source,
+        direction,
+        buf_kind: if buf_kind == BUF_PLAIN {
+            BUF_PLAIN
+        } else {
+            BUF_IOVEC
+        },
+        _pad: 0,
+    };
+    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
+        count(CNT_INFLIGHT_FULL);
+    }
+    0
+}
+
+/// Copies up to `n` bytes from user `src` into `dst[off..]`; returns the bytes copied.
+#[inline(always)]
+fn copy_user(dst: &mut [u8; 2 * MAX_CAPTURE], off: usize, src: u64, n: u64) -> usize {
+    if off >= MAX_CAPTURE {
+        return 0;
+    }
+    let off = off & (MAX_CAPTURE - 1);
+    let mut len = n as usize;
+    if len > MAX_CAPTURE {
+        len = MAX_CAPTURE;
+    }
+    if len == 0 {
+        return 0;
+    }
+    // SAFETY: off < MAX_CAPTURE and len <= MAX_CAPTURE keep the write inside `dst`; the helper
+    // fails instead of faulting on a bad user address.
+    let rc = unsafe {
+        bpf_probe_read_user(
+            dst.as_mut_ptr().add(off) as *mut c_void,
+            len as u32,
+            src as *const c_void,
+        )
+    };
+    if rc == 0 {
+        len
+    } else {
+        count(CNT_COPY_FAULT);
+        0
+    }
+}
+
+/// Emits a data event for a finished syscall recorded by `enter_io`.
+#[inline(always)]
+fn exit_io(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before removal; only this thread touches its own key.
+    let Some(inf) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = INFLIGHT.remove(pid_tgid);
+    let rc = ret(ctx);
+    if rc <= 0 {
+        return 0;
+    }
+    let mut bytes = rc as u64;
+    if inf.mmsg != 0 {
+        // The return value counts messages; the first message's size is its mmsghdr.msg_len.
+        // SAFETY: user pointer read through the fault-tolerant helper.
+        let first: u32 = unsafe { read_user((inf.mmsg + 56) as *const u32) }.unwrap_or(0);
+        if first == 0 {
+            return 0;
+        }
+        bytes = first as u64;
+    }
+    let Some(scratch) = scratch() else { return 0 };
+    // SAFETY: the per-CPU scratch slot belongs to this program invocation until it returns.
+    let scratch = unsafe { &mut *scratch };
+    // SAFETY: reads the monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (conn, offset) = conn_advance(inf.sock, now, inf.direction, bytes);
+
+    let h = &mut scratch.header;
+    h.kind = KIND_DATA;
+    h.direction = inf.direction;
+    h.role = conn.role;
+    h.source = inf.source;
+    h._pad0 = [0; 3];
+    h.tgid = (pid_tgid >> 32) as u32;
+    h.tid = pid_tgid as u32;
+    h.fd = inf.fd;
+    h.enter_ns = inf.enter_ns;
+    h.exit_ns = now;
+    h.conn_id = conn.conn_id;
+    h.sock = inf.sock;
+    h.bytes = bytes;
+    h._pad1 = 0;
+    h.stream_offset = offset;
+    fill_tuple(h, inf.sock);
+
+    // SAFETY: plain read of a global set before load.
+    let mut limit = unsafe { read_volatile(&CAPTURE_LIMIT) } as u64;
+    if limit > MAX_CAPTURE as u64 {
+        limit = MAX_CAPTURE as u64;
+    }
+    if conn.flags & CONN_F_NO_PAYLOAD != 0 {
+        limit = 0;
+    }
+    let want = if bytes < limit { bytes } else { limit };
+    let mut captured: usize = 0;
+    if inf.buf_kind == BUF_PLAIN {
+        captured = copy_user(&mut scratch.data, 0, inf.buf, want);
+    } else {
+        let mut i: u64 = 0;
+        while i < MAX_IOVECS as u64 {
+            if i >= inf.len || captured as u64 >= want {
+                break;
+            }
+            // SAFETY: user pointer read through the fault-tolerant helper.
+            let iov: [u64; 2] =
+                unsafe { read_user((inf.buf + 16 * i) as *const [u64; 2]) }.unwrap_or([0, 0]);
+            let room = want - captured as u64;
+            let n = if iov[1] < room { iov[1] } else { room };
+            let got = copy_user(&mut scratch.data, captured, iov[0], n);
+            if got as u64 != n {
+                break;
+            }
+            captured += got;
+            i += 1;
+        }
+    }
+    if bytes > captured as u64 {
+        count(CNT_TRUNCATED);
+    }
+    if captured > MAX_CAPTURE {
+        captured = MAX_CAPTURE;
+    }
+    scratch.header.captured = captured as u32;
+    let size = HEADER_SIZE + captured;
+    // SAFETY: `size` is at most the size of `Scratch`, which lives in a map value.
+    let rc = unsafe {
+        bpf_ringbuf_output(
+            &EVENTS as *const RingBuf as *mut c_void,
+            scratch as *mut Scratch as *mut c_void,
+            size as u64,
+            0,
+        )
+    };
+    if rc == 0 {
+        count(CNT_EVENTS)
+    } else {
+        count(CNT_RINGBUF_FULL)
+    }
+    0
+}
+
+macro_rules! io_tracepoints {
+    ($($enter:ident, $exit:ident, $src:expr, $dir:expr, $kind:expr;)*) => {$(
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            enter_io(&ctx, $src, $dir, $kind)
+        }
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit_io(&ctx)
+        }
+    )*};
+}
+
+io_tracepoints! {
+    sys_enter_read, sys_exit_read, SRC_READ, DIR_RECV, BUF_PLAIN;
+    sys_enter_write, sys_exit_write, SRC_WRITE, DIR_SEND, BUF_PLAIN;
+    sys_enter_readv, sys_exit_readv, SRC_READV, DIR_RECV, BUF_IOVEC;
+    sys_enter_writev, sys_exit_writev, SRC_WRITEV, DIR_SEND, BUF_IOVEC;
+    sys_enter_recvfrom, sys_exit_recvfrom, SRC_RECVFROM, DIR_RECV, BUF_PLAIN;
+    sys_enter_sendto, sys_exit_sendto, SRC_SENDTO, DIR_SEND, BUF_PLAIN;
+    sys_enter_recvmsg, sys_exit_recvmsg, SRC_RECVMSG, DIR_RECV, BUF_NONE;
+    sys_enter_sendmsg, sys_exit_sendmsg, SRC_SENDMSG, DIR_SEND, BUF_NONE;
+    sys_enter_recvmmsg, sys_exit_recvmmsg, SRC_RECVMMSG, DIR_RECV, BUF_NONE;
+    sys_enter_sendmmsg, sys_exit_sendmmsg, SRC_SENDMMSG, DIR_SEND, BUF_NONE;
+}
+
+/// connect(2) entry: remember the fd until the exit tells whether it worked.
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let inflight = Inflight {
+        enter_ns: 0,
+        sock: 0,
+        buf: 0,
+        len: 0,
+        mmsg: 0,
+        fd: arg(&ctx, 0) as i32,
+        source: 0,
+        direction: 0,
+        buf_kind: BUF_NONE,
+        _pad: 0,
+    };
+    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
+        count(CNT_INFLIGHT_FULL);
+    }
+    0
+}
+
+/// connect(2) exit: a client connection starts (non-blocking connects return EINPROGRESS).
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before removal.
+    let Some(inf) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = INFLIGHT.remove(pid_tgid);
+    let rc = ret(&ctx);
+    if rc != 0 && rc != -EINPROGRESS {
+        return 0;
+    }
+    if let Some(sk) = sock_of_fd(inf.fd as i64) {
+        conn_open(sk, ROLE_CLIENT);
+    }
+    0
+}
+
+#[inline(always)]
+fn accepted(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let fd = ret(ctx);
+    if let Some(sk) = sock_of_fd(fd) {
+        conn_open(sk, ROLE_SERVER);
+    }
+    0
+}
+
+/// accept(2) exit: a server connection starts.
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    accepted(&ctx)
+}
+
+/// accept4(2) exit: a server connection starts.
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    accepted(&ctx)
+}
+
+/// close(2) entry: tell userspace the process let go of a connection it knows.
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let fd = arg(&ctx, 0) as i64;
+    let Some(sk) = sock_of_fd(fd) else { return 0 };
+    // SAFETY: copied out before removal.
+    let Some(conn) = (unsafe { CONNS.get(sk) }).copied() else {
+        return 0;
+    };
+    let _ = CONNS.remove(sk);
+    let Some(scratch) = scratch() else { return 0 };
+    // SAFETY: the per-CPU scratch slot belongs to this program invocation until it returns.
+    let scratch = unsafe { &mut *scratch };
+    // SAFETY: reads the monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let h = &mut scratch.header;
+    h.kind = KIND_CLOSE;
+    h.direction = 0;
+    h.role = conn.role;
+    h.source = SRC_CLOSE;
+    h._pad0 = [0; 3];
+    h.tgid = (pid_tgid >> 32) as u32;
+    h.tid = pid_tgid as u32;
+    h.fd = fd as i32;
+    h.captured = 0;
+    h.enter_ns = now;
+    h.exit_ns = now;
+    h.conn_id = conn.conn_id;
+    h.sock = sk;
+    h.bytes = 0;
+    h._pad1 = 0;
+    h.stream_offset = 0;
+    fill_tuple(h, sk);
+    // SAFETY: the header lives in a map value of at least HEADER_SIZE bytes.
+    let rc = unsafe {
+        bpf_ringbuf_output(
+            &EVENTS as *const RingBuf as *mut c_void,
+            scratch as *mut Scratch as *mut c_void,
+            HEADER_SIZE as u64,
+            0,
+        )
+    };
+    if rc != 0 {
+        count(CNT_RINGBUF_FULL);
+    }
+    0
+}

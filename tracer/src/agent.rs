@@ -1,0 +1,218 @@
+//! `tracer run`: start-up checks, the event loop, and an orderly shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::io::AsyncWriteExt as _;
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+use tracer_ebpf::abi::KernelOffsets;
+use tracing::{info, warn};
+
+use crate::capture::events::Event;
+use crate::capture::{COUNTER_NAMES, Capture, CaptureOptions, btf};
+use crate::check;
+use crate::config::{Config, Overrides};
+use crate::connections::{Connections, Filters};
+use crate::export::Exporter;
+use crate::metrics;
+use crate::process::ProcessTable;
+use crate::spans::Clock;
+
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+/// How often idle connections are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(overrides: Overrides) -> anyhow::Result<()> {
+    let cfg = Config::load(&overrides)?;
+    check::require_privileges().map_err(anyhow::Error::msg)?;
+    check::ensure_mounts()?;
+    let btf = btf::Btf::from_file(BTF_PATH).with_context(|| {
+        format!("cannot read kernel BTF at {BTF_PATH}; the agent needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    })?;
+    let offsets = btf::resolve_offsets(&btf)
+        .context("this kernel's BTF lacks a struct member the agent reads")?;
+    raise_memlock_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tracer")
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(serve(cfg, offsets))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}
+
+async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
+    let (exporter, export_task) =
+        Exporter::start(cfg.export.clone()).context("cannot start the span exporter")?;
+    let opts = CaptureOptions {
+        capture_bytes: cfg.capture_bytes,
+        ring_buffer_bytes: cfg.ring_buffer_bytes,
+        pids: cfg.pids.clone(),
+    };
+    let mut capture = Capture::start(&opts, offsets)?;
+    let ring = capture.take_ring_buffer()?;
+    let mut ring = AsyncFd::with_interest(ring, tokio::io::Interest::READABLE)
+        .context("cannot poll the ring buffer")?;
+
+    let processes = Arc::new(ProcessTable::new("/proc", 4096));
+    let filters = Filters {
+        ports: cfg.ports.clone(),
+        exes: cfg.exes.clone(),
+    };
+    let mut conns = Connections::new(
+        cfg.max_connections,
+        cfg.idle_timeout,
+        filters,
+        processes,
+        Clock::new(),
+    );
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tokio::spawn(serve_metrics(listener));
+    }
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    let mut report = tokio::time::interval(cfg.metrics_log_interval);
+    let mut kernel_counters = tokio::time::interval(Duration::from_secs(1));
+    info!(
+        programs = capture.attached(),
+        endpoint = %cfg.export.describe(),
+        capture_bytes = cfg.capture_bytes,
+        "tracer ready"
+    );
+
+    let mut emit = |span| exporter.submit(span);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("ring buffer poll failed")?;
+                drain(guard.get_inner_mut(), &mut conns, &mut emit);
+                guard.clear_ready();
+                apply_stop_payload(&mut capture, &mut conns);
+            }
+            _ = sweep.tick() => conns.sweep(monotonic_ns(), &mut emit),
+            _ = kernel_counters.tick() => publish_kernel_counters(&capture),
+            _ = report.tick() => log_metrics(),
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+        }
+    }
+
+    // Detach every program first so nothing new arrives, then take what is still queued.
+    publish_kernel_counters(&capture);
+    drop(capture);
+    drain(ring.get_mut(), &mut conns, &mut emit);
+    exporter.shutdown().await;
+    if let Err(err) = export_task.await {
+        warn!(%err, "exporter task ended abnormally");
+    }
+    log_metrics();
+    info!("tracer stopped");
+    Ok(())
+}
+
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    conns: &mut Connections,
+    emit: &mut dyn FnMut(crate::span::Span),
+) {
+    let mut n = 0u64;
+    while let Some(item) = ring.next() {
+        n += 1;
+        match Event::decode(&item) {
+            Ok(ev) => conns.handle(&ev, emit),
+            Err(err) => {
+                metrics::add(
+                    "events_dropped_total",
+                    metrics::labels(&[("reason", "undecodable")]),
+                    1,
+                );
+                tracing::debug!(%err, "undecodable ring buffer record");
+            }
+        }
+    }
+    metrics::add("events_received_total", "", n);
+}
+
+fn apply_stop_payload(capture: &mut Capture, conns: &mut Connections) {
+    for stop in conns.take_stop_payload() {
+        if let Err(err) =
+            capture.set_conn_flags(stop.sock, stop.conn_id, tracer_ebpf::abi::CONN_F_NO_PAYLOAD)
+        {
+            tracing::debug!(%err, "could not mark connection as payload-free");
+        }
+    }
+}
+
+fn publish_kernel_counters(capture: &Capture) {
+    match capture.counters() {
+        Ok(values) => {
+            for (name, v) in COUNTER_NAMES.iter().zip(values) {
+                metrics::set_counter("kernel_events_total", metrics::labels(&[("what", name)]), v);
+            }
+        }
+        Err(err) => tracing::debug!(%err, "cannot read kernel counters"),
+    }
+}
+
+fn log_metrics() {
+    let summary: Vec<String> = metrics::summary()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    info!(metrics = %summary.join(" "), "agent metrics");
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let body = metrics::render_prometheus();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            // The request itself does not matter: every path serves the metrics.
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+            )
+            .await;
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock the kernel programs stamp events with.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

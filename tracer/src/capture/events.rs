@@ -1,0 +1,162 @@
+//! Decoding ring-buffer records into typed events.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use thiserror::Error;
+use tracer_ebpf::abi::{self, EventHeader};
+
+/// One decoded ring-buffer record; borrows the payload from the ring buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    /// The fixed header.
+    pub header: EventHeader,
+    /// The captured payload (empty for close events).
+    pub payload: &'a [u8],
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than the header.
+    #[error("record of {0} bytes is shorter than the event header")]
+    Short(usize),
+    /// The header claims more payload than the record holds.
+    #[error("record claims {claimed} payload bytes but holds {held}")]
+    Truncated {
+        /// Claimed by the header.
+        claimed: u32,
+        /// Present in the record.
+        held: usize,
+    },
+    /// An event kind this build does not know.
+    #[error("unknown event kind {0}")]
+    UnknownKind(u8),
+}
+
+impl<'a> Event<'a> {
+    /// Decodes a record.
+    pub fn decode(record: &'a [u8]) -> Result<Event<'a>, DecodeError> {
+        if record.len() < abi::HEADER_SIZE {
+            return Err(DecodeError::Short(record.len()));
+        }
+        // SAFETY: the record holds at least HEADER_SIZE bytes and EventHeader is plain old data
+        // (every bit pattern is valid); read_unaligned copes with any alignment.
+        let header: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+        if header.kind != abi::KIND_DATA && header.kind != abi::KIND_CLOSE {
+            return Err(DecodeError::UnknownKind(header.kind));
+        }
+        let rest = &record[abi::HEADER_SIZE..];
+        let payload = rest
+            .get(..header.captured as usize)
+            .ok_or(DecodeError::Truncated {
+                claimed: header.captured,
+                held: rest.len(),
+            })?;
+        Ok(Event { header, payload })
+    }
+
+    /// Local end of the connection.
+    pub fn local(&self) -> SocketAddr {
+        sockaddr(
+            self.header.family,
+            &self.header.local_addr,
+            self.header.local_port,
+        )
+    }
+
+    /// Remote end of the connection.
+    pub fn remote(&self) -> SocketAddr {
+        sockaddr(
+            self.header.family,
+            &self.header.remote_addr,
+            self.header.remote_port,
+        )
+    }
+}
+
+fn sockaddr(family: u8, addr: &[u8; 16], port: u16) -> SocketAddr {
+    const AF_INET6: u8 = 10;
+    let ip = if family == AF_INET6 {
+        let v6 = Ipv6Addr::from(*addr);
+        // Dual-stack sockets talking IPv4 show up as ::ffff:a.b.c.d; report the IPv4 address.
+        v6.to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+    };
+    SocketAddr::new(ip, port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(h: EventHeader, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; abi::HEADER_SIZE];
+        // SAFETY: v holds HEADER_SIZE bytes.
+        unsafe { std::ptr::write_unaligned(v.as_mut_ptr().cast(), h) };
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn decodes_data_event_and_addresses() {
+        let mut h = EventHeader {
+            kind: abi::KIND_DATA,
+            family: 2,
+            captured: 3,
+            ..Default::default()
+        };
+        h.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        h.remote_addr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        h.local_port = 8080;
+        h.remote_port = 40000;
+        let rec = record(h, b"GET");
+        let ev = Event::decode(&rec).expect("decodes");
+        assert_eq!(ev.payload, b"GET");
+        assert_eq!(ev.local(), "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(ev.remote(), "10.1.2.3:40000".parse().expect("addr"));
+    }
+
+    #[test]
+    fn maps_v4_mapped_v6_to_v4() {
+        let mut h = EventHeader {
+            kind: abi::KIND_CLOSE,
+            family: 10,
+            ..Default::default()
+        };
+        h.remote_addr = Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().octets();
+        h.remote_port = 5;
+        let rec = record(h, b"");
+        assert_eq!(
+            Event::decode(&rec).expect("decodes").remote(),
+            "192.0.2.1:5".parse().expect("a")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        assert_eq!(Event::decode(&[0u8; 8]).unwrap_err(), DecodeError::Short(8));
+        let h = EventHeader {
+            kind: abi::KIND_DATA,
+            captured: 10,
+            ..Default::default()
+        };
+        assert_eq!(
+            Event::decode(&record(h, b"abc")).unwrap_err(),
+            DecodeError::Truncated {
+                claimed: 10,
+                held: 3
+            }
+        );
+        let h = EventHeader {
+            kind: 99,
+            ..Default::default()
+        };
+        assert_eq!(
+            Event::decode(&record(h, b"")).unwrap_err(),
+            DecodeError::UnknownKind(99)
+        );
+    }
+}

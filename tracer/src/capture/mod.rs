@@ -1,0 +1,255 @@
+//! Capture: loads the kernel programs, attaches them, and hands out the ring buffer of events.
+
+pub mod btf;
+pub mod events;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader, Pod};
+use thiserror::Error;
+use tracer_ebpf::abi::{self, ConnState, KernelOffsets};
+
+/// The kernel object, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
+
+/// Syscall tracepoints the agent attaches, as (program name = tracepoint name).
+const SYSCALL_TRACEPOINTS: &[&str] = &[
+    "sys_enter_read",
+    "sys_exit_read",
+    "sys_enter_write",
+    "sys_exit_write",
+    "sys_enter_readv",
+    "sys_exit_readv",
+    "sys_enter_writev",
+    "sys_exit_writev",
+    "sys_enter_recvfrom",
+    "sys_exit_recvfrom",
+    "sys_enter_sendto",
+    "sys_exit_sendto",
+    "sys_enter_recvmsg",
+    "sys_exit_recvmsg",
+    "sys_enter_sendmsg",
+    "sys_exit_sendmsg",
+    "sys_enter_recvmmsg",
+    "sys_exit_recvmmsg",
+    "sys_enter_sendmmsg",
+    "sys_exit_sendmmsg",
+    "sys_enter_connect",
+    "sys_exit_connect",
+    "sys_exit_accept",
+    "sys_exit_accept4",
+    "sys_enter_close",
+];
+
+/// Names of the kernel's counters, indexed by `abi::CNT_*`.
+pub const COUNTER_NAMES: [&str; abi::NUM_COUNTERS as usize] = [
+    "ringbuf_full",
+    "copy_fault",
+    "inflight_full",
+    "conn_map_full",
+    "events",
+    "truncated",
+];
+
+/// What the capture needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    /// Payload bytes copied per syscall.
+    pub capture_bytes: u32,
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    pub ring_buffer_bytes: u32,
+    /// When non-empty, only these processes are traced.
+    pub pids: Vec<u32>,
+}
+
+/// Why the capture could not start.
+#[derive(Debug, Error)]
+pub enum CaptureError {
+    /// The configuration asks for something the programs cannot do.
+    #[error("invalid capture option: {0}")]
+    Invalid(String),
+    /// The kernel refused the object (verifier, missing map type, permissions).
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    /// A program or tracepoint could not be attached.
+    #[error("attaching {name} failed: {source}")]
+    Attach {
+        /// Program name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map operation failed.
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Number of possible CPUs: the kernel programs index their staging area by CPU id.
+fn possible_cpus() -> Result<u32, CaptureError> {
+    let n = aya::util::nr_cpus()
+        .map_err(|(path, err)| CaptureError::Invalid(format!("cannot read {path}: {err}")))?;
+    u32::try_from(n).map_err(|_| CaptureError::Invalid(format!("{n} CPUs")))
+}
+
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct OffsetsPod(KernelOffsets);
+// SAFETY: KernelOffsets is repr(C), all u32 fields, no padding.
+unsafe impl Pod for OffsetsPod {}
+
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct ConnStatePod(ConnState);
+// SAFETY: ConnState is repr(C) with explicit padding fields.
+unsafe impl Pod for ConnStatePod {}
+
+/// Loaded and attached kernel programs. Dropping it detaches every program.
+pub struct Capture {
+    ebpf: Ebpf,
+    attached: usize,
+}
+
+impl Capture {
+    /// Loads the programs with this kernel's offsets and attaches every syscall tracepoint.
+    pub fn start(opts: &CaptureOptions, offsets: KernelOffsets) -> Result<Capture, CaptureError> {
+        if opts.capture_bytes as usize > abi::MAX_CAPTURE {
+            return Err(CaptureError::Invalid(format!(
+                "capture size {} exceeds the maximum of {} bytes",
+                opts.capture_bytes,
+                abi::MAX_CAPTURE
+            )));
+        }
+        let page = 4096;
+        if opts.ring_buffer_bytes < page || !opts.ring_buffer_bytes.is_power_of_two() {
+            return Err(CaptureError::Invalid(format!(
+                "ring buffer size {} must be a power of two of at least {page} bytes",
+                opts.ring_buffer_bytes
+            )));
+        }
+        let agent = std::process::id();
+        let offsets = OffsetsPod(offsets);
+        let filter = u8::from(!opts.pids.is_empty());
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AGENT_TGID", &agent, true)
+            .override_global("CAPTURE_LIMIT", &opts.capture_bytes, true)
+            .override_global("FILTER_PIDS", &filter, true)
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+            .map_max_entries("SCRATCH", possible_cpus()?)
+            .load(EBPF_OBJECT)
+            .map_err(CaptureError::Load)?;
+
+        if !opts.pids.is_empty() {
+            let map = ebpf
+                .map_mut("PIDS")
+                .ok_or(CaptureError::Invalid("no PIDS map".into()))?;
+            let mut pids: BpfHashMap<_, u32, u8> =
+                BpfHashMap::try_from(map).map_err(|source| CaptureError::Map {
+                    name: "PIDS",
+                    source,
+                })?;
+            for pid in &opts.pids {
+                pids.insert(pid, 1, 0).map_err(|source| CaptureError::Map {
+                    name: "PIDS",
+                    source,
+                })?;
+            }
+        }
+
+        let mut attached = 0;
+        for &name in SYSCALL_TRACEPOINTS {
+            let attach = |ebpf: &mut Ebpf| -> Result<(), aya::programs::ProgramError> {
+                let prog: &mut TracePoint = ebpf
+                    .program_mut(name)
+                    .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
+                    .try_into()?;
+                prog.load()?;
+                prog.attach("syscalls", name)?;
+                Ok(())
+            };
+            attach(&mut ebpf).map_err(|source| CaptureError::Attach { name, source })?;
+            attached += 1;
+        }
+        Ok(Capture { ebpf, attached })
+    }
+
+    /// How many programs are attached.
+    pub fn attached(&self) -> usize {
+        self.attached
+    }
+
+    /// Takes the event ring buffer (once).
+    pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(CaptureError::Invalid("no EVENTS map".into()))?;
+        RingBuf::try_from(map).map_err(|source| CaptureError::Map {
+            name: "EVENTS",
+            source,
+        })
+    }
+
+    /// The kernel's counters summed over CPUs, indexed by `abi::CNT_*`.
+    pub fn counters(&self) -> Result<[u64; abi::NUM_COUNTERS as usize], CaptureError> {
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or(CaptureError::Invalid("no COUNTERS map".into()))?;
+        let arr: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|source| CaptureError::Map {
+                name: "COUNTERS",
+                source,
+            })?;
+        let mut out = [0u64; abi::NUM_COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = arr
+                .get(&(i as u32), 0)
+                .map_err(|source| CaptureError::Map {
+                    name: "COUNTERS",
+                    source,
+                })?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Sets `flags` on the kernel's state of connection `sock` (e.g. stop copying payload).
+    pub fn set_conn_flags(
+        &mut self,
+        sock: u64,
+        conn_id: u64,
+        flags: u8,
+    ) -> Result<(), CaptureError> {
+        let map = self
+            .ebpf
+            .map_mut("CONNS")
+            .ok_or(CaptureError::Invalid("no CONNS map".into()))?;
+        let mut conns: BpfHashMap<_, u64, ConnStatePod> =
+            BpfHashMap::try_from(map).map_err(|source| CaptureError::Map {
+                name: "CONNS",
+                source,
+            })?;
+        let Ok(ConnStatePod(mut state)) = conns.get(&sock, 0) else {
+            return Ok(());
+        };
+        // The socket address may have been reused by a newer connection since.
+        if state.conn_id != conn_id {
+            return Ok(());
+        }
+        state.flags |= flags;
+        conns
+            .insert(sock, ConnStatePod(state), 0)
+            .map_err(|source| CaptureError::Map {
+                name: "CONNS",
+                source,
+            })
+    }
+}

@@ -1,0 +1,374 @@
+//! The connection table: per traced connection, stream assembly, protocol detection and the
+//! protocol parser; completed exchanges become spans.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use protocols::{ConnectionParser, Detail, Detection, Direction, Output, Timing};
+use tracer_ebpf::abi;
+
+use crate::capture::events::Event;
+use crate::metrics;
+use crate::process::ProcessTable;
+use crate::span::Span;
+use crate::spans::{Clock, ConnAddrs, http_span};
+use crate::streams::{Assembler, Piece};
+
+/// Identity of one traced connection end: the process, the kernel socket and the kernel's
+/// first-seen time (which keeps a reused socket address apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Process.
+    pub tgid: u32,
+    /// Kernel `struct sock` address.
+    pub sock: u64,
+    /// Kernel connection id.
+    pub conn_id: u64,
+}
+
+/// Bytes kept while detection needs more of the first message.
+const DETECT_STASH: usize = 64;
+/// Chunks without a recognisable protocol before the connection is given up on.
+const DETECT_ATTEMPTS: u32 = 16;
+
+enum ProtoState {
+    /// Looking at first bytes; `stash` holds a too-short first chunk per direction.
+    Detecting { stash: [Vec<u8>; 2], attempts: u32 },
+    /// A parser owns the connection.
+    Parsing(Box<dyn ConnectionParser>),
+    /// Nothing to parse here (filtered out, TLS ciphertext, unknown protocol).
+    Ignored,
+}
+
+struct Connection {
+    state: ProtoState,
+    streams: [Assembler; 2],
+    addrs: ConnAddrs,
+    last_seen_ns: u64,
+}
+
+/// What the table should do to the kernel's view of connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopPayload {
+    /// Kernel socket.
+    pub sock: u64,
+    /// Kernel connection id.
+    pub conn_id: u64,
+}
+
+/// Which connections are of interest.
+#[derive(Debug, Clone, Default)]
+pub struct Filters {
+    /// Local or remote port must be one of these (empty: any).
+    pub ports: Vec<u16>,
+    /// Executable name must be one of these (empty: any).
+    pub exes: Vec<String>,
+}
+
+/// The connection table and everything downstream of it up to finished spans.
+pub struct Connections {
+    table: DashMap<ConnKey, Connection>,
+    max: usize,
+    idle: Duration,
+    filters: Filters,
+    processes: Arc<ProcessTable>,
+    clock: Clock,
+    stop_payload: Vec<StopPayload>,
+    outputs: Vec<Output>,
+}
+
+fn dir_index(dir: Direction) -> usize {
+    match dir {
+        Direction::Send => 0,
+        Direction::Recv => 1,
+    }
+}
+
+impl Connections {
+    /// An empty table.
+    pub fn new(
+        max: usize,
+        idle: Duration,
+        filters: Filters,
+        processes: Arc<ProcessTable>,
+        clock: Clock,
+    ) -> Self {
+        Connections {
+            table: DashMap::new(),
+            max,
+            idle,
+            filters,
+            processes,
+            clock,
+            stop_payload: Vec::new(),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Connections tracked now.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether no connection is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Connections whose payload the kernel should stop copying, collected since the last call.
+    pub fn take_stop_payload(&mut self) -> Vec<StopPayload> {
+        std::mem::take(&mut self.stop_payload)
+    }
+
+    /// Processes one kernel event; finished spans go to `emit`.
+    pub fn handle(&mut self, ev: &Event<'_>, emit: &mut dyn FnMut(Span)) {
+        let h = &ev.header;
+        let key = ConnKey {
+            tgid: h.tgid,
+            sock: h.sock,
+            conn_id: h.conn_id,
+        };
+        if h.kind == abi::KIND_CLOSE {
+            if let Some((_, mut conn)) = self.table.remove(&key) {
+                if let ProtoState::Parsing(parser) = &mut conn.state {
+                    parser.close(h.exit_ns, &mut self.outputs);
+                }
+                self.flush(key.tgid, &conn.addrs, emit);
+                metrics::add("connections_closed_total", "", 1);
+            }
+            return;
+        }
+        if !self.table.contains_key(&key) {
+            if self.table.len() >= self.max {
+                metrics::add(
+                    "events_dropped_total",
+                    metrics::labels(&[("reason", "connection_table_full")]),
+                    1,
+                );
+                return;
+            }
+            let addrs = ConnAddrs {
+                local: ev.local(),
+                remote: ev.remote(),
+            };
+            let state = if self.wanted(h.tgid, &addrs) {
+                ProtoState::Detecting {
+                    stash: [Vec::new(), Vec::new()],
+                    attempts: 0,
+                }
+            } else {
+                self.stop_payload.push(StopPayload {
+                    sock: h.sock,
+                    conn_id: h.conn_id,
+                });
+                ProtoState::Ignored
+            };
+            let conn = Connection {
+                state,
+                streams: Default::default(),
+                addrs,
+                last_seen_ns: h.exit_ns,
+            };
+            self.table.insert(key, conn);
+            metrics::add("connections_opened_total", "", 1);
+        }
+        let Some(mut guard) = self.table.get_mut(&key) else {
+            return;
+        };
+        let conn = &mut *guard;
+        conn.last_seen_ns = h.exit_ns;
+        if matches!(conn.state, ProtoState::Ignored) {
+            return;
+        }
+        // Addresses can be unset on the first event of a connection that was still connecting.
+        if conn.addrs.remote.port() == 0 {
+            conn.addrs = ConnAddrs {
+                local: ev.local(),
+                remote: ev.remote(),
+            };
+        }
+        let dir = if h.direction == abi::DIR_SEND {
+            Direction::Send
+        } else {
+            Direction::Recv
+        };
+        let timing = match dir {
+            Direction::Send => Timing {
+                start_ns: h.enter_ns,
+                end_ns: h.exit_ns,
+            },
+            Direction::Recv => Timing {
+                start_ns: h.exit_ns,
+                end_ns: h.exit_ns,
+            },
+        };
+        let mut pieces = Vec::with_capacity(3);
+        if conn.streams[dir_index(dir)]
+            .accept(h.stream_offset, h.bytes, ev.payload, &mut pieces)
+            .is_err()
+        {
+            metrics::add(
+                "events_dropped_total",
+                metrics::labels(&[("reason", "stream_overlap")]),
+                1,
+            );
+            return;
+        }
+        for piece in pieces {
+            feed(
+                key,
+                conn,
+                dir,
+                piece,
+                timing,
+                &mut self.outputs,
+                &mut self.stop_payload,
+            );
+        }
+        let addrs = conn.addrs;
+        drop(guard);
+        self.flush(key.tgid, &addrs, emit);
+    }
+
+    fn wanted(&self, tgid: u32, addrs: &ConnAddrs) -> bool {
+        let ports = &self.filters.ports;
+        if !ports.is_empty()
+            && !ports.contains(&addrs.local.port())
+            && !ports.contains(&addrs.remote.port())
+        {
+            return false;
+        }
+        let exes = &self.filters.exes;
+        if !exes.is_empty() {
+            return self
+                .processes
+                .exe_name(tgid)
+                .is_some_and(|exe| exes.iter().any(|e| *e == exe));
+        }
+        true
+    }
+
+    /// Turns the parser outputs collected so far into spans.
+    fn flush(&mut self, tgid: u32, addrs: &ConnAddrs, emit: &mut dyn FnMut(Span)) {
+        for out in self.outputs.drain(..) {
+            match out {
+                Output::Skipped(reason) => {
+                    metrics::add(
+                        "parser_skipped_total",
+                        metrics::labels(&[("reason", reason.as_str())]),
+                        1,
+                    );
+                }
+                Output::Exchange(ex) => {
+                    let resource = self.processes.resource(tgid, "");
+                    let span = match &ex.detail {
+                        Detail::Http(http) => {
+                            http_span(&ex, http, Some(addrs), resource, &self.clock)
+                        }
+                    };
+                    let kind = match span.kind {
+                        crate::span::SpanKind::Server => "server",
+                        crate::span::SpanKind::Client => "client",
+                    };
+                    metrics::add("spans_created_total", metrics::labels(&[("kind", kind)]), 1);
+                    emit(span);
+                }
+            }
+        }
+    }
+
+    /// Forgets connections idle for longer than the idle timeout at monotonic time `now_ns`,
+    /// flushing what their parsers hold.
+    pub fn sweep(&mut self, now_ns: u64, emit: &mut dyn FnMut(Span)) {
+        let idle_ns = self.idle.as_nanos() as u64;
+        let stale: Vec<ConnKey> = self
+            .table
+            .iter()
+            .filter(|e| now_ns.saturating_sub(e.value().last_seen_ns) > idle_ns)
+            .map(|e| *e.key())
+            .collect();
+        for key in stale {
+            if let Some((_, mut conn)) = self.table.remove(&key) {
+                if let ProtoState::Parsing(parser) = &mut conn.state {
+                    parser.close(now_ns, &mut self.outputs);
+                }
+                self.flush(key.tgid, &conn.addrs, emit);
+                metrics::add(
+                    "connections_evicted_total",
+                    metrics::labels(&[("reason", "idle")]),
+                    1,
+                );
+            }
+        }
+        metrics::set_gauge("connections", "", self.table.len() as u64);
+    }
+}
+
+fn feed(
+    key: ConnKey,
+    conn: &mut Connection,
+    dir: Direction,
+    piece: Piece<'_>,
+    timing: Timing,
+    outputs: &mut Vec<Output>,
+    stop: &mut Vec<StopPayload>,
+) {
+    match (&mut conn.state, piece) {
+        (ProtoState::Parsing(parser), Piece::Data(data)) => parser.feed(dir, data, timing, outputs),
+        (ProtoState::Parsing(parser), Piece::Gap(n)) => parser.gap(dir, n, timing, outputs),
+        (ProtoState::Ignored, _) => {}
+        (ProtoState::Detecting { stash, .. }, Piece::Gap(_)) => stash[dir_index(dir)].clear(),
+        (ProtoState::Detecting { stash, attempts }, Piece::Data(data)) => {
+            let stash = &mut stash[dir_index(dir)];
+            let joined;
+            let bytes: &[u8] = if stash.is_empty() {
+                data
+            } else {
+                joined = [stash.as_slice(), data].concat();
+                &joined
+            };
+            match protocols::detect(dir, bytes) {
+                Detection::Found(proto) => {
+                    metrics::add(
+                        "connections_detected_total",
+                        metrics::labels(&[("protocol", proto.as_str())]),
+                        1,
+                    );
+                    let mut parser = protocols::new_parser(proto);
+                    parser.feed(dir, bytes, timing, outputs);
+                    conn.state = ProtoState::Parsing(parser);
+                }
+                Detection::NeedMore if bytes.len() < DETECT_STASH => *stash = bytes.to_vec(),
+                Detection::Tls => {
+                    metrics::add(
+                        "connections_detected_total",
+                        metrics::labels(&[("protocol", "tls")]),
+                        1,
+                    );
+                    ignore(key, conn, stop);
+                }
+                Detection::NeedMore | Detection::Unknown => {
+                    stash.clear();
+                    *attempts += 1;
+                    if *attempts >= DETECT_ATTEMPTS {
+                        metrics::add(
+                            "connections_detected_total",
+                            metrics::labels(&[("protocol", "unknown")]),
+                            1,
+                        );
+                        ignore(key, conn, stop);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn ignore(key: ConnKey, conn: &mut Connection, stop: &mut Vec<StopPayload>) {
+    conn.state = ProtoState::Ignored;
+    stop.push(StopPayload {
+        sock: key.sock,
+        conn_id: key.conn_id,
+    });
+}

@@ -1,0 +1,117 @@
+//! `tracer`: a zero-code distributed tracing agent. eBPF captures every process's socket traffic;
+//! userspace parses it into requests and responses and exports OpenTelemetry spans.
+//!
+//! The data path, in module order: capture → connections (streams, protocols) → spans → export.
+
+mod agent;
+mod capture;
+mod check;
+mod config;
+mod connections;
+mod export;
+mod metrics;
+mod process;
+mod span;
+mod spans;
+mod streams;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Zero-code distributed tracing: eBPF capture of every process's traffic, exported as OpenTelemetry spans.
+#[derive(Debug, Parser)]
+#[command(name = "tracer", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Trace every process on this host and export spans (the default).
+    Run(RunArgs),
+    /// Print what this kernel supports and which capture mode the agent will use.
+    Check,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+struct RunArgs {
+    /// TOML config file (flags and environment override it).
+    #[arg(long, env = "TRACER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Only trace this process id (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Only trace connections with this local or remote port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    ports: Vec<u16>,
+    /// Only trace processes whose executable has this name (repeatable).
+    #[arg(long = "exe", value_name = "NAME")]
+    exes: Vec<String>,
+    /// Payload bytes copied per syscall (default 4096, at most 16384).
+    #[arg(long, env = "TRACER_CAPTURE_BYTES")]
+    capture_bytes: Option<u32>,
+    /// Kernel ring buffer size in bytes (power of two; default 8388608).
+    #[arg(long, env = "TRACER_RING_BUFFER_BYTES")]
+    ring_buffer_bytes: Option<u32>,
+    /// Serve the agent's own metrics in Prometheus format on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "TRACER_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// OTLP endpoint (overrides OTEL_EXPORTER_OTLP_ENDPOINT); without any, spans print to stdout.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// OTLP protocol: grpc or http/protobuf (overrides OTEL_EXPORTER_OTLP_PROTOCOL).
+    #[arg(long)]
+    otlp_protocol: Option<String>,
+}
+
+impl RunArgs {
+    fn overrides(self) -> config::Overrides {
+        config::Overrides {
+            config: self.config,
+            capture_bytes: self.capture_bytes,
+            ring_buffer_bytes: self.ring_buffer_bytes,
+            pids: self.pids,
+            ports: self.ports,
+            exes: self.exes,
+            metrics_addr: self.metrics_addr,
+            otlp_endpoint: self.otlp_endpoint,
+            otlp_protocol: self.otlp_protocol,
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TRACER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Some(Command::Check) => {
+            let report = check::probe();
+            print!("{report}");
+            Ok(())
+        }
+        Some(Command::Run(args)) => agent::run(args.overrides()),
+        None => agent::run(cli.run.overrides()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tracer: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The agent's own metrics: counters and gauges kept in one process-wide registry, rendered in the
+//! Prometheus text format and logged periodically. Every drop anywhere in the pipeline lands here.
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+
+/// A metric series: name plus a preformatted label set such as `reason="queue_full"` (may be empty).
+type Series = (&'static str, &'static str);
+
+#[derive(Default)]
+struct Registry {
+    counters: DashMap<Series, AtomicU64>,
+    gauges: DashMap<Series, AtomicU64>,
+}
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Registry::default)
+}
+
+/// A `key="value",...` label set with a static lifetime, interned so each distinct set is allocated
+/// once. Only for values from a small closed set (protocol names, reasons), never from input data.
+pub fn labels(pairs: &[(&'static str, &'static str)]) -> &'static str {
+    type Interned = DashMap<Vec<(&'static str, &'static str)>, &'static str>;
+    static LABELS: OnceLock<Interned> = OnceLock::new();
+    let interned = LABELS.get_or_init(DashMap::new);
+    if let Some(l) = interned.get(pairs) {
+        return *l;
+    }
+    let text: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    *interned
+        .entry(pairs.to_vec())
+        .or_insert_with(|| Box::leak(text.join(",").into_boxed_str()))
+}
+
+/// Adds `n` to the counter `name{labels}`. Names end in `_total` by convention.
+pub fn add(name: &'static str, labels: &'static str, n: u64) {
+    if n == 0 {
+        return;
+    }
+    let reg = registry();
+    if let Some(c) = reg.counters.get(&(name, labels)) {
+        c.fetch_add(n, Ordering::Relaxed);
+        return;
+    }
+    reg.counters
+        .entry((name, labels))
+        .or_default()
+        .fetch_add(n, Ordering::Relaxed);
+}
+
+/// Sets the counter `name{labels}` to an absolute value read from elsewhere (e.g. kernel counters).
+pub fn set_counter(name: &'static str, labels: &'static str, v: u64) {
+    registry()
+        .counters
+        .entry((name, labels))
+        .or_default()
+        .store(v, Ordering::Relaxed);
+}
+
+/// Sets the gauge `name{labels}`.
+pub fn set_gauge(name: &'static str, labels: &'static str, v: u64) {
+    registry()
+        .gauges
+        .entry((name, labels))
+        .or_default()
+        .store(v, Ordering::Relaxed);
+}
+
+/// Current value of a counter (0 when never touched).
+pub fn counter(name: &'static str, labels: &'static str) -> u64 {
+    registry()
+        .counters
+        .get(&(name, labels))
+        .map(|c| c.load(Ordering::Relaxed))
+        .unwrap_or(0)
+}
+
+fn sorted(map: &DashMap<Series, AtomicU64>) -> Vec<(Series, u64)> {
+    let mut v: Vec<_> = map
+        .iter()
+        .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
+        .collect();
+    v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn series(name: &str, labels: &str) -> String {
+    if labels.is_empty() {
+        format!("tracer_{name}")
+    } else {
+        format!("tracer_{name}{{{labels}}}")
+    }
+}
+
+/// All metrics in the Prometheus text exposition format.
+pub fn render_prometheus() -> String {
+    let reg = registry();
+    let mut out = String::new();
+    for (kind, map) in [("counter", &reg.counters), ("gauge", &reg.gauges)] {
+        let mut last = "";
+        for ((name, labels), v) in sorted(map) {
+            if name != last {
+                let _ = writeln!(out, "# TYPE tracer_{name} {kind}");
+                last = name;
+            }
+            let _ = writeln!(out, "{} {v}", series(name, labels));
+        }
+    }
+    out
+}
+
+/// Non-zero counters as `name{labels}=value` pairs, for the periodic log line.
+pub fn summary() -> Vec<(String, u64)> {
+    sorted(&registry().counters)
+        .into_iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|((n, l), v)| (series(n, l), v))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_with_labels() {
+        add("test_events_total", "reason=\"x\"", 2);
+        add("test_events_total", "reason=\"x\"", 3);
+        assert_eq!(counter("test_events_total", "reason=\"x\""), 5);
+        let text = render_prometheus();
+        assert!(text.contains("# TYPE tracer_test_events_total counter"));
+        assert!(text.contains("tracer_test_events_total{reason=\"x\"} 5"));
+    }
+
+    #[test]
+    fn labels_are_interned() {
+        let a = labels(&[("protocol", "http1"), ("reason", "gap")]);
+        assert_eq!(a, "protocol=\"http1\",reason=\"gap\"");
+        assert!(std::ptr::eq(
+            a,
+            labels(&[("protocol", "http1"), ("reason", "gap")])
+        ));
+    }
+}
