@@ -51,6 +51,8 @@ pub const SRC_RECVMMSG: u8 = 9;
 pub const SRC_SENDMMSG: u8 = 10;
 /// close(2)
 pub const SRC_CLOSE: u8 = 11;
+/// sendfile(2): bytes counted, payload never copied (it does not pass through user memory).
+pub const SRC_SENDFILE: u8 = 12;
 
 /// Index into the `COUNTERS` per-CPU array: events lost because the ring buffer was full.
 pub const CNT_RINGBUF_FULL: u32 = 0;

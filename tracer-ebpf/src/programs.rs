@@ -88,7 +88,10 @@ fn scratch() -> Option<*mut Scratch> {
 /// How the user buffer of an in-flight syscall is described.
 const BUF_PLAIN: u8 = 0;
 const BUF_IOVEC: u8 = 1;
-const BUF_NONE: u8 = 2;
+/// A `struct msghdr *` (or the first `struct mmsghdr`) whose iovecs hold the bytes.
+const BUF_MSGHDR: u8 = 2;
+/// Bytes move without passing through user memory (sendfile): counted, never copied.
+const BUF_KERNEL: u8 = 3;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -299,6 +302,7 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
     let Some(sock) = sock_of_fd(fd) else { return 0 };
     let (buf, len, mmsg) = match buf_kind {
         BUF_PLAIN | BUF_IOVEC => (arg(ctx, 1), arg(ctx, 2), 0),
+        BUF_KERNEL => (0, 0, 0),
         _ => {
             // sendmsg/recvmsg: struct msghdr; sendmmsg/recvmmsg: the first struct mmsghdr, which
             // starts with a msghdr. msg_iov is at 16 and msg_iovlen at 24 in the x86-64/arm64 ABI.
@@ -428,7 +432,7 @@ fn exit_io(ctx: &TracePointContext) -> u32 {
     let mut captured: usize = 0;
     if inf.buf_kind == BUF_PLAIN {
         captured = copy_user(&mut scratch.data, 0, inf.buf, want);
-    } else {
+    } else if inf.buf_kind == BUF_IOVEC {
         let mut i: u64 = 0;
         while i < MAX_IOVECS as u64 {
             if i >= inf.len || captured as u64 >= want {
@@ -492,10 +496,11 @@ io_tracepoints! {
     sys_enter_writev, sys_exit_writev, SRC_WRITEV, DIR_SEND, BUF_IOVEC;
     sys_enter_recvfrom, sys_exit_recvfrom, SRC_RECVFROM, DIR_RECV, BUF_PLAIN;
     sys_enter_sendto, sys_exit_sendto, SRC_SENDTO, DIR_SEND, BUF_PLAIN;
-    sys_enter_recvmsg, sys_exit_recvmsg, SRC_RECVMSG, DIR_RECV, BUF_NONE;
-    sys_enter_sendmsg, sys_exit_sendmsg, SRC_SENDMSG, DIR_SEND, BUF_NONE;
-    sys_enter_recvmmsg, sys_exit_recvmmsg, SRC_RECVMMSG, DIR_RECV, BUF_NONE;
-    sys_enter_sendmmsg, sys_exit_sendmmsg, SRC_SENDMMSG, DIR_SEND, BUF_NONE;
+    sys_enter_recvmsg, sys_exit_recvmsg, SRC_RECVMSG, DIR_RECV, BUF_MSGHDR;
+    sys_enter_sendmsg, sys_exit_sendmsg, SRC_SENDMSG, DIR_SEND, BUF_MSGHDR;
+    sys_enter_recvmmsg, sys_exit_recvmmsg, SRC_RECVMMSG, DIR_RECV, BUF_MSGHDR;
+    sys_enter_sendmmsg, sys_exit_sendmmsg, SRC_SENDMMSG, DIR_SEND, BUF_MSGHDR;
+    sys_enter_sendfile64, sys_exit_sendfile64, SRC_SENDFILE, DIR_SEND, BUF_KERNEL;
 }
 
 /// connect(2) entry: remember the fd until the exit tells whether it worked.
@@ -514,7 +519,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         fd: arg(&ctx, 0) as i32,
         source: 0,
         direction: 0,
-        buf_kind: BUF_NONE,
+        buf_kind: BUF_KERNEL,
         _pad: 0,
     };
     if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {

@@ -34,6 +34,8 @@ const SYSCALL_TRACEPOINTS: &[&str] = &[
     "sys_exit_recvmmsg",
     "sys_enter_sendmmsg",
     "sys_exit_sendmmsg",
+    "sys_enter_sendfile64",
+    "sys_exit_sendfile64",
     "sys_enter_connect",
     "sys_exit_connect",
     "sys_exit_accept",
