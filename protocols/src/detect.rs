@@ -5,6 +5,8 @@
 //! also match its bytes) and an arm to [`new_parser`].
 
 use crate::http1::{self, Http1Parser, Start};
+use crate::http2::{self, Http2Parser};
+use crate::postgres::{self, PgParser};
 use crate::{ConnectionParser, Direction, Protocol};
 
 /// What the first bytes of a connection say about its protocol.
@@ -24,7 +26,7 @@ pub enum Detection {
 type Probe = fn(Direction, &[u8]) -> Detection;
 
 /// Probes in the order they are asked.
-const PROBES: &[Probe] = &[probe_tls, probe_http1];
+const PROBES: &[Probe] = &[probe_tls, http2::probe, probe_http1, postgres::probe];
 
 /// Detects the protocol of a connection from the first bytes seen in direction `dir`.
 pub fn detect(dir: Direction, data: &[u8]) -> Detection {
@@ -47,6 +49,8 @@ pub fn detect(dir: Direction, data: &[u8]) -> Detection {
 pub fn new_parser(p: Protocol) -> Box<dyn ConnectionParser> {
     match p {
         Protocol::Http1 => Box::new(Http1Parser::new()),
+        Protocol::Http2 => Box::<Http2Parser>::default(),
+        Protocol::Postgres => Box::<PgParser>::default(),
     }
 }
 

@@ -1384,7 +1384,9 @@ mod tests {
         for o in out {
             if let Output::Exchange(e) = o {
                 assert!(e.start_ns <= e.end_ns, "{e:?}");
-                let Detail::Http(h) = &e.detail;
+                let Detail::Http(h) = &e.detail else {
+                    panic!("not an HTTP/1 exchange: {e:?}")
+                };
                 assert!(
                     h.request_headers.len() <= MAX_HEADERS
                         && h.response_headers.len() <= MAX_HEADERS

@@ -14,6 +14,8 @@
 
 pub mod detect;
 pub mod http1;
+pub mod http2;
+pub mod postgres;
 
 pub use detect::{Detection, detect, new_parser};
 
@@ -59,6 +61,10 @@ pub struct Timing {
 pub enum Protocol {
     /// HTTP/1.0 and HTTP/1.1.
     Http1,
+    /// HTTP/2 (and gRPC over it).
+    Http2,
+    /// PostgreSQL frontend/backend protocol v3.
+    Postgres,
 }
 
 impl Protocol {
@@ -66,6 +72,8 @@ impl Protocol {
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+            Protocol::Postgres => "postgresql",
         }
     }
 }
@@ -101,6 +109,10 @@ pub enum Outcome {
 pub enum Detail {
     /// An HTTP/1.x request and response.
     Http(http1::HttpExchange),
+    /// One HTTP/2 stream (a gRPC call when its content type is `application/grpc*`).
+    Http2(http2::Http2Exchange),
+    /// One PostgreSQL statement execution.
+    Postgres(postgres::PgExchange),
 }
 
 /// Why input was skipped. Each reason is counted by the tracer.

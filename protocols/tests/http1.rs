@@ -74,6 +74,7 @@ impl Conn {
 fn http(e: &Exchange) -> &HttpExchange {
     match &e.detail {
         Detail::Http(h) => h,
+        other => panic!("not an HTTP/1 exchange: {other:?}"),
     }
 }
 

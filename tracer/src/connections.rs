@@ -12,7 +12,7 @@ use crate::capture::events::Event;
 use crate::metrics;
 use crate::process::ProcessTable;
 use crate::span::Span;
-use crate::spans::{Clock, ConnAddrs, http_span};
+use crate::spans::{self, Clock, ConnAddrs, http_span};
 use crate::streams::{Assembler, Piece};
 
 /// Identity of one traced connection end: the process, the kernel socket and the kernel's
@@ -261,10 +261,27 @@ impl Connections {
                     );
                 }
                 Output::Exchange(ex) => {
+                    if let Detail::Http(http) = &ex.detail
+                        && http.method.is_empty()
+                    {
+                        // The request head was lost in a gap: nothing to name the span after.
+                        metrics::add(
+                            "exchanges_dropped_total",
+                            metrics::labels(&[("reason", "request_head_lost")]),
+                            1,
+                        );
+                        continue;
+                    }
                     let resource = self.processes.resource(tgid, "");
                     let span = match &ex.detail {
                         Detail::Http(http) => {
                             http_span(&ex, http, Some(addrs), resource, &self.clock)
+                        }
+                        Detail::Http2(h2) => {
+                            spans::grpc::http2_span(&ex, h2, Some(addrs), resource, &self.clock)
+                        }
+                        Detail::Postgres(pg) => {
+                            spans::db::postgres_span(&ex, pg, Some(addrs), resource, &self.clock)
                         }
                     };
                     let kind = match span.kind {

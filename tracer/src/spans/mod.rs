@@ -9,6 +9,9 @@
 //! `url.scheme` is `http` unless the request says otherwise (absolute-form target, `Forwarded` /
 //! `X-Forwarded-Proto` on the server side): the exchange does not tell whether it was read from TLS.
 
+pub mod db;
+pub mod grpc;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
