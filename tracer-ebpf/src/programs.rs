@@ -341,14 +341,21 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
     0
 }
 
-/// Copies up to `n` bytes from user `src` into `dst[off..]`; returns the bytes copied.
+/// `v`, through a volatile stack slot, so the compiler forgets what it knew about its range and
+/// keeps the bounds checks that follow. Older verifiers (6.1) cannot follow the bounds the compiler
+/// derives from loop conditions and reject the program otherwise.
+#[inline(always)]
+fn opaque(v: usize) -> usize {
+    // SAFETY: a volatile read of a local.
+    unsafe { read_volatile(&v) }
+}
+
+/// Copies up to `n` bytes from user `src` into `dst[off..]`, where the caller guarantees
+/// `off < MAX_CAPTURE`; returns the bytes copied.
 #[inline(always)]
 fn copy_user(dst: &mut [u8; 2 * MAX_CAPTURE], off: usize, src: u64, n: u64) -> usize {
-    if off >= MAX_CAPTURE {
-        return 0;
-    }
-    let off = off & (MAX_CAPTURE - 1);
-    let mut len = n as usize;
+    let off = opaque(off) & (MAX_CAPTURE - 1);
+    let mut len = opaque(n as usize);
     if len > MAX_CAPTURE {
         len = MAX_CAPTURE;
     }
@@ -454,6 +461,7 @@ fn exit_io(ctx: &TracePointContext) -> u32 {
     if bytes > captured as u64 {
         count(CNT_TRUNCATED);
     }
+    captured = opaque(captured);
     if captured > MAX_CAPTURE {
         captured = MAX_CAPTURE;
     }

@@ -1,0 +1,753 @@
+//! Harness shared by the end-to-end tests: the agent binary, real servers and clients run as child
+//! processes that are killed even when a test panics, and helpers to pick and show received spans.
+
+// Each test binary includes this module and uses a different subset of it.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use integration::{OtlpReceiver, ReceivedSpan, SpanKind};
+
+/// How long to wait for spans, a server to listen or a client to finish.
+pub const WAIT: Duration = Duration::from_secs(20);
+/// How long the agent may take to load and attach its programs.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the agent may take to flush and exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Tolerance when comparing span times with the test's wall clock: the agent converts kernel
+/// monotonic stamps with an offset it measured itself.
+pub const CLOCK_SLACK_NS: u64 = 5_000_000;
+/// The log line that says the probes are attached.
+const READY_LINE: &str = "tracer ready";
+/// The agent's batch delay in ms, so spans arrive quickly.
+const SCHEDULE_DELAY_MS: &str = "200";
+
+/// Serves GET (body `path=<path>`) and POST (echoes the body) on HTTP/1.1 with keep-alive.
+pub const SERVER_PY: &str = r#"
+import http.server, sys
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.reply(("path=" + self.path).encode())
+
+    def do_POST(self):
+        self.reply(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"#;
+
+/// `client.py PORT PREFIX BEFORE AFTER`: on one keep-alive connection, GETs `PREFIX/0..BEFORE`,
+/// prints `port <local port>`, then (when AFTER > 0) waits for a line on stdin and GETs the next
+/// AFTER paths; prints `done` at the end.
+pub const CLIENT_PY: &str = r#"
+import http.client, sys
+
+port, prefix, before, after = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+conn = http.client.HTTPConnection("127.0.0.1", port)
+
+def get(i):
+    path = "%s/%d" % (prefix, i)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    body = resp.read()
+    if resp.status != 200 or body != ("path=" + path).encode():
+        sys.exit("unexpected answer to %s: %d %r" % (path, resp.status, body))
+
+for i in range(before):
+    get(i)
+print("port %d" % conn.sock.getsockname()[1], flush=True)
+if after:
+    sys.stdin.readline()
+    for i in range(before, before + after):
+        get(i)
+print("done", flush=True)
+conn.close()
+"#;
+
+/// Fails the test unless it runs as root: the agent needs to load eBPF programs.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the end-to-end tests load eBPF programs and must run as root (euid is {euid})"
+    );
+}
+
+/// The agent binary: `$TRACER_BIN`, else `<workspace>/target/debug/tracer`.
+pub fn tracer_bin() -> PathBuf {
+    let path = std::env::var_os("TRACER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+                .join("debug")
+                .join("tracer")
+        });
+    assert!(
+        path.is_file(),
+        "tracer binary not found at {}: build it with `cargo build -p tracer` or set TRACER_BIN",
+        path.display()
+    );
+    path
+}
+
+/// Unix time now, ns.
+pub fn now_unix_ns() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970");
+    u64::try_from(since.as_nanos()).expect("time fits in u64")
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// This host's name, as the agent reports it in `host.name`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("read /proc/sys/kernel/hostname")
+        .trim()
+        .to_owned()
+}
+
+/// `program` looked up in `PATH`, then in the sbin directories a non-login `PATH` may lack.
+pub fn which(program: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{program} not found in PATH; run scripts/setup-test-peers.sh"))
+}
+
+/// File name of the executable `path` finally resolves to (what `/proc/<pid>/exe` shows).
+pub fn exe_name(path: &Path) -> String {
+    let real = std::fs::canonicalize(path)
+        .unwrap_or_else(|e| panic!("cannot resolve {}: {e}", path.display()));
+    real.file_name()
+        .and_then(OsStr::to_str)
+        .expect("executable file name")
+        .to_owned()
+}
+
+/// The real Python interpreter (not a wrapper script such as a pyenv shim, whose `exec` would
+/// change the process's executable after spawn).
+pub fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("run python3; run scripts/setup-test-peers.sh");
+        assert!(out.status.success(), "python3 failed: {out:?}");
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(path.is_file(), "python3 reports sys.executable {path:?}");
+        path
+    })
+}
+
+/// `curl -V`'s version as curl puts it in `User-Agent`, e.g. `curl/7.88.1`.
+pub fn curl_user_agent() -> String {
+    let out = Command::new(which("curl"))
+        .arg("--version")
+        .output()
+        .expect("run curl --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("unexpected curl --version output: {text}"));
+    format!("curl/{version}")
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `tracer-e2e-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("tracer-e2e-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `contents` to `name` inside the directory and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create parent dir");
+        }
+        std::fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes inherited `OTEL_*` and `TRACER_*` variables so neither the agent's configuration nor a
+/// traced process's service name depends on the environment the tests run in.
+fn clean_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("OTEL_") || k.starts_with("TRACER_") {
+            cmd.env_remove(&key);
+        }
+    }
+}
+
+/// Polls until `child` exits or `timeout` passes.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => return None,
+            Err(e) => panic!("wait for child {}: {e}", child.id()),
+        }
+    }
+}
+
+/// A child process in its own process group; the whole group is killed on drop.
+pub struct Proc {
+    name: String,
+    child: Child,
+    reaped: bool,
+}
+
+impl Proc {
+    /// Spawns `cmd` (with `OTEL_*`/`TRACER_*` removed from its inherited environment).
+    pub fn spawn(name: &str, cmd: Command) -> Proc {
+        Proc::spawn_with_env(name, cmd, &[])
+    }
+
+    /// Spawns `cmd` with a clean environment (see [`Proc::spawn`]) plus `env`.
+    pub fn spawn_with_env(name: &str, mut cmd: Command, env: &[(&str, &str)]) -> Proc {
+        clean_env(&mut cmd);
+        cmd.envs(env.iter().copied());
+        cmd.process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            reaped: false,
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The child's piped stdin.
+    pub fn stdin(&mut self) -> &mut std::process::ChildStdin {
+        self.child.stdin.as_mut().expect("stdin is piped")
+    }
+
+    /// Takes the child's piped stdout.
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.child.stdout.take().expect("stdout is piped")
+    }
+
+    /// Exit status if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let status = self
+            .child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("wait for {}: {e}", self.name));
+        self.reaped |= status.is_some();
+        status
+    }
+
+    /// Waits for the exit, failing the test after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let status = wait_timeout(&mut self.child, timeout)
+            .unwrap_or_else(|| panic!("{} did not exit within {timeout:?}", self.name));
+        self.reaped = true;
+        status
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: plain syscall; the child is not reaped yet, so the pid still names it.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+    }
+
+    /// Fails the test if the process has already exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.try_wait() {
+            panic!("{} exited early: {status}", self.name);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        if let Ok(pgid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: plain syscall; the group leader is not reaped yet, so its id is still ours.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port`, failing if `server` exits.
+pub fn wait_for_port(server: &mut Proc, port: u16) {
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        server.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "{} is not listening on port {port} after {WAIT:?}",
+            server.name
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The stock `python3 -m http.server` serving `root` on 127.0.0.1:`port`, with `env` added to its
+/// environment.
+pub fn start_http_server(root: &Path, port: u16, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(python());
+    cmd.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+    ])
+    .arg("--directory")
+    .arg(root)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut proc = Proc::spawn_with_env("python3 -m http.server", cmd, env);
+    wait_for_port(&mut proc, port);
+    proc
+}
+
+/// [`SERVER_PY`] run from `dir` as `e2e_server.py` on 127.0.0.1:`port`.
+pub fn start_script_server(dir: &TempDir, port: u16) -> Proc {
+    let script = dir.write("e2e_server.py", SERVER_PY);
+    let mut cmd = Command::new(python());
+    cmd.arg(script)
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut proc = Proc::spawn("e2e_server.py", cmd);
+    wait_for_port(&mut proc, port);
+    proc
+}
+
+/// [`CLIENT_PY`] run from `dir` as `e2e_client.py`, stdin and stdout piped.
+pub fn spawn_script_client(
+    dir: &TempDir,
+    port: u16,
+    prefix: &str,
+    before: u32,
+    after: u32,
+) -> (Proc, Lines) {
+    let script = dir.write("e2e_client.py", CLIENT_PY);
+    let mut cmd = Command::new(python());
+    cmd.arg(script)
+        .args([
+            port.to_string(),
+            prefix.to_owned(),
+            before.to_string(),
+            after.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut proc = Proc::spawn("e2e_client.py", cmd);
+    let lines = Lines::new(proc.take_stdout());
+    (proc, lines)
+}
+
+/// Lines read from a child's output on a background thread, so reads can time out.
+pub struct Lines(mpsc::Receiver<String>);
+
+impl Lines {
+    /// Starts reading `out`.
+    pub fn new(out: impl Read + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines(rx)
+    }
+
+    /// The next line, failing the test after [`WAIT`] or at end of output.
+    pub fn next(&self, what: &str) -> String {
+        self.0
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|e| panic!("no line from {what}: {e}"))
+    }
+}
+
+/// One finished curl run.
+#[derive(Debug, Clone, Copy)]
+pub struct CurlRun {
+    /// curl's process id.
+    pub pid: u32,
+    /// Unix ns just before curl was spawned.
+    pub started_ns: u64,
+    /// Unix ns just after curl exited.
+    pub ended_ns: u64,
+    /// `%{http_code}`.
+    pub status: u16,
+    /// `%{local_port}`: curl's ephemeral port.
+    pub local_port: u16,
+    /// `%{size_download}`: response body bytes.
+    pub body_bytes: i64,
+}
+
+/// Runs curl with `args` (one request) and reports what it did; fails if curl fails.
+pub fn curl(args: &[&str]) -> CurlRun {
+    let mut cmd = Command::new(which("curl"));
+    cmd.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{local_port} %{size_download}",
+    ])
+    .args(args)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let started_ns = now_unix_ns();
+    let mut proc = Proc::spawn("curl", cmd);
+    let status = proc.wait(WAIT);
+    let ended_ns = now_unix_ns();
+    let mut out = String::new();
+    proc.take_stdout()
+        .read_to_string(&mut out)
+        .expect("read curl output");
+    assert!(status.success(), "curl {args:?} failed: {status}");
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    let [code, port, size] = fields[..] else {
+        panic!("unexpected curl -w output {out:?}");
+    };
+    CurlRun {
+        pid: proc.pid(),
+        started_ns,
+        ended_ns,
+        status: code.parse().expect("http_code"),
+        local_port: port.parse().expect("local_port"),
+        body_bytes: size.parse().expect("size_download"),
+    }
+}
+
+/// The agent under test, stopped with SIGTERM by [`Agent::stop`] and killed on drop otherwise.
+pub struct Agent {
+    proc: Proc,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Agent {
+    /// Starts `tracer run <args>` (batch delay shortened) and waits until its probes are attached.
+    pub fn start(dir: &TempDir, args: &[String]) -> Agent {
+        let stdout = dir.path().join("agent.stdout");
+        let stderr = dir.path().join("agent.stderr");
+        let mut cmd = Command::new(tracer_bin());
+        cmd.arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).expect("create agent stdout file"))
+            .stderr(File::create(&stderr).expect("create agent stderr file"));
+        let proc = Proc::spawn_with_env(
+            "tracer",
+            cmd,
+            &[("OTEL_BSP_SCHEDULE_DELAY", SCHEDULE_DELAY_MS)],
+        );
+        let mut agent = Agent {
+            proc,
+            stdout,
+            stderr,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !agent.stderr().contains(READY_LINE) {
+            if let Some(status) = agent.proc.try_wait() {
+                panic!(
+                    "tracer exited before it was ready ({status}); stderr:\n{}",
+                    agent.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tracer not ready after {READY_TIMEOUT:?}; stderr:\n{}",
+                agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    /// Starts the agent exporting to `receiver`, tracing only connections on `port`.
+    pub fn start_otlp(dir: &TempDir, receiver: &OtlpReceiver, port: u16) -> Agent {
+        Agent::start(
+            dir,
+            &[
+                "--otlp-endpoint".to_owned(),
+                receiver.endpoint(),
+                "--otlp-protocol".to_owned(),
+                receiver.protocol().to_owned(),
+                "--port".to_owned(),
+                port.to_string(),
+            ],
+        )
+    }
+
+    /// Everything the agent logged so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Everything the agent printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and asserts a clean exit (status 0) within [`STOP_TIMEOUT`].
+    pub fn stop(&mut self) {
+        self.proc.assert_running();
+        self.proc.signal(libc::SIGTERM);
+        let status = wait_timeout(&mut self.proc.child, STOP_TIMEOUT);
+        self.proc.reaped |= status.is_some();
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => panic!(
+                "tracer exited with {s} after SIGTERM; stderr:\n{}",
+                self.stderr()
+            ),
+            None => panic!(
+                "tracer still running {STOP_TIMEOUT:?} after SIGTERM; stderr:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+}
+
+/// A short description of `span` for failure messages.
+pub fn describe(span: &ReceivedSpan) -> String {
+    let mut s = format!(
+        "{:?} {:?} service={} pid={:?}",
+        span.kind,
+        span.name,
+        span.resource_str("service.name").unwrap_or("?"),
+        span.resource_int("process.pid"),
+    );
+    for key in [
+        "url.path",
+        "url.full",
+        "http.response.status_code",
+        "client.port",
+        "network.peer.port",
+        "network.local.port",
+    ] {
+        if let Some(v) = span.attr(key) {
+            let _ = write!(s, " {key}={v:?}");
+        }
+    }
+    let _ = write!(
+        s,
+        " status={:?} start={} end={}",
+        span.status_code, span.start_unix_ns, span.end_unix_ns
+    );
+    s
+}
+
+/// One description per line.
+pub fn describe_all(spans: &[ReceivedSpan]) -> String {
+    spans.iter().map(describe).collect::<Vec<_>>().join("\n")
+}
+
+/// The single span of `kind` matching `pred`; fails listing every span otherwise.
+pub fn one<'a>(
+    spans: &'a [ReceivedSpan],
+    kind: SpanKind,
+    what: &str,
+    pred: impl Fn(&ReceivedSpan) -> bool,
+) -> &'a ReceivedSpan {
+    let found: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.kind == kind && pred(s)).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {kind:?} span for {what}, got {}; all spans:\n{}",
+        found.len(),
+        describe_all(spans)
+    );
+    found[0]
+}
+
+/// Number of spans of `kind`.
+pub fn count(spans: &[ReceivedSpan], kind: SpanKind) -> usize {
+    spans.iter().filter(|s| s.kind == kind).count()
+}
+
+/// Asserts that `span` lies within the wall-clock window [`started_ns`, `ended_ns`].
+pub fn assert_within(span: &ReceivedSpan, started_ns: u64, ended_ns: u64) {
+    assert!(
+        span.start_unix_ns <= span.end_unix_ns,
+        "span ends before it starts: {}",
+        describe(span)
+    );
+    assert!(
+        span.start_unix_ns + CLOCK_SLACK_NS >= started_ns
+            && span.end_unix_ns <= ended_ns + CLOCK_SLACK_NS,
+        "span outside the window [{started_ns}, {ended_ns}] in which the request ran: {}",
+        describe(span)
+    );
+}
+
+/// Asserts the resource of a span from process `pid`.
+pub fn assert_resource(span: &ReceivedSpan, service: &str, pid: u32, exe: &str) {
+    let ctx = describe(span);
+    assert_eq!(
+        span.resource_str("service.name"),
+        Some(service),
+        "service.name: {ctx}"
+    );
+    assert_eq!(
+        span.resource_int("process.pid"),
+        Some(i64::from(pid)),
+        "process.pid: {ctx}"
+    );
+    assert_eq!(
+        span.resource_str("process.executable.name"),
+        Some(exe),
+        "process.executable.name: {ctx}"
+    );
+    assert_eq!(
+        span.resource_str("host.name"),
+        Some(host_name().as_str()),
+        "host.name: {ctx}"
+    );
+    assert_eq!(
+        span.resource_str("telemetry.sdk.name"),
+        Some("tracer"),
+        "telemetry.sdk.name: {ctx}"
+    );
+}
+
+/// Asserts a string span attribute.
+pub fn expect_str(span: &ReceivedSpan, key: &str, want: &str) {
+    assert_eq!(
+        span.attr_str(key),
+        Some(want),
+        "{key} of {}",
+        describe(span)
+    );
+}
+
+/// Asserts an integer span attribute.
+pub fn expect_int(span: &ReceivedSpan, key: &str, want: i64) {
+    assert_eq!(
+        span.attr_int(key),
+        Some(want),
+        "{key} of {}",
+        describe(span)
+    );
+}
+
+/// Asserts that a span attribute is not set.
+pub fn expect_absent(span: &ReceivedSpan, key: &str) {
+    assert_eq!(span.attr(key), None, "{key} of {}", describe(span));
+}
+
+/// What a finished `tracer` command did.
+pub struct TracerRun {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything on stdout.
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+}
+
+/// Runs `tracer <args>` to completion (failing after [`READY_TIMEOUT`]) with `env` added.
+pub fn run_tracer(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> TracerRun {
+    let stdout = dir.path().join("tracer.stdout");
+    let stderr = dir.path().join("tracer.stderr");
+    let mut cmd = Command::new(tracer_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout).expect("create stdout file"))
+        .stderr(File::create(&stderr).expect("create stderr file"));
+    let mut proc = Proc::spawn_with_env("tracer", cmd, env);
+    let status = proc.wait(READY_TIMEOUT);
+    TracerRun {
+        status,
+        stdout: std::fs::read_to_string(&stdout).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&stderr).unwrap_or_default(),
+    }
+}
+
+/// Parent pid of a live process, from `/proc/<pid>/stat`.
+pub fn parent_pid(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    // The command name is in parentheses and may contain spaces.
+    let after = &stat[stat.rfind(')').expect("comm in stat") + 1..];
+    after
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no ppid in {stat:?}"))
+}

@@ -1,0 +1,670 @@
+//! End-to-end tests of the HTTP/1 slice: real servers (python `http.server`, a python keep-alive
+//! server, nginx) and real clients (curl, python `http.client`) traced by the agent binary, with
+//! the exact spans checked at an OTLP receiver (gRPC and HTTP/protobuf) or on stdout.
+//!
+//! Every test runs the agent with `--port <its server's port>` so other traffic on the host does
+//! not reach its receiver; all spans received must therefore belong to the test's requests.
+
+mod common;
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::*;
+use integration::{OtlpReceiver, ReceivedSpan, SpanKind, StatusCode};
+
+#[derive(Debug, Clone, Copy)]
+enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+async fn receiver(protocol: Protocol) -> OtlpReceiver {
+    match protocol {
+        Protocol::Grpc => OtlpReceiver::start_grpc().await,
+        Protocol::HttpProtobuf => OtlpReceiver::start_http().await,
+    }
+    .expect("start the OTLP receiver")
+}
+
+/// Waits for `servers` SERVER and `clients` CLIENT spans, stops the agent (which flushes), and
+/// returns everything received after asserting there is nothing more.
+async fn collect(
+    receiver: &OtlpReceiver,
+    agent: &mut Agent,
+    servers: usize,
+    clients: usize,
+) -> Vec<ReceivedSpan> {
+    let waited = receiver
+        .wait_for(
+            |s| count(s, SpanKind::Server) >= servers && count(s, SpanKind::Client) >= clients,
+            WAIT,
+        )
+        .await;
+    if let Err(spans) = waited {
+        panic!(
+            "expected {servers} SERVER and {clients} CLIENT spans within {WAIT:?}; got:\n{}\nagent stderr:\n{}",
+            describe_all(&spans),
+            agent.stderr()
+        );
+    }
+    agent.stop();
+    let spans = receiver.spans();
+    assert_eq!(
+        (
+            count(&spans, SpanKind::Server),
+            count(&spans, SpanKind::Client),
+            spans.len()
+        ),
+        (servers, clients, servers + clients),
+        "exactly one span per request and side; got:\n{}",
+        describe_all(&spans)
+    );
+    spans
+}
+
+/// The status a span should have, and its `error.type`.
+fn expect_status(span: &ReceivedSpan, error_type: Option<&str>) {
+    match error_type {
+        Some(t) => {
+            assert_eq!(
+                span.status_code,
+                StatusCode::Error,
+                "status of {}",
+                describe(span)
+            );
+            expect_str(span, "error.type", t);
+        }
+        None => {
+            assert_eq!(
+                span.status_code,
+                StatusCode::Unset,
+                "status of {}",
+                describe(span)
+            );
+            expect_absent(span, "error.type");
+        }
+    }
+}
+
+/// The traced server process.
+struct Server<'a> {
+    port: u16,
+    pid: u32,
+    service: &'a str,
+    exe: &'a str,
+}
+
+/// One curl request as the test expects the agent to report it.
+struct CurlRequest<'a> {
+    run: CurlRun,
+    method: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+    request_body: i64,
+    server_error: Option<&'a str>,
+    client_error: Option<&'a str>,
+}
+
+/// Checks the SERVER and CLIENT span of one curl request, every attribute the agent derives.
+fn check_curl_request(spans: &[ReceivedSpan], server: &Server<'_>, req: &CurlRequest<'_>) {
+    let run = &req.run;
+    let user_agent = curl_user_agent();
+    let s = one(spans, SpanKind::Server, req.path, |s| {
+        s.attr_str("url.path") == Some(req.path)
+    });
+    let c = one(
+        spans,
+        SpanKind::Client,
+        &format!("curl pid {}", run.pid),
+        |s| s.resource_int("process.pid") == Some(i64::from(run.pid)),
+    );
+
+    for span in [s, c] {
+        assert_eq!(span.name, req.method, "name of {}", describe(span));
+        expect_str(span, "http.request.method", req.method);
+        expect_str(span, "url.scheme", "http");
+        expect_int(span, "http.response.status_code", i64::from(run.status));
+        expect_str(span, "network.protocol.name", "http");
+        expect_str(span, "network.protocol.version", "1.1");
+        expect_str(span, "server.address", "127.0.0.1");
+        expect_int(span, "server.port", i64::from(server.port));
+        expect_str(span, "network.peer.address", "127.0.0.1");
+        expect_str(span, "user_agent.original", &user_agent);
+        expect_int(span, "http.request.body.size", req.request_body);
+        expect_int(span, "http.response.body.size", run.body_bytes);
+        assert_eq!(span.parent_span_id, None, "curl sends no trace context");
+        assert_within(span, run.started_ns, run.ended_ns);
+    }
+
+    expect_str(s, "url.path", req.path);
+    match req.query {
+        Some(q) => expect_str(s, "url.query", q),
+        None => expect_absent(s, "url.query"),
+    }
+    expect_str(s, "client.address", "127.0.0.1");
+    expect_int(s, "client.port", i64::from(run.local_port));
+    expect_int(s, "network.peer.port", i64::from(run.local_port));
+    expect_int(s, "network.local.port", i64::from(server.port));
+    expect_status(s, req.server_error);
+    assert_resource(s, server.service, server.pid, server.exe);
+
+    let query = req.query.map(|q| format!("?{q}")).unwrap_or_default();
+    expect_str(
+        c,
+        "url.full",
+        &format!("http://127.0.0.1:{}{}{query}", server.port, req.path),
+    );
+    expect_int(c, "network.peer.port", i64::from(server.port));
+    expect_int(c, "network.local.port", i64::from(run.local_port));
+    expect_status(c, req.client_error);
+    assert_resource(c, "curl", run.pid, &exe_name(&which("curl")));
+
+    // The server cannot read the request before the client starts sending it.
+    assert!(
+        c.start_unix_ns <= s.start_unix_ns,
+        "client span starts after the server span:\n{}\n{}",
+        describe(c),
+        describe(s)
+    );
+}
+
+async fn python_http_server_and_curl(protocol: Protocol) {
+    require_root();
+    let dir = TempDir::new("http-server");
+    let content = "hello from the end-to-end test\n";
+    dir.write("www/hello.txt", content);
+    let receiver = receiver(protocol).await;
+    let port = free_port();
+    let server = start_http_server(
+        &dir.path().join("www"),
+        port,
+        &[("OTEL_SERVICE_NAME", "py-server")],
+    );
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    let base = format!("http://127.0.0.1:{port}");
+    let get = curl(&[&format!("{base}/hello.txt?x=1&y=two")]);
+    let missing = curl(&[&format!("{base}/missing.txt")]);
+    let form = "name=tracer&n=42";
+    let post = curl(&["--data", form, &format!("{base}/submit")]);
+    // http.server answers POST with 501 Not Implemented.
+    assert_eq!((get.status, missing.status, post.status), (200, 404, 501));
+    assert_eq!(get.body_bytes, i64::try_from(content.len()).expect("len"));
+
+    let spans = collect(&receiver, &mut agent, 3, 3).await;
+    let python_exe = exe_name(python());
+    let server = Server {
+        port,
+        pid: server.pid(),
+        service: "py-server",
+        exe: &python_exe,
+    };
+    check_curl_request(
+        &spans,
+        &server,
+        &CurlRequest {
+            run: get,
+            method: "GET",
+            path: "/hello.txt",
+            query: Some("x=1&y=two"),
+            request_body: 0,
+            server_error: None,
+            client_error: None,
+        },
+    );
+    check_curl_request(
+        &spans,
+        &server,
+        &CurlRequest {
+            run: missing,
+            method: "GET",
+            path: "/missing.txt",
+            query: None,
+            request_body: 0,
+            server_error: None,
+            client_error: Some("404"),
+        },
+    );
+    check_curl_request(
+        &spans,
+        &server,
+        &CurlRequest {
+            run: post,
+            method: "POST",
+            path: "/submit",
+            query: None,
+            request_body: i64::try_from(form.len()).expect("len"),
+            server_error: Some("501"),
+            client_error: Some("501"),
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_server_and_curl_exported_over_grpc() {
+    python_http_server_and_curl(Protocol::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_server_and_curl_exported_over_http_protobuf() {
+    python_http_server_and_curl(Protocol::HttpProtobuf).await;
+}
+
+/// The processes of a python client/server pair.
+struct ScriptPeers {
+    port: u16,
+    server_pid: u32,
+    client_pid: u32,
+    client_port: u16,
+    started_ns: u64,
+    ended_ns: u64,
+}
+
+/// Checks both spans of `GET path` between `e2e_client.py` and `e2e_server.py`; service names
+/// come from the script names (neither process has `OTEL_SERVICE_NAME`).
+fn check_script_request(spans: &[ReceivedSpan], peers: &ScriptPeers, path: &str) {
+    let url = format!("http://127.0.0.1:{}{path}", peers.port);
+    let s = one(spans, SpanKind::Server, path, |s| {
+        s.attr_str("url.path") == Some(path)
+    });
+    let c = one(spans, SpanKind::Client, &url, |s| {
+        s.attr_str("url.full") == Some(url.as_str())
+    });
+    let body = i64::try_from(format!("path={path}").len()).expect("len");
+    let python_exe = exe_name(python());
+    for span in [s, c] {
+        assert_eq!(span.name, "GET", "name of {}", describe(span));
+        expect_str(span, "http.request.method", "GET");
+        expect_int(span, "http.response.status_code", 200);
+        expect_int(span, "http.response.body.size", body);
+        expect_str(span, "network.protocol.version", "1.1");
+        expect_str(span, "server.address", "127.0.0.1");
+        expect_int(span, "server.port", i64::from(peers.port));
+        expect_str(span, "network.peer.address", "127.0.0.1");
+        expect_status(span, None);
+        assert_within(span, peers.started_ns, peers.ended_ns);
+    }
+    expect_str(s, "client.address", "127.0.0.1");
+    expect_int(s, "client.port", i64::from(peers.client_port));
+    expect_int(s, "network.peer.port", i64::from(peers.client_port));
+    expect_int(s, "network.local.port", i64::from(peers.port));
+    assert_resource(s, "e2e_server", peers.server_pid, &python_exe);
+    expect_int(c, "network.peer.port", i64::from(peers.port));
+    expect_int(c, "network.local.port", i64::from(peers.client_port));
+    assert_resource(c, "e2e_client", peers.client_pid, &python_exe);
+}
+
+fn parse_port_line(line: &str) -> u16 {
+    line.strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("expected `port N` from the client, got {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connection_with_twenty_requests() {
+    require_root();
+    const REQUESTS: u32 = 20;
+    let dir = TempDir::new("keep-alive");
+    let receiver = receiver(Protocol::HttpProtobuf).await;
+    let port = free_port();
+    let server = start_script_server(&dir, port);
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    let started_ns = now_unix_ns();
+    let (mut client, lines) = spawn_script_client(&dir, port, "/k", REQUESTS, 0);
+    let client_port = parse_port_line(&lines.next("e2e_client.py"));
+    assert_eq!(lines.next("e2e_client.py"), "done");
+    let status = client.wait(WAIT);
+    let ended_ns = now_unix_ns();
+    assert!(status.success(), "e2e_client.py failed: {status}");
+
+    let n = usize::try_from(REQUESTS).expect("count");
+    let spans = collect(&receiver, &mut agent, n, n).await;
+    let peers = ScriptPeers {
+        port,
+        server_pid: server.pid(),
+        client_pid: client.pid(),
+        client_port,
+        started_ns,
+        ended_ns,
+    };
+    for i in 0..REQUESTS {
+        check_script_request(&spans, &peers, &format!("/k/{i}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_opened_before_the_agent_started() {
+    require_root();
+    let dir = TempDir::new("pre-existing");
+    let receiver = receiver(Protocol::Grpc).await;
+    let port = free_port();
+    let server = start_script_server(&dir, port);
+    // GET /pre/0 happens before the agent exists; /pre/1..3 reuse that connection afterwards.
+    let (mut client, lines) = spawn_script_client(&dir, port, "/pre", 1, 3);
+    let client_port = parse_port_line(&lines.next("e2e_client.py"));
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    let started_ns = now_unix_ns();
+    writeln!(client.stdin(), "go").expect("signal the client");
+    client.stdin().flush().expect("flush client stdin");
+    assert_eq!(lines.next("e2e_client.py"), "done");
+    let status = client.wait(WAIT);
+    let ended_ns = now_unix_ns();
+    assert!(status.success(), "e2e_client.py failed: {status}");
+
+    let spans = collect(&receiver, &mut agent, 3, 3).await;
+    let peers = ScriptPeers {
+        port,
+        server_pid: server.pid(),
+        client_pid: client.pid(),
+        client_port,
+        started_ns,
+        ended_ns,
+    };
+    for i in 1..=3 {
+        check_script_request(&spans, &peers, &format!("/pre/{i}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_connections_report_both_ends() {
+    require_root();
+    let dir = TempDir::new("short-lived");
+    let receiver = receiver(Protocol::HttpProtobuf).await;
+    let port = free_port();
+    let server = start_script_server(&dir, port);
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    let runs: Vec<(String, CurlRun)> = (0..3)
+        .map(|i| {
+            let path = format!("/short/{i}");
+            let run = curl(&[
+                "-H",
+                "Connection: close",
+                &format!("http://127.0.0.1:{port}{path}"),
+            ]);
+            assert_eq!(run.status, 200);
+            (path, run)
+        })
+        .collect();
+
+    let spans = collect(&receiver, &mut agent, runs.len(), runs.len()).await;
+    let python_exe = exe_name(python());
+    for (path, run) in &runs {
+        let s = one(&spans, SpanKind::Server, path, |s| {
+            s.attr_str("url.path") == Some(path)
+        });
+        let c = one(&spans, SpanKind::Client, path, |s| {
+            s.resource_int("process.pid") == Some(i64::from(run.pid))
+        });
+        expect_str(s, "client.address", "127.0.0.1");
+        expect_int(s, "client.port", i64::from(run.local_port));
+        expect_str(s, "network.peer.address", "127.0.0.1");
+        expect_int(s, "network.peer.port", i64::from(run.local_port));
+        expect_int(s, "network.local.port", i64::from(port));
+        expect_int(s, "server.port", i64::from(port));
+        assert_resource(s, "e2e_server", server.pid(), &python_exe);
+
+        expect_str(c, "url.full", &format!("http://127.0.0.1:{port}{path}"));
+        expect_str(c, "server.address", "127.0.0.1");
+        expect_int(c, "server.port", i64::from(port));
+        expect_str(c, "network.peer.address", "127.0.0.1");
+        expect_int(c, "network.peer.port", i64::from(port));
+        expect_int(c, "network.local.port", i64::from(run.local_port));
+        assert_resource(c, "curl", run.pid, &exe_name(&which("curl")));
+        for span in [s, c] {
+            expect_int(span, "http.response.status_code", 200);
+            expect_status(span, None);
+            assert_within(span, run.started_ns, run.ended_ns);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_static_file_and_503() {
+    require_root();
+    let dir = TempDir::new("nginx");
+    let content = "static content served by nginx\n";
+    dir.write("www/static.txt", content);
+    let port = free_port();
+    let prefix = dir.path().display().to_string();
+    // Workers run as root so they can read the test's private temp dir.
+    let conf = dir.write(
+        "nginx.conf",
+        &format!(
+            "user root;
+worker_processes 1;
+error_log {prefix}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {prefix}/www;
+        location = /static.txt {{ }}
+        location = /unavailable {{ return 503; }}
+    }}
+}}
+"
+        ),
+    );
+    let receiver = receiver(Protocol::Grpc).await;
+    let mut cmd = Command::new(which("nginx"));
+    cmd.arg("-c")
+        .arg(&conf)
+        .args(["-p", &prefix, "-e", &format!("{prefix}/error.log")])
+        .args(["-g", &format!("daemon off; pid {prefix}/nginx.pid;")])
+        .stdin(Stdio::null());
+    let mut nginx = Proc::spawn("nginx", cmd);
+    wait_for_port(&mut nginx, port);
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    let base = format!("http://127.0.0.1:{port}");
+    let ok = curl(&[&format!("{base}/static.txt")]);
+    let unavailable = curl(&[&format!("{base}/unavailable")]);
+    assert_eq!((ok.status, unavailable.status), (200, 503));
+    assert_eq!(ok.body_bytes, i64::try_from(content.len()).expect("len"));
+
+    let spans = collect(&receiver, &mut agent, 2, 2).await;
+    // The requests are served by nginx's worker, a child of the process the test started.
+    let worker_pid = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server)
+        .and_then(|s| s.resource_int("process.pid"))
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("no server pid in:\n{}", describe_all(&spans)));
+    assert_eq!(
+        parent_pid(worker_pid),
+        nginx.pid(),
+        "server spans come from a worker of the test's nginx"
+    );
+    let server = Server {
+        port,
+        pid: worker_pid,
+        service: "nginx",
+        exe: &exe_name(&which("nginx")),
+    };
+    check_curl_request(
+        &spans,
+        &server,
+        &CurlRequest {
+            run: ok,
+            method: "GET",
+            path: "/static.txt",
+            query: None,
+            request_body: 0,
+            server_error: None,
+            client_error: None,
+        },
+    );
+    check_curl_request(
+        &spans,
+        &server,
+        &CurlRequest {
+            run: unavailable,
+            method: "GET",
+            path: "/unavailable",
+            query: None,
+            request_body: 0,
+            server_error: Some("503"),
+            client_error: Some("503"),
+        },
+    );
+}
+
+/// One line of the agent's stdout mode.
+#[derive(Debug)]
+struct StdoutLine {
+    timestamp: String,
+    service: String,
+    kind: String,
+    name: String,
+    status: String,
+    duration_ms: f64,
+    fields: Vec<(String, String)>,
+}
+
+impl StdoutLine {
+    /// `<time> <service> <KIND> "<name>" <OK|ERROR> <n.nnn>ms key=value...`; values in this test
+    /// contain no spaces.
+    fn parse(line: &str) -> StdoutLine {
+        let tokens: Vec<&str> = line.split_whitespace().collect();
+        let [timestamp, service, kind, name, status, duration, rest @ ..] = &tokens[..] else {
+            panic!("short stdout line {line:?}");
+        };
+        let duration_ms = duration
+            .strip_suffix("ms")
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("bad duration in {line:?}"));
+        let fields = rest
+            .iter()
+            .map(|t| {
+                let (k, v) = t
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad field {t:?} in {line:?}"));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect();
+        StdoutLine {
+            timestamp: (*timestamp).to_owned(),
+            service: (*service).to_owned(),
+            kind: (*kind).to_owned(),
+            name: name.trim_matches('"').to_owned(),
+            status: (*status).to_owned(),
+            duration_ms,
+            fields,
+        }
+    }
+
+    fn field(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `YYYY-MM-DDThh:mm:ss.mmmZ` of a Unix time in ns, by date(1).
+fn utc_millis(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let out = Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%S"])
+        .output()
+        .expect("run date");
+    assert!(out.status.success(), "date failed: {out:?}");
+    format!(
+        "{}.{:03}Z",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        unix_ns % 1_000_000_000 / 1_000_000
+    )
+}
+
+#[test]
+fn stdout_mode_prints_server_and_client_lines() {
+    require_root();
+    let dir = TempDir::new("stdout");
+    dir.write("www/hello.txt", "hello\n");
+    let port = free_port();
+    // No OTEL_SERVICE_NAME: the service is named after the module python runs.
+    let _server = start_http_server(&dir.path().join("www"), port, &[]);
+    let mut agent = Agent::start(&dir, &["--port".to_owned(), port.to_string()]);
+    let run = curl(&[&format!("http://127.0.0.1:{port}/hello.txt")]);
+    assert_eq!(run.status, 200);
+
+    let deadline = Instant::now() + WAIT;
+    while agent.stdout().lines().count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "expected 2 span lines on stdout within {WAIT:?}, got:\n{}\nagent stderr:\n{}",
+            agent.stdout(),
+            agent.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    agent.stop();
+    let out = agent.stdout();
+    let lines: Vec<StdoutLine> = out.lines().map(StdoutLine::parse).collect();
+    assert_eq!(lines.len(), 2, "one line per span:\n{out}");
+    let pick = |kind: &str| {
+        lines
+            .iter()
+            .find(|l| l.kind == kind)
+            .unwrap_or_else(|| panic!("no {kind} line in:\n{out}"))
+    };
+    let server = pick("SERVER");
+    let client = pick("CLIENT");
+    let server_addr = format!("127.0.0.1:{port}");
+    let client_addr = format!("127.0.0.1:{}", run.local_port);
+
+    assert_eq!(server.service, "http.server", "{server:?}");
+    assert_eq!(server.field("path"), Some("/hello.txt"), "{server:?}");
+    assert_eq!(
+        server.field("client"),
+        Some(client_addr.as_str()),
+        "{server:?}"
+    );
+    assert_eq!(server.field("url"), None, "{server:?}");
+
+    assert_eq!(client.service, "curl", "{client:?}");
+    let url = format!("http://{server_addr}/hello.txt");
+    assert_eq!(client.field("url"), Some(url.as_str()), "{client:?}");
+    assert_eq!(
+        client.field("peer"),
+        Some(server_addr.as_str()),
+        "{client:?}"
+    );
+
+    let earliest = utc_millis(run.started_ns.saturating_sub(CLOCK_SLACK_NS));
+    let latest = utc_millis(run.ended_ns + CLOCK_SLACK_NS);
+    let window_ms = (run.ended_ns - run.started_ns) as f64 / 1e6;
+    for line in [server, client] {
+        assert_eq!(line.name, "GET", "{line:?}");
+        assert_eq!(line.status, "OK", "{line:?}");
+        assert_eq!(line.field("method"), Some("GET"), "{line:?}");
+        assert_eq!(line.field("status"), Some("200"), "{line:?}");
+        assert_eq!(line.field("server"), Some(server_addr.as_str()), "{line:?}");
+        let trace = line.field("trace").unwrap_or_default();
+        assert!(
+            trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{line:?}"
+        );
+        // RFC 3339 timestamps of one format compare correctly as strings.
+        assert!(
+            earliest <= line.timestamp && line.timestamp <= latest,
+            "start {} outside [{earliest}, {latest}]: {line:?}",
+            line.timestamp
+        );
+        assert!(
+            line.duration_ms <= window_ms,
+            "{line:?} longer than the {window_ms} ms curl ran"
+        );
+    }
+}
