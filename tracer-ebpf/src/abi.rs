@@ -161,8 +161,8 @@ pub struct KernelOffsets {
     pub sk_type: u32,
     /// `sock.sk_protocol` (u16)
     pub sk_protocol: u32,
-    /// Reserved, zero (keeps the struct 8-byte sized).
-    pub _pad: u32,
+    /// `task_struct.stack`: the kernel stack, whose top holds the task's saved user registers.
+    pub task_stack: u32,
 }
 
 const _: () = assert!(HEADER_SIZE % 8 == 0);

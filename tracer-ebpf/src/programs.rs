@@ -42,7 +42,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sk_v6_rcv_saddr: 0,
     sk_type: 0,
     sk_protocol: 0,
-    _pad: 0,
+    task_stack: 0,
 };
 
 /// Events to userspace. Userspace resizes it at load time.
@@ -56,6 +56,10 @@ static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
 /// Connections seen, keyed by `struct sock` address.
 #[map]
 static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Threads whose first untracked syscall exit was examined (see `recover_inflight`).
+#[map]
+static SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 
 /// Processes to trace when `FILTER_PIDS` is set.
 #[map]
@@ -298,15 +302,30 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
     if !traced((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let fd = arg(ctx, 0) as i64;
-    let Some(sock) = sock_of_fd(fd) else { return 0 };
+    let args = [arg(ctx, 0), arg(ctx, 1), arg(ctx, 2)];
+    // SAFETY: reads the monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(inflight) = inflight_of(args, now, source, direction, buf_kind)
+        && INFLIGHT.insert(pid_tgid, inflight, 0).is_err()
+    {
+        count(CNT_INFLIGHT_FULL);
+    }
+    0
+}
+
+/// The in-flight record of a data syscall with these first three arguments, when its fd is a
+/// TCP socket.
+#[inline(always)]
+fn inflight_of(args: [u64; 3], now: u64, source: u8, direction: u8, buf_kind: u8) -> Option<Inflight> {
+    let fd = args[0] as i64;
+    let sock = sock_of_fd(fd)?;
     let (buf, len, mmsg) = match buf_kind {
-        BUF_PLAIN | BUF_IOVEC => (arg(ctx, 1), arg(ctx, 2), 0),
+        BUF_PLAIN | BUF_IOVEC => (args[1], args[2], 0),
         BUF_KERNEL => (0, 0, 0),
         _ => {
             // sendmsg/recvmsg: struct msghdr; sendmmsg/recvmmsg: the first struct mmsghdr, which
             // starts with a msghdr. msg_iov is at 16 and msg_iovlen at 24 in the x86-64/arm64 ABI.
-            let msg = arg(ctx, 1);
+            let msg = args[1];
             // SAFETY: user pointer read through the fault-tolerant helper.
             let iov: u64 = unsafe { read_user((msg + 16) as *const u64) }.unwrap_or(0);
             let iovlen: u64 = unsafe { read_user((msg + 24) as *const u64) }.unwrap_or(0);
@@ -318,9 +337,8 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
             (iov, iovlen, mmsg)
         }
     };
-    let inflight = Inflight {
-        // SAFETY: reads the monotonic clock.
-        enter_ns: unsafe { bpf_ktime_get_ns() },
+    Some(Inflight {
+        enter_ns: now,
         sock,
         buf,
         len,
@@ -328,17 +346,64 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
         fd: fd as i32,
         source,
         direction,
-        buf_kind: if buf_kind == BUF_PLAIN {
-            BUF_PLAIN
-        } else {
-            BUF_IOVEC
-        },
+        buf_kind: if buf_kind == BUF_MSGHDR { BUF_IOVEC } else { buf_kind },
         _pad: 0,
-    };
-    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
-        count(CNT_INFLIGHT_FULL);
+    })
+}
+
+/// x86-64 `struct pt_regs`: size, and offsets of the saved argument registers and `orig_ax`.
+const PT_REGS_SIZE: u64 = 168;
+const PT_REGS_DI: u64 = 112;
+const PT_REGS_SI: u64 = 104;
+const PT_REGS_DX: u64 = 96;
+const PT_REGS_ORIG_AX: u64 = 120;
+/// Kernel stack sizes to try: 16 KiB normally, 32 KiB on KASAN kernels.
+const THREAD_SIZES: [u64; 2] = [16 << 10, 32 << 10];
+
+/// The first three syscall arguments of the current task, from the user registers saved at the
+/// top of its kernel stack; checked against the syscall number the exit tracepoint reports.
+#[inline(always)]
+fn saved_args(ctx: &TracePointContext) -> Option<[u64; 3]> {
+    // SAFETY: sys_exit records hold the syscall number (an int) at offset 8.
+    let nr = unsafe { ctx.read_at::<i32>(8) }.ok()? as i64;
+
+    // SAFETY: returns the current task pointer; only dereferenced through probe reads.
+    let task = unsafe { bpf_get_current_task() };
+    let stack: u64 = kread(task + offsets().task_stack as u64)?;
+    for size in THREAD_SIZES {
+        let regs = stack + size - PT_REGS_SIZE;
+        let orig_ax: i64 = kread(regs + PT_REGS_ORIG_AX)?;
+        if orig_ax == nr {
+            return Some([
+                kread(regs + PT_REGS_DI)?,
+                kread(regs + PT_REGS_SI)?,
+                kread(regs + PT_REGS_DX)?,
+            ]);
+        }
     }
-    0
+    None
+}
+
+/// A syscall exit without a recorded entry: either not a socket, or a call that was already
+/// blocked when the programs attached (a server waiting in recv on an old connection). Each
+/// thread is looked at once; its arguments come from its saved registers.
+#[inline(always)]
+fn recover_inflight(
+    ctx: &TracePointContext,
+    pid_tgid: u64,
+    source: u8,
+    direction: u8,
+    buf_kind: u8,
+) -> Option<Inflight> {
+    // SAFETY: presence check only.
+    if unsafe { SEEN.get(pid_tgid) }.is_some() || !traced((pid_tgid >> 32) as u32) {
+        return None;
+    }
+    let _ = SEEN.insert(pid_tgid, 1, 0);
+    let args = saved_args(ctx)?;
+    // SAFETY: reads the monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    inflight_of(args, now, source, direction, buf_kind)
 }
 
 /// `v`, through a volatile stack slot, so the compiler forgets what it knew about its range and
@@ -381,13 +446,19 @@ fn copy_user(dst: &mut [u8; 2 * MAX_CAPTURE], off: usize, src: u64, n: u64) -> u
 
 /// Emits a data event for a finished syscall recorded by `enter_io`.
 #[inline(always)]
-fn exit_io(ctx: &TracePointContext) -> u32 {
+fn exit_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: copied out before removal; only this thread touches its own key.
-    let Some(inf) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
-        return 0;
+    let inf = match unsafe { INFLIGHT.get(pid_tgid) }.copied() {
+        Some(inf) => {
+            let _ = INFLIGHT.remove(pid_tgid);
+            inf
+        }
+        None => match recover_inflight(ctx, pid_tgid, source, direction, buf_kind) {
+            Some(inf) => inf,
+            None => return 0,
+        },
     };
-    let _ = INFLIGHT.remove(pid_tgid);
     let rc = ret(ctx);
     if rc <= 0 {
         return 0;
@@ -492,7 +563,7 @@ macro_rules! io_tracepoints {
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_io(&ctx)
+            exit_io(&ctx, $src, $dir, $kind)
         }
     )*};
 }

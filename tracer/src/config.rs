@@ -138,23 +138,23 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let lookup = |k: &str| env(k).or_else(|| file.otel.get(k).cloned());
-        let mut export =
-            ExportConfig::from_lookup(&lookup).map_err(|e| ConfigError::Export(e.to_string()))?;
-        if o.otlp_endpoint.is_some() || o.otlp_protocol.is_some() {
-            let merged = |k: &str| match k {
-                "OTEL_EXPORTER_OTLP_ENDPOINT" if o.otlp_endpoint.is_some() => {
-                    o.otlp_endpoint.clone()
-                }
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" if o.otlp_endpoint.is_some() => None,
-                "OTEL_EXPORTER_OTLP_PROTOCOL" if o.otlp_protocol.is_some() => {
-                    o.otlp_protocol.clone()
-                }
-                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" if o.otlp_protocol.is_some() => None,
-                _ => lookup(k),
+        let flagged = o.otlp_endpoint.is_some() || o.otlp_protocol.is_some();
+        let merged = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" if o.otlp_endpoint.is_some() => o.otlp_endpoint.clone(),
+            "OTEL_EXPORTER_OTLP_PROTOCOL" if o.otlp_protocol.is_some() => o.otlp_protocol.clone(),
+            // A flag replaces the generic variable, so it must also shadow the specific one.
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" if o.otlp_endpoint.is_some() => None,
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" if o.otlp_protocol.is_some() => None,
+            _ => lookup(k),
+        };
+        let export = ExportConfig::from_lookup(&merged).map_err(|e| {
+            let by = if flagged {
+                " (given by --otlp-endpoint/--otlp-protocol)"
+            } else {
+                ""
             };
-            export = ExportConfig::from_lookup(&merged)
-                .map_err(|e| ConfigError::Export(e.to_string()))?;
-        }
+            ConfigError::Export(format!("{e}{by}"))
+        })?;
         let cfg = Config {
             capture_bytes: o
                 .capture_bytes

@@ -11,7 +11,7 @@ use tracer_ebpf::abi;
 use crate::capture::events::Event;
 use crate::metrics;
 use crate::process::ProcessTable;
-use crate::span::Span;
+use crate::span::{Resource, Span};
 use crate::spans::{self, Clock, ConnAddrs, http_span};
 use crate::streams::{Assembler, Piece};
 
@@ -46,6 +46,9 @@ struct Connection {
     streams: [Assembler; 2],
     addrs: ConnAddrs,
     last_seen_ns: u64,
+    /// The process, resolved when the connection is first seen: a short-lived client may have
+    /// exited by the time its response completes.
+    resource: Arc<Resource>,
 }
 
 /// What the table should do to the kernel's view of connections.
@@ -134,7 +137,7 @@ impl Connections {
                 if let ProtoState::Parsing(parser) = &mut conn.state {
                     parser.close(h.exit_ns, &mut self.outputs);
                 }
-                self.flush(key.tgid, &conn.addrs, emit);
+                self.flush(&conn.resource, &conn.addrs, emit);
                 metrics::add("connections_closed_total", "", 1);
             }
             return;
@@ -169,6 +172,7 @@ impl Connections {
                 streams: Default::default(),
                 addrs,
                 last_seen_ns: h.exit_ns,
+                resource: self.processes.resource(h.tgid, ""),
             };
             self.table.insert(key, conn);
             metrics::add("connections_opened_total", "", 1);
@@ -227,8 +231,9 @@ impl Connections {
             );
         }
         let addrs = conn.addrs;
+        let resource = Arc::clone(&conn.resource);
         drop(guard);
-        self.flush(key.tgid, &addrs, emit);
+        self.flush(&resource, &addrs, emit);
     }
 
     fn wanted(&self, tgid: u32, addrs: &ConnAddrs) -> bool {
@@ -250,7 +255,7 @@ impl Connections {
     }
 
     /// Turns the parser outputs collected so far into spans.
-    fn flush(&mut self, tgid: u32, addrs: &ConnAddrs, emit: &mut dyn FnMut(Span)) {
+    fn flush(&mut self, resource: &Arc<Resource>, addrs: &ConnAddrs, emit: &mut dyn FnMut(Span)) {
         for out in self.outputs.drain(..) {
             match out {
                 Output::Skipped(reason) => {
@@ -272,7 +277,7 @@ impl Connections {
                         );
                         continue;
                     }
-                    let resource = self.processes.resource(tgid, "");
+                    let resource = Arc::clone(resource);
                     let span = match &ex.detail {
                         Detail::Http(http) => {
                             http_span(&ex, http, Some(addrs), resource, &self.clock)
@@ -310,7 +315,7 @@ impl Connections {
                 if let ProtoState::Parsing(parser) = &mut conn.state {
                     parser.close(now_ns, &mut self.outputs);
                 }
-                self.flush(key.tgid, &conn.addrs, emit);
+                self.flush(&conn.resource, &conn.addrs, emit);
                 metrics::add(
                     "connections_evicted_total",
                     metrics::labels(&[("reason", "idle")]),

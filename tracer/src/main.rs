@@ -91,6 +91,7 @@ fn init_logging() {
     let filter = EnvFilter::try_from_env("TRACER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
@@ -101,7 +102,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Check) => {
             let report = check::probe();
-            print!("{report}");
+            println!("{}", report.to_string().trim_end());
+
             Ok(())
         }
         Some(Command::Run(args)) => agent::run(args.overrides()),

@@ -687,7 +687,7 @@ pub fn resolve_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         sk_v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
         sk_type: btf.member_offset("sock", &["sk_type"])?,
         sk_protocol: btf.member_offset("sock", &["sk_protocol"])?,
-        _pad: 0,
+        task_stack: btf.member_offset("task_struct", &["stack"])?,
     })
 }
 
