@@ -14,8 +14,12 @@ pub const MAX_IOVECS: usize = 8;
 
 /// [`EventHeader::kind`]: bytes transferred on a socket; the payload follows the header.
 pub const KIND_DATA: u8 = 1;
-/// [`EventHeader::kind`]: the traced process closed its socket fd.
+/// [`EventHeader::kind`]: the traced process closed its socket fd, or read end-of-stream from it
+/// (`source` tells which).
 pub const KIND_CLOSE: u8 = 2;
+/// [`EventHeader::kind`]: the process exited (its sockets close without close(2)); only `tgid`,
+/// `tid`, `comm` and the timestamps are set.
+pub const KIND_EXIT: u8 = 3;
 
 /// [`EventHeader::direction`]: the process wrote.
 pub const DIR_SEND: u8 = 0;
@@ -53,6 +57,9 @@ pub const SRC_SENDMMSG: u8 = 10;
 pub const SRC_CLOSE: u8 = 11;
 /// sendfile(2): bytes counted, payload never copied (it does not pass through user memory).
 pub const SRC_SENDFILE: u8 = 12;
+/// sched_process_exit
+pub const SRC_EXIT: u8 = 13;
+
 
 /// Index into the `COUNTERS` per-CPU array: events lost because the ring buffer was full.
 pub const CNT_RINGBUF_FULL: u32 = 0;
@@ -117,6 +124,8 @@ pub struct EventHeader {
     /// Position of this event's first byte in the connection's stream in `direction`, counted by
     /// the kernel from when it first saw the connection. A jump tells userspace events were lost.
     pub stream_offset: u64,
+    /// The thread's command name (NUL-padded), for processes gone before userspace looks them up.
+    pub comm: [u8; 16],
 }
 
 /// Size of [`EventHeader`] in bytes.

@@ -7,7 +7,9 @@ use aya_ebpf::helpers::generated::{
     bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
     bpf_probe_read_user, bpf_ringbuf_output,
 };
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user as read_user};
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user as read_user,
+};
 use aya_ebpf::macros::{map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
@@ -461,6 +463,13 @@ fn exit_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) -> 
     };
     let rc = ret(ctx);
     if rc <= 0 {
+        // A read of zero bytes is the peer's end of stream: responses read until close end here.
+        if rc == 0 && inf.direction == DIR_RECV && inf.len > 0 {
+            // SAFETY: copied out of the map.
+            if let Some(conn) = unsafe { CONNS.get(inf.sock) }.copied() {
+                emit_control(KIND_CLOSE, inf.source, pid_tgid, inf.fd, inf.sock, conn);
+            }
+        }
         return 0;
     }
     let mut bytes = rc as u64;
@@ -496,6 +505,8 @@ fn exit_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) -> 
     h.bytes = bytes;
     h._pad1 = 0;
     h.stream_offset = offset;
+    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+
     fill_tuple(h, inf.sock);
 
     // SAFETY: plain read of a global set before load.
@@ -665,29 +676,57 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = CONNS.remove(sk);
-    let Some(scratch) = scratch() else { return 0 };
+    emit_control(KIND_CLOSE, SRC_CLOSE, pid_tgid, fd as i32, sk, conn);
+    0
+}
+
+/// Process exit: its sockets close without close(2), so userspace must flush them itself.
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // Only the main thread's exit; other threads leaving do not close the process's files.
+    if tgid != pid_tgid as u32 || !traced(tgid) {
+        return 0;
+    }
+    emit_control(KIND_EXIT, SRC_EXIT, pid_tgid, -1, 0, ConnState::default());
+    0
+}
+
+/// Emits a header-only event (close, end of stream, exit).
+#[inline(always)]
+fn emit_control(kind: u8, source: u8, pid_tgid: u64, fd: i32, sk: u64, conn: ConnState) {
+    let Some(scratch) = scratch() else { return };
     // SAFETY: the per-CPU scratch slot belongs to this program invocation until it returns.
     let scratch = unsafe { &mut *scratch };
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let h = &mut scratch.header;
-    h.kind = KIND_CLOSE;
-    h.direction = 0;
+    h.kind = kind;
+    h.direction = DIR_RECV;
     h.role = conn.role;
-    h.source = SRC_CLOSE;
+    h.family = 0;
+    h.source = source;
     h._pad0 = [0; 3];
     h.tgid = (pid_tgid >> 32) as u32;
     h.tid = pid_tgid as u32;
-    h.fd = fd as i32;
+    h.fd = fd;
     h.captured = 0;
     h.enter_ns = now;
     h.exit_ns = now;
     h.conn_id = conn.conn_id;
     h.sock = sk;
     h.bytes = 0;
+    h.local_addr = [0; 16];
+    h.remote_addr = [0; 16];
+    h.local_port = 0;
+    h.remote_port = 0;
     h._pad1 = 0;
     h.stream_offset = 0;
-    fill_tuple(h, sk);
+    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    if sk != 0 {
+        fill_tuple(h, sk);
+    }
     // SAFETY: the header lives in a map value of at least HEADER_SIZE bytes.
     let rc = unsafe {
         bpf_ringbuf_output(
@@ -700,5 +739,4 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     if rc != 0 {
         count(CNT_RINGBUF_FULL);
     }
-    0
 }

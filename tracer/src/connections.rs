@@ -1,6 +1,7 @@
 //! The connection table: per traced connection, stream assembly, protocol detection and the
 //! protocol parser; completed exchanges become spans.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +80,8 @@ pub struct Connections {
     clock: Clock,
     stop_payload: Vec<StopPayload>,
     outputs: Vec<Output>,
+    /// The connections of each process, so an exiting process's connections are found at once.
+    by_tgid: HashMap<u32, Vec<ConnKey>>,
 }
 
 fn dir_index(dir: Direction) -> usize {
@@ -106,17 +109,30 @@ impl Connections {
             clock,
             stop_payload: Vec::new(),
             outputs: Vec::new(),
+            by_tgid: HashMap::new(),
         }
     }
 
-    /// Connections tracked now.
-    pub fn len(&self) -> usize {
-        self.table.len()
-    }
-
-    /// Whether no connection is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+    /// Forgets a connection, flushing what its parser holds into spans.
+    fn remove(&mut self, key: &ConnKey, ts_ns: u64, why: &'static str, emit: &mut dyn FnMut(Span)) {
+        let Some((_, mut conn)) = self.table.remove(key) else {
+            return;
+        };
+        if let Some(keys) = self.by_tgid.get_mut(&key.tgid) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_tgid.remove(&key.tgid);
+            }
+        }
+        if let ProtoState::Parsing(parser) = &mut conn.state {
+            parser.close(ts_ns, &mut self.outputs);
+        }
+        self.flush(&conn.resource, &conn.addrs, emit);
+        metrics::add(
+            "connections_closed_total",
+            metrics::labels(&[("reason", why)]),
+            1,
+        );
     }
 
     /// Connections whose payload the kernel should stop copying, collected since the last call.
@@ -132,15 +148,18 @@ impl Connections {
             sock: h.sock,
             conn_id: h.conn_id,
         };
-        if h.kind == abi::KIND_CLOSE {
-            if let Some((_, mut conn)) = self.table.remove(&key) {
-                if let ProtoState::Parsing(parser) = &mut conn.state {
-                    parser.close(h.exit_ns, &mut self.outputs);
-                }
-                self.flush(&conn.resource, &conn.addrs, emit);
-                metrics::add("connections_closed_total", "", 1);
+        match h.kind {
+            abi::KIND_CLOSE if h.source == abi::SRC_CLOSE => {
+                return self.remove(&key, h.exit_ns, "close", emit);
             }
-            return;
+            abi::KIND_CLOSE => return self.remove(&key, h.exit_ns, "end_of_stream", emit),
+            abi::KIND_EXIT => {
+                for key in self.by_tgid.remove(&h.tgid).unwrap_or_default() {
+                    self.remove(&key, h.exit_ns, "process_exit", emit);
+                }
+                return;
+            }
+            _ => {}
         }
         if !self.table.contains_key(&key) {
             if self.table.len() >= self.max {
@@ -172,9 +191,11 @@ impl Connections {
                 streams: Default::default(),
                 addrs,
                 last_seen_ns: h.exit_ns,
-                resource: self.processes.resource(h.tgid, ""),
+                resource: self.processes.resource(h.tgid, comm(&h.comm)),
             };
             self.table.insert(key, conn);
+            self.by_tgid.entry(key.tgid).or_default().push(key);
+
             metrics::add("connections_opened_total", "", 1);
         }
         let Some(mut guard) = self.table.get_mut(&key) else {
@@ -311,20 +332,16 @@ impl Connections {
             .map(|e| *e.key())
             .collect();
         for key in stale {
-            if let Some((_, mut conn)) = self.table.remove(&key) {
-                if let ProtoState::Parsing(parser) = &mut conn.state {
-                    parser.close(now_ns, &mut self.outputs);
-                }
-                self.flush(&conn.resource, &conn.addrs, emit);
-                metrics::add(
-                    "connections_evicted_total",
-                    metrics::labels(&[("reason", "idle")]),
-                    1,
-                );
-            }
+            self.remove(&key, now_ns, "idle", emit);
         }
         metrics::set_gauge("connections", "", self.table.len() as u64);
     }
+}
+
+/// The command name from a NUL-padded kernel `comm`.
+fn comm(raw: &[u8; 16]) -> &str {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    std::str::from_utf8(&raw[..end]).unwrap_or("")
 }
 
 fn feed(

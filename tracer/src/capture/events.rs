@@ -42,7 +42,10 @@ impl<'a> Event<'a> {
         // SAFETY: the record holds at least HEADER_SIZE bytes and EventHeader is plain old data
         // (every bit pattern is valid); read_unaligned copes with any alignment.
         let header: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
-        if header.kind != abi::KIND_DATA && header.kind != abi::KIND_CLOSE {
+        if !matches!(
+            header.kind,
+            abi::KIND_DATA | abi::KIND_CLOSE | abi::KIND_EXIT
+        ) {
             return Err(DecodeError::UnknownKind(header.kind));
         }
         let rest = &record[abi::HEADER_SIZE..];

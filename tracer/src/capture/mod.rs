@@ -12,7 +12,8 @@ use tracer_ebpf::abi::{self, ConnState, KernelOffsets};
 /// The kernel object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
-/// Syscall tracepoints the agent attaches, as (program name = tracepoint name).
+/// Syscall tracepoints the agent attaches (program name = tracepoint name); `sched_process_exit`
+/// comes on top.
 const SYSCALL_TRACEPOINTS: &[&str] = &[
     "sys_enter_read",
     "sys_exit_read",
@@ -165,15 +166,19 @@ impl Capture {
             }
         }
 
+        let tracepoints = SYSCALL_TRACEPOINTS
+            .iter()
+            .map(|&name| ("syscalls", name))
+            .chain([("sched", "sched_process_exit")]);
         let mut attached = 0;
-        for &name in SYSCALL_TRACEPOINTS {
+        for (category, name) in tracepoints {
             let attach = |ebpf: &mut Ebpf| -> Result<(), aya::programs::ProgramError> {
                 let prog: &mut TracePoint = ebpf
                     .program_mut(name)
                     .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
                     .try_into()?;
                 prog.load()?;
-                prog.attach("syscalls", name)?;
+                prog.attach(category, name)?;
                 Ok(())
             };
             attach(&mut ebpf).map_err(|source| CaptureError::Attach { name, source })?;

@@ -1,0 +1,126 @@
+//! The agent on other kernels: boots Debian's 6.1 and 6.12 cloud kernels under qemu (software
+//! emulation) with the agent in a busybox initramfs, and checks that the programs pass those
+//! kernels' verifiers, `tracer check` reports their features, and busybox httpd/wget traffic
+//! inside the guest becomes spans. The host kernel is covered by the other end-to-end tests.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+/// Boots `meta` (a Debian kernel meta package) and returns the guest console output.
+fn boot(meta: &str) -> String {
+    common::require_root();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/boot-test.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(meta)
+        .arg(common::tracer_bin())
+        .output()
+        .expect("run boot-test.sh");
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "boot-test.sh {meta} failed ({}):\n{console}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    console
+}
+
+/// The lines between `== {name}` and the next `== ` marker.
+fn section<'a>(console: &'a str, name: &str) -> Vec<&'a str> {
+    let marker = format!("== {name}");
+    console
+        .lines()
+        .skip_while(|l| l.trim_end() != marker)
+        .skip(1)
+        .take_while(|l| !l.starts_with("== "))
+        .collect()
+}
+
+/// The one span line of `kind` ("SERVER"/"CLIENT") whose fields contain `needle`.
+fn span_line<'a>(spans: &[&'a str], kind: &str, needle: &str, console: &str) -> &'a str {
+    let found: Vec<&str> = spans
+        .iter()
+        .copied()
+        .filter(|l| l.contains(&format!(" {kind} ")) && l.contains(needle))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} span with {needle:?}; console:\n{console}"
+    );
+    found[0]
+}
+
+fn check_kernel(meta: &str, version_prefix: &str) {
+    let console = boot(meta);
+    assert!(
+        console.contains(&format!("== kernel {version_prefix}")),
+        "guest did not run kernel {version_prefix}:\n{console}"
+    );
+    assert!(
+        console.contains("== check rc=0"),
+        "tracer check failed:\n{console}"
+    );
+    let check = section(&console, "check").join("\n");
+    for feature in ["BTF + offsets", "ring buffer", "syscall tracepoints"] {
+        let line = check.lines().find(|l| l.starts_with(feature)).unwrap_or("");
+        assert!(
+            line.contains(" yes "),
+            "{feature} not available on {meta}:\n{check}"
+        );
+    }
+    assert!(
+        check.contains("capture mode: syscall tracepoints"),
+        "{check}"
+    );
+    assert!(
+        console.contains("== agent rc=0"),
+        "agent did not exit cleanly:\n{console}"
+    );
+
+    let spans = section(&console, "spans");
+    let ok = span_line(&spans, "SERVER", "path=/index.html", &console);
+    assert!(ok.contains("status=200") && ok.contains(" OK "), "{ok}");
+    let ok = span_line(
+        &spans,
+        "CLIENT",
+        "url=http://127.0.0.1:8080/index.html",
+        &console,
+    );
+    assert!(ok.contains("status=200") && ok.contains(" OK "), "{ok}");
+    let missing = span_line(&spans, "SERVER", "path=/missing", &console);
+    assert!(
+        missing.contains("status=404") && missing.contains(" OK "),
+        "{missing}"
+    );
+    let missing = span_line(
+        &spans,
+        "CLIENT",
+        "url=http://127.0.0.1:8080/missing",
+        &console,
+    );
+    assert!(
+        missing.contains("status=404") && missing.contains(" ERROR "),
+        "{missing}"
+    );
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|l| l.contains(" SERVER ") || l.contains(" CLIENT "))
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn debian_6_1_kernel() {
+    check_kernel("linux-image-cloud-amd64", "6.1.");
+}
+
+#[test]
+fn debian_6_12_kernel() {
+    check_kernel("linux-image-6.12-cloud-amd64", "6.12.");
+}
