@@ -102,8 +102,14 @@ context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
 # The image gets a copy without debug info (a third of the size); the build's own binary keeps it.
 objcopy --strip-debug "$binary" "$context/tracer"
+previous=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 log "podman build -t $image"
-podman build --quiet -f deploy/Containerfile --build-arg "VERSION=$version" -t "$image" "$context" >&2
+podman build --quiet --layers=false -f deploy/Containerfile --build-arg "VERSION=$version" -t "$image" "$context" >&2
+# A rebuild moves the tag; drop the image it left untagged unless a container still uses it.
+current=$(podman image inspect --format '{{.Id}}' "$image")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 podman run --rm --runtime "$(command -v runc || echo /usr/sbin/runc)" --network=none "$image" --version >&2 \
   || die "the image does not run: $image --version"
 

@@ -32,8 +32,8 @@ runtime=(--runtime "$(command -v runc || echo /usr/sbin/runc)")
 
 # Exactly what deploy/kubernetes/daemonset.yaml grants when privileged is false. Podman's default
 # seccomp profile allows bpf(2) and perf_event_open(2) only with CAP_SYS_ADMIN, hence unconfined.
-caps=(--cap-drop ALL --cap-add BPF,PERFMON,SYS_PTRACE,SYS_RESOURCE,DAC_READ_SEARCH
-  --security-opt seccomp=unconfined --security-opt no-new-privileges --read-only)
+caps=(--cap-drop ALL --security-opt seccomp=unconfined --security-opt no-new-privileges --read-only)
+for cap in BPF PERFMON SYS_PTRACE DAC_READ_SEARCH SYS_RESOURCE; do caps+=(--cap-add "$cap"); done
 mounts=(-v /sys/kernel/tracing:/sys/kernel/tracing:ro -v /sys/fs/bpf:/sys/fs/bpf:ro
   -v /sys/kernel/btf:/sys/kernel/btf:ro)
 # --uts=host: the agent reports gethostname() as host.name, so it must see the host's UTS namespace

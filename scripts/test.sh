@@ -14,6 +14,10 @@ fi
 bash scripts/setup-toolchain.sh
 bash scripts/setup-test-peers.sh
 
+log "deployment manifests and Helm chart"
+bash deploy/validate.sh
+
+
 export PATH="$HOME/.cargo/bin:$PATH"
 log "cargo build"
 cargo build --workspace --all-targets --locked

@@ -66,8 +66,13 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     };
     let mut capture = Capture::start(&opts, offsets)?;
     let ring = capture.take_ring_buffer()?;
-    let mut ring = AsyncFd::with_interest(ring, tokio::io::Interest::READABLE)
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
+    // AsyncFd owns the RingBuf.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
         .context("cannot poll the ring buffer")?;
+
+
 
     let processes = Arc::new(ProcessTable::new("/proc", 4096));
     let filters = Filters {

@@ -103,8 +103,14 @@ fn main() -> ExitCode {
         Some(Command::Check) => {
             let report = check::probe();
             println!("{}", report.to_string().trim_end());
+            match report.capture_mode() {
+                check::CaptureMode::SyscallTracepoints => Ok(()),
+                check::CaptureMode::Unavailable(missing) => Err(anyhow::anyhow!(
+                    "this kernel cannot run the agent: missing {}",
+                    missing.join(", ")
+                )),
+            }
 
-            Ok(())
         }
         Some(Command::Run(args)) => agent::run(args.overrides()),
         None => agent::run(cli.run.overrides()),

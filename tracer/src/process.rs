@@ -298,8 +298,15 @@ fn evict_least_recently_used(entries: &mut HashMap<u32, Entry>) {
     }
 }
 
-/// This host's name, read once.
+/// This host's name, read once: `TRACER_HOST_NAME` when set (a DaemonSet passes the node name
+/// there, since a pod's own hostname is the pod's), else the kernel's hostname.
 fn host_name() -> Option<String> {
+    if let Ok(name) = std::env::var("TRACER_HOST_NAME")
+        && !name.is_empty()
+    {
+        return Some(name);
+    }
+
     let mut buf = [0u8; 256];
     // SAFETY: the pointer and length describe `buf`, which gethostname writes at most `len` bytes into.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
