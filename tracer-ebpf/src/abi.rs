@@ -174,9 +174,9 @@ pub struct KernelOffsets {
     pub task_stack: u32,
 }
 
-const _: () = assert!(HEADER_SIZE % 8 == 0);
-const _: () = assert!(core::mem::size_of::<ConnState>() % 8 == 0);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() % 8 == 0);
+const _: () = assert!(HEADER_SIZE.is_multiple_of(8));
+const _: () = assert!(core::mem::size_of::<ConnState>().is_multiple_of(8));
+const _: () = assert!(core::mem::size_of::<KernelOffsets>().is_multiple_of(8));
 
 /// Value of the kernel's connection map (`CONNS`, keyed by `struct sock` address).
 #[repr(C)]

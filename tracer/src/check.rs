@@ -6,7 +6,6 @@ use std::fmt;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use tracer_ebpf::abi::KernelOffsets;
 
 use crate::capture::btf::{Btf, BtfKind, VMLINUX_BTF, resolve_offsets};
 
@@ -165,8 +164,6 @@ pub struct Report {
     pub privileges: Feature,
     /// Kernel BTF is present, parses, and every needed struct offset resolves.
     pub btf: Feature,
-    /// The resolved offsets, when `btf` is available.
-    pub offsets: Option<KernelOffsets>,
     /// bpf(2) works (an array map can be created).
     pub bpf_syscall: Feature,
     /// A ring buffer map can be created.
@@ -240,18 +237,15 @@ pub fn probe() -> Report {
         Err(e) => Feature::no(e.to_string()),
     };
     let parsed = Btf::from_file(VMLINUX_BTF);
-    let (btf, offsets) = match &parsed {
+    let btf = match &parsed {
         Ok(b) => match resolve_offsets(b) {
-            Ok(o) => (
-                Feature::yes(format!(
-                    "{VMLINUX_BTF}: {} types, offsets resolved",
-                    b.type_count()
-                )),
-                Some(o),
-            ),
-            Err(e) => (Feature::no(e.to_string()), None),
+            Ok(_) => Feature::yes(format!(
+                "{VMLINUX_BTF}: {} types, offsets resolved",
+                b.type_count()
+            )),
+            Err(e) => Feature::no(e.to_string()),
         },
-        Err(e) => (Feature::no(e.to_string()), None),
+        Err(e) => Feature::no(e.to_string()),
     };
     let fentry = match &parsed {
         Ok(b) => match b.type_id_by_name(BtfKind::Func, FENTRY_PROBE_TARGET) {
@@ -265,7 +259,6 @@ pub fn probe() -> Report {
         kernel: kernel_release().unwrap_or_else(|| "unknown".to_owned()),
         privileges,
         btf,
-        offsets,
         bpf_syscall: feature(create_map(BPF_MAP_TYPE_ARRAY, 4, 8, 1).map(|()| "array map created")),
         ringbuf: feature(
             create_map(BPF_MAP_TYPE_RINGBUF, 0, 0, page_size()).map(|()| "ring buffer map created"),
@@ -743,7 +736,6 @@ mod tests {
         ] {
             assert!(f.available, "{report}");
         }
-        assert!(report.offsets.is_some());
         assert_eq!(report.capture_mode(), CaptureMode::SyscallTracepoints);
         let pmu = |name: &str| Path::new(PMU_DIR).join(name).join("type").exists();
         assert_eq!(report.uprobes.available, pmu("uprobe"), "{report}");
@@ -780,7 +772,6 @@ mod tests {
             kernel: "test".to_owned(),
             privileges: ok.clone(),
             btf: ok.clone(),
-            offsets: None,
             bpf_syscall: ok.clone(),
             ringbuf: ok.clone(),
             syscall_tracepoints: ok.clone(),

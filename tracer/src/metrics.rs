@@ -70,6 +70,7 @@ pub fn set_gauge(name: &'static str, labels: &'static str, v: u64) {
         .store(v, Ordering::Relaxed);
 }
 
+#[cfg(test)]
 /// Current value of a counter (0 when never touched).
 pub fn counter(name: &'static str, labels: &'static str) -> u64 {
     registry()

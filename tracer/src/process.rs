@@ -100,6 +100,7 @@ impl ProcessTable {
         self.lookup(pid).and_then(|(_, exe)| exe)
     }
 
+    #[cfg(test)]
     /// Forgets process `pid`, e.g. after it called `exec`: the next lookup reads `/proc` again.
     pub fn invalidate(&self, pid: u32) {
         self.lock().entries.remove(&pid);

@@ -427,19 +427,19 @@ impl Btf {
                 max: MAX_FILE_SIZE,
             });
         }
-        let (strings, types) = index(&data)?;
-        Ok(Self {
-            data,
-            strings,
-            types,
-        })
+        Self::from_vec(data)
     }
 
     /// Parses BTF from raw bytes (header, type and string sections).
+    #[cfg(test)]
     pub fn parse(bytes: &[u8]) -> Result<Self, BtfError> {
-        let (strings, types) = index(bytes)?;
+        Self::from_vec(bytes.to_vec())
+    }
+
+    fn from_vec(data: Vec<u8>) -> Result<Self, BtfError> {
+        let (strings, types) = index(&data)?;
         Ok(Self {
-            data: bytes.to_vec(),
+            data,
             strings,
             types,
         })
@@ -455,11 +455,13 @@ impl Btf {
         self.ids_named(name, |k| k == kind).next()
     }
 
+    #[cfg(test)]
     /// Whether the kernel has a function `name` (a possible fentry/kprobe target).
     pub fn has_func(&self, name: &str) -> bool {
         self.type_id_by_name(BtfKind::Func, name).is_some()
     }
 
+    #[cfg(test)]
     /// Size in bytes of the struct or union `name`.
     pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
         self.ids_named(name, BtfKind::is_composite)
