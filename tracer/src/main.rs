@@ -106,7 +106,7 @@ fn main() -> ExitCode {
             match report.capture_mode() {
                 check::CaptureMode::SyscallTracepoints => Ok(()),
                 check::CaptureMode::Unavailable(missing) => Err(anyhow::anyhow!(
-                    "this kernel cannot run the agent: missing {}",
+                    "the agent cannot run here (kernel or privileges): missing {}",
                     missing.join(", ")
                 )),
             }
