@@ -126,15 +126,22 @@ mod tests {
     }
 
     #[test]
+    fn http2_preface_is_not_http1() {
+        assert_eq!(
+            detect(Direction::Send, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Detection::Found(Protocol::Http2)
+        );
+    }
+
+    #[test]
     fn non_http_is_unknown() {
         for data in [
-            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
-            b"GETX / HTTP/1.1\r\n",
+            &b"GETX / HTTP/1.1\r\n"[..],
+
             b"GET  / HTTP/1.1\r\n",
             b"get / HTTP/1.1\r\n",
             b"HTTP/2 200\r\n",
             b"HTTP/1.1200 OK",
-            b"\x00\x00\x00\x08\x04\xd2\x16\x2f",
             b"SSH-2.0-OpenSSH_9.6\r\n",
         ] {
             assert_eq!(

@@ -128,6 +128,9 @@ pub enum SkipReason {
     UnpairedResponse,
     /// Too many requests waiting for responses on one connection; the oldest was dropped.
     TooManyPending,
+    /// Header fields that could not be decoded because the HPACK dynamic table was not seen
+    /// (capture joined mid-connection, or bytes were lost); the exchange is marked degraded.
+    HpackDesync,
 }
 
 impl SkipReason {
@@ -139,6 +142,7 @@ impl SkipReason {
             SkipReason::Gap => "gap",
             SkipReason::UnpairedResponse => "unpaired_response",
             SkipReason::TooManyPending => "too_many_pending",
+            SkipReason::HpackDesync => "hpack_desync",
         }
     }
 }
