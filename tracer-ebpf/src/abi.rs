@@ -2,15 +2,18 @@
 //! `#[repr(C)]`, 8-byte aligned, and read by userspace with an unaligned copy of the ring-buffer record.
 
 /// Bumped on any layout change of the types in this module.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Compile-time ceiling of payload bytes copied per syscall. The runtime limit (`CAPTURE_LIMIT`) is
 /// at most this.
 pub const MAX_CAPTURE: usize = 16 * 1024;
 /// Default runtime payload copy limit per syscall.
 pub const DEFAULT_CAPTURE: u32 = 4096;
-/// How many iovecs of one readv/writev/sendmsg/recvmsg are copied.
-pub const MAX_IOVECS: usize = 8;
+/// How many iovecs of one readv/writev/sendmsg/recvmsg are copied (gRPC writes 20-30 at once);
+/// bytes in further iovecs become a gap.
+pub const MAX_IOVECS: usize = 32;
+/// The same where the kernel's verifier rejects the `MAX_IOVECS` loop (6.1).
+pub const SMALL_IOVECS: usize = 8;
 
 /// [`EventHeader::kind`]: bytes transferred on a socket; the payload follows the header.
 pub const KIND_DATA: u8 = 1;
@@ -20,6 +23,10 @@ pub const KIND_CLOSE: u8 = 2;
 /// [`EventHeader::kind`]: the process exited (its sockets close without close(2)); only `tgid`,
 /// `tid`, `comm` and the timestamps are set.
 pub const KIND_EXIT: u8 = 3;
+/// [`EventHeader::kind`]: the process executed a new program; the payload is its file name (up to
+/// 255 bytes). Userspace names short-lived processes with it and looks at the new program's
+/// libraries for TLS probes.
+pub const KIND_EXEC: u8 = 4;
 
 /// [`EventHeader::direction`]: the process wrote.
 pub const DIR_SEND: u8 = 0;
@@ -59,6 +66,13 @@ pub const SRC_CLOSE: u8 = 11;
 pub const SRC_SENDFILE: u8 = 12;
 /// sched_process_exit
 pub const SRC_EXIT: u8 = 13;
+/// SSL_read / SSL_read_ex return: TLS plaintext the process read. Its `stream_offset` counts the
+/// connection's plaintext, a stream of its own beside the ciphertext the syscalls carry.
+pub const SRC_SSL_READ: u8 = 14;
+/// SSL_write / SSL_write_ex return: TLS plaintext the process wrote (see [`SRC_SSL_READ`]).
+pub const SRC_SSL_WRITE: u8 = 15;
+/// sched_process_exec
+pub const SRC_EXEC: u8 = 16;
 
 
 /// Index into the `COUNTERS` per-CPU array: events lost because the ring buffer was full.
@@ -73,8 +87,10 @@ pub const CNT_CONN_FULL: u32 = 3;
 pub const CNT_EVENTS: u32 = 4;
 /// Syscalls whose payload was larger than the copy limit (event truncated, not lost).
 pub const CNT_TRUNCATED: u32 = 5;
+/// TLS plaintext events dropped because no socket was known for the SSL object.
+pub const CNT_TLS_UNATTRIBUTED: u32 = 6;
 /// Number of counters.
-pub const NUM_COUNTERS: u32 = 6;
+pub const NUM_COUNTERS: u32 = 7;
 
 /// Header of every ring-buffer record. A data event is followed by `captured` payload bytes.
 #[repr(C)]
@@ -196,6 +212,8 @@ pub struct ConnState {
     pub received: u64,
 }
 
-/// [`ConnState::flags`]: userspace decided the connection carries nothing it parses; send data
-/// events without payload (byte counts only).
+/// [`ConnState::flags`]: userspace decided the connection's bytes on the wire carry nothing it
+/// parses; send its syscall data events without payload (byte counts only).
 pub const CONN_F_NO_PAYLOAD: u8 = 1;
+/// [`ConnState::flags`]: as [`CONN_F_NO_PAYLOAD`], for the TLS plaintext events of the connection.
+pub const CONN_F_NO_TLS_PAYLOAD: u8 = 2;

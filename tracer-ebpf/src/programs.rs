@@ -3,17 +3,22 @@
 use core::ffi::c_void;
 use core::ptr::read_volatile;
 
+use aya_ebpf::EbpfContext as _;
 use aya_ebpf::helpers::generated::{
     bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
     bpf_probe_read_user, bpf_ringbuf_output,
 };
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user as read_user,
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
+    bpf_probe_read_user as read_user,
 };
 use aya_ebpf::macros::{map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 use tracer_ebpf::abi::*;
+
+#[path = "tls.rs"]
+mod tls;
 
 /// Set by userspace before load: the agent's own process, never traced.
 #[unsafe(no_mangle)]
@@ -318,7 +323,13 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
 /// The in-flight record of a data syscall with these first three arguments, when its fd is a
 /// TCP socket.
 #[inline(always)]
-fn inflight_of(args: [u64; 3], now: u64, source: u8, direction: u8, buf_kind: u8) -> Option<Inflight> {
+fn inflight_of(
+    args: [u64; 3],
+    now: u64,
+    source: u8,
+    direction: u8,
+    buf_kind: u8,
+) -> Option<Inflight> {
     let fd = args[0] as i64;
     let sock = sock_of_fd(fd)?;
     let (buf, len, mmsg) = match buf_kind {
@@ -348,7 +359,11 @@ fn inflight_of(args: [u64; 3], now: u64, source: u8, direction: u8, buf_kind: u8
         fd: fd as i32,
         source,
         direction,
-        buf_kind: if buf_kind == BUF_MSGHDR { BUF_IOVEC } else { buf_kind },
+        buf_kind: if buf_kind == BUF_MSGHDR {
+            BUF_IOVEC
+        } else {
+            buf_kind
+        },
         _pad: 0,
     })
 }
@@ -448,7 +463,12 @@ fn copy_user(dst: &mut [u8; 2 * MAX_CAPTURE], off: usize, src: u64, n: u64) -> u
 
 /// Emits a data event for a finished syscall recorded by `enter_io`.
 #[inline(always)]
-fn exit_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) -> u32 {
+fn exit_io<const IOVECS: usize>(
+    ctx: &TracePointContext,
+    source: u8,
+    direction: u8,
+    buf_kind: u8,
+) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: copied out before removal; only this thread touches its own key.
     let inf = match unsafe { INFLIGHT.get(pid_tgid) }.copied() {
@@ -488,6 +508,7 @@ fn exit_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) -> 
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let (conn, offset) = conn_advance(inf.sock, now, inf.direction, bytes);
+    tls::socket_io(pid_tgid, inf.sock, inf.fd, conn.conn_id);
 
     let h = &mut scratch.header;
     h.kind = KIND_DATA;
@@ -523,7 +544,7 @@ fn exit_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) -> 
         captured = copy_user(&mut scratch.data, 0, inf.buf, want);
     } else if inf.buf_kind == BUF_IOVEC {
         let mut i: u64 = 0;
-        while i < MAX_IOVECS as u64 {
+        while i < IOVECS as u64 {
             if i >= inf.len || captured as u64 >= want {
                 break;
             }
@@ -567,30 +588,52 @@ fn exit_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) -> 
 }
 
 macro_rules! io_tracepoints {
-    ($($enter:ident, $exit:ident, $src:expr, $dir:expr, $kind:expr;)*) => {$(
+    ($($enter:ident, $exit:ident, $src:expr, $dir:expr, $kind:expr, $iovecs:expr;)*) => {$(
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
             enter_io(&ctx, $src, $dir, $kind)
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_io(&ctx, $src, $dir, $kind)
+            exit_io::<{ $iovecs }>(&ctx, $src, $dir, $kind)
         }
     )*};
 }
 
+/// Exit programs for the iovec syscalls that copy at most `SMALL_IOVECS` iovecs: older verifiers
+/// (6.1) reject the `MAX_IOVECS` loop as too complex, and userspace loads these instead there.
+macro_rules! small_iovec_exits {
+    ($($exit:ident, $src:expr, $dir:expr, $kind:expr;)*) => {$(
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit_io::<SMALL_IOVECS>(&ctx, $src, $dir, $kind)
+        }
+    )*};
+}
+
+small_iovec_exits! {
+    sys_exit_readv_small, SRC_READV, DIR_RECV, BUF_IOVEC;
+    sys_exit_writev_small, SRC_WRITEV, DIR_SEND, BUF_IOVEC;
+    sys_exit_recvmsg_small, SRC_RECVMSG, DIR_RECV, BUF_MSGHDR;
+    sys_exit_sendmsg_small, SRC_SENDMSG, DIR_SEND, BUF_MSGHDR;
+    sys_exit_recvmmsg_small, SRC_RECVMMSG, DIR_RECV, BUF_MSGHDR;
+    sys_exit_sendmmsg_small, SRC_SENDMMSG, DIR_SEND, BUF_MSGHDR;
+}
+
+// The last column is how many iovecs the exit program copies: none for plain buffers, so their
+// programs carry no copy loop at all.
 io_tracepoints! {
-    sys_enter_read, sys_exit_read, SRC_READ, DIR_RECV, BUF_PLAIN;
-    sys_enter_write, sys_exit_write, SRC_WRITE, DIR_SEND, BUF_PLAIN;
-    sys_enter_readv, sys_exit_readv, SRC_READV, DIR_RECV, BUF_IOVEC;
-    sys_enter_writev, sys_exit_writev, SRC_WRITEV, DIR_SEND, BUF_IOVEC;
-    sys_enter_recvfrom, sys_exit_recvfrom, SRC_RECVFROM, DIR_RECV, BUF_PLAIN;
-    sys_enter_sendto, sys_exit_sendto, SRC_SENDTO, DIR_SEND, BUF_PLAIN;
-    sys_enter_recvmsg, sys_exit_recvmsg, SRC_RECVMSG, DIR_RECV, BUF_MSGHDR;
-    sys_enter_sendmsg, sys_exit_sendmsg, SRC_SENDMSG, DIR_SEND, BUF_MSGHDR;
-    sys_enter_recvmmsg, sys_exit_recvmmsg, SRC_RECVMMSG, DIR_RECV, BUF_MSGHDR;
-    sys_enter_sendmmsg, sys_exit_sendmmsg, SRC_SENDMMSG, DIR_SEND, BUF_MSGHDR;
-    sys_enter_sendfile64, sys_exit_sendfile64, SRC_SENDFILE, DIR_SEND, BUF_KERNEL;
+    sys_enter_read, sys_exit_read, SRC_READ, DIR_RECV, BUF_PLAIN, 0;
+    sys_enter_write, sys_exit_write, SRC_WRITE, DIR_SEND, BUF_PLAIN, 0;
+    sys_enter_readv, sys_exit_readv, SRC_READV, DIR_RECV, BUF_IOVEC, MAX_IOVECS;
+    sys_enter_writev, sys_exit_writev, SRC_WRITEV, DIR_SEND, BUF_IOVEC, MAX_IOVECS;
+    sys_enter_recvfrom, sys_exit_recvfrom, SRC_RECVFROM, DIR_RECV, BUF_PLAIN, 0;
+    sys_enter_sendto, sys_exit_sendto, SRC_SENDTO, DIR_SEND, BUF_PLAIN, 0;
+    sys_enter_recvmsg, sys_exit_recvmsg, SRC_RECVMSG, DIR_RECV, BUF_MSGHDR, MAX_IOVECS;
+    sys_enter_sendmsg, sys_exit_sendmsg, SRC_SENDMSG, DIR_SEND, BUF_MSGHDR, MAX_IOVECS;
+    sys_enter_recvmmsg, sys_exit_recvmmsg, SRC_RECVMMSG, DIR_RECV, BUF_MSGHDR, MAX_IOVECS;
+    sys_enter_sendmmsg, sys_exit_sendmmsg, SRC_SENDMMSG, DIR_SEND, BUF_MSGHDR, MAX_IOVECS;
+    sys_enter_sendfile64, sys_exit_sendfile64, SRC_SENDFILE, DIR_SEND, BUF_KERNEL, 0;
 }
 
 /// connect(2) entry: remember the fd until the exit tells whether it worked.
@@ -698,7 +741,32 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 fn emit_control(kind: u8, source: u8, pid_tgid: u64, fd: i32, sk: u64, conn: ConnState) {
     let Some(scratch) = scratch() else { return };
     // SAFETY: the per-CPU scratch slot belongs to this program invocation until it returns.
-    let scratch = unsafe { &mut *scratch };
+    emit_header(
+        unsafe { &mut *scratch },
+        kind,
+        source,
+        pid_tgid,
+        fd,
+        sk,
+        conn,
+        0,
+    );
+}
+
+/// Fills the header of `scratch` for a control event and emits it with the first `captured`
+/// bytes of `scratch.data` (at most 256) as payload.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn emit_header(
+    scratch: &mut Scratch,
+    kind: u8,
+    source: u8,
+    pid_tgid: u64,
+    fd: i32,
+    sk: u64,
+    conn: ConnState,
+    captured: usize,
+) {
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let h = &mut scratch.header;
@@ -711,7 +779,8 @@ fn emit_control(kind: u8, source: u8, pid_tgid: u64, fd: i32, sk: u64, conn: Con
     h.tgid = (pid_tgid >> 32) as u32;
     h.tid = pid_tgid as u32;
     h.fd = fd;
-    h.captured = 0;
+    let captured = opaque(captured) & (CONTROL_PAYLOAD - 1);
+    h.captured = captured as u32;
     h.enter_ns = now;
     h.exit_ns = now;
     h.conn_id = conn.conn_id;
@@ -727,16 +796,53 @@ fn emit_control(kind: u8, source: u8, pid_tgid: u64, fd: i32, sk: u64, conn: Con
     if sk != 0 {
         fill_tuple(h, sk);
     }
-    // SAFETY: the header lives in a map value of at least HEADER_SIZE bytes.
+    // SAFETY: header and `captured` < CONTROL_PAYLOAD bytes lie inside the map value.
     let rc = unsafe {
         bpf_ringbuf_output(
             &EVENTS as *const RingBuf as *mut c_void,
             scratch as *mut Scratch as *mut c_void,
-            HEADER_SIZE as u64,
+            (HEADER_SIZE + captured) as u64,
             0,
         )
     };
     if rc != 0 {
         count(CNT_RINGBUF_FULL);
     }
+}
+
+/// Longest payload of a control event (an exec's file name), a power of two.
+const CONTROL_PAYLOAD: usize = 256;
+
+/// exec: the process now runs another program. The file name travels with the event, so a
+/// process that exits before userspace reads its /proc entry is still named.
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    // SAFETY: the record's `__data_loc char[] filename` descriptor is at offset 8: the name's
+    // offset in the record in the low 16 bits.
+    let Ok(loc) = (unsafe { ctx.read_at::<u32>(8) }) else {
+        return 0;
+    };
+    let Some(scratch) = scratch() else { return 0 };
+    // SAFETY: the per-CPU scratch slot belongs to this program invocation until it returns.
+    let scratch = unsafe { &mut *scratch };
+    let name = ctx.as_ptr() as u64 + (loc & 0xffff) as u64;
+    let dst = &mut scratch.data[..CONTROL_PAYLOAD];
+    // SAFETY: reads a NUL-terminated kernel string into `dst`; fails instead of faulting.
+    let len =
+        unsafe { bpf_probe_read_kernel_str_bytes(name as *const u8, dst) }.map_or(0, |s| s.len());
+    emit_header(
+        scratch,
+        KIND_EXEC,
+        SRC_EXEC,
+        pid_tgid,
+        -1,
+        0,
+        ConnState::default(),
+        len,
+    );
+    0
 }

@@ -23,6 +23,8 @@ use crate::spans::Clock;
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 /// How often idle connections are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often new processes are looked at for SSL libraries to probe.
+const TLS_SCAN_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(overrides: Overrides) -> anyhow::Result<()> {
@@ -65,6 +67,8 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         pids: cfg.pids.clone(),
     };
     let mut capture = Capture::start(&opts, offsets)?;
+    // Probe the SSL libraries of the processes already running before saying ready.
+    let tls_probes = capture.scan_tls();
     let ring = capture.take_ring_buffer()?;
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
     // AsyncFd owns the RingBuf.
@@ -98,8 +102,11 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     let mut report = tokio::time::interval(cfg.metrics_log_interval);
     let mut kernel_counters = tokio::time::interval(Duration::from_secs(1));
+    let mut tls_scan = tokio::time::interval(TLS_SCAN_EVERY);
+    tls_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(
         programs = capture.attached(),
+        tls_probes,
         endpoint = %cfg.export.describe(),
         capture_bytes = cfg.capture_bytes,
         "tracer ready"
@@ -110,12 +117,17 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll failed")?;
-                drain(guard.get_inner_mut(), &mut conns, &mut emit);
+                let mut execs = Vec::new();
+                drain(guard.get_inner_mut(), &mut conns, &mut execs, &mut emit);
                 guard.clear_ready();
                 apply_stop_payload(&mut capture, &mut conns);
+                if !execs.is_empty() {
+                    capture.scan_tls_execs(&execs);
+                }
             }
             _ = sweep.tick() => conns.sweep(monotonic_ns(), &mut emit),
             _ = kernel_counters.tick() => publish_kernel_counters(&capture),
+            _ = tls_scan.tick() => { capture.scan_tls(); }
             _ = report.tick() => log_metrics(),
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
@@ -125,7 +137,7 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     // Detach every program first so nothing new arrives, then take what is still queued.
     publish_kernel_counters(&capture);
     drop(capture);
-    drain(ring.get_mut(), &mut conns, &mut emit);
+    drain(ring.get_mut(), &mut conns, &mut Vec::new(), &mut emit);
     exporter.shutdown().await;
     if let Err(err) = export_task.await {
         warn!(%err, "exporter task ended abnormally");
@@ -135,15 +147,23 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Hands every queued event to the connection table; the processes that executed a new program
+/// go to `execs`.
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     conns: &mut Connections,
+    execs: &mut Vec<u32>,
     emit: &mut dyn FnMut(crate::span::Span),
 ) {
     let mut n = 0u64;
     while let Some(item) = ring.next() {
         n += 1;
         match Event::decode(&item) {
+            Ok(ev) if ev.header.kind == tracer_ebpf::abi::KIND_EXEC => {
+                execs.push(ev.header.tgid);
+                conns.exec(&ev);
+            }
+
             Ok(ev) => conns.handle(&ev, emit),
             Err(err) => {
                 metrics::add(
@@ -160,9 +180,7 @@ fn drain(
 
 fn apply_stop_payload(capture: &mut Capture, conns: &mut Connections) {
     for stop in conns.take_stop_payload() {
-        if let Err(err) =
-            capture.set_conn_flags(stop.sock, stop.conn_id, tracer_ebpf::abi::CONN_F_NO_PAYLOAD)
-        {
+        if let Err(err) = capture.set_conn_flags(stop.sock, stop.conn_id, stop.flags) {
             tracing::debug!(%err, "could not mark connection as payload-free");
         }
     }

@@ -442,7 +442,7 @@ fn page_size() -> u32 {
     u32::try_from(size).unwrap_or(4096)
 }
 
-fn kernel_release() -> Option<String> {
+pub(crate) fn kernel_release() -> Option<String> {
     // SAFETY: utsname is plain old data; all-zero is a valid value.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: `uts` is a valid, writable utsname.
@@ -459,7 +459,7 @@ fn kernel_release() -> Option<String> {
 }
 
 /// `(major, minor)` of a kernel release such as `6.18.44-foo`.
-fn kernel_version(release: &str) -> Option<(u32, u32)> {
+pub(crate) fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(['.', '-']);
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;

@@ -45,6 +45,10 @@ enum ProtoState {
 struct Connection {
     state: ProtoState,
     streams: [Assembler; 2],
+    /// The TLS plaintext from the SSL library probes: streams of their own, parsed apart from the
+    /// ciphertext the syscalls carry.
+    tls_state: ProtoState,
+    tls_streams: [Assembler; 2],
     addrs: ConnAddrs,
     last_seen_ns: u64,
     /// The process, resolved when the connection is first seen: a short-lived client may have
@@ -59,6 +63,8 @@ pub struct StopPayload {
     pub sock: u64,
     /// Kernel connection id.
     pub conn_id: u64,
+    /// `abi::CONN_F_*` flags to set.
+    pub flags: u8,
 }
 
 /// Which connections are of interest.
@@ -113,7 +119,14 @@ impl Connections {
         }
     }
 
+    /// A process exec'd a new program (the event's payload is its file name).
+    pub fn exec(&self, ev: &Event<'_>) {
+        let path = String::from_utf8_lossy(ev.payload);
+        self.processes.exec(ev.header.tgid, path.trim_end_matches('\0'));
+    }
+
     /// Forgets a connection, flushing what its parser holds into spans.
+
     fn remove(&mut self, key: &ConnKey, ts_ns: u64, why: &'static str, emit: &mut dyn FnMut(Span)) {
         let Some((_, mut conn)) = self.table.remove(key) else {
             return;
@@ -124,6 +137,14 @@ impl Connections {
                 self.by_tgid.remove(&key.tgid);
             }
         }
+        if let ProtoState::Parsing(parser) = &mut conn.tls_state {
+            parser.close(ts_ns, &mut self.outputs);
+        }
+        let tls_addrs = ConnAddrs {
+            tls: true,
+            ..conn.addrs
+        };
+        self.flush(&conn.resource, &tls_addrs, emit);
         if let ProtoState::Parsing(parser) = &mut conn.state {
             parser.close(ts_ns, &mut self.outputs);
         }
@@ -173,22 +194,31 @@ impl Connections {
             let addrs = ConnAddrs {
                 local: ev.local(),
                 remote: ev.remote(),
+                tls: false,
             };
-            let state = if self.wanted(h.tgid, &addrs) {
-                ProtoState::Detecting {
-                    stash: [Vec::new(), Vec::new()],
-                    attempts: 0,
+            let wanted = self.wanted(h.tgid, &addrs);
+            let initial = || {
+                if wanted {
+                    ProtoState::Detecting {
+                        stash: [Vec::new(), Vec::new()],
+                        attempts: 0,
+                    }
+                } else {
+                    ProtoState::Ignored
                 }
-            } else {
+            };
+            if !wanted {
                 self.stop_payload.push(StopPayload {
                     sock: h.sock,
                     conn_id: h.conn_id,
+                    flags: abi::CONN_F_NO_PAYLOAD | abi::CONN_F_NO_TLS_PAYLOAD,
                 });
-                ProtoState::Ignored
-            };
+            }
             let conn = Connection {
-                state,
+                state: initial(),
                 streams: Default::default(),
+                tls_state: initial(),
+                tls_streams: Default::default(),
                 addrs,
                 last_seen_ns: h.exit_ns,
                 resource: self.processes.resource(h.tgid, comm(&h.comm)),
@@ -203,7 +233,17 @@ impl Connections {
         };
         let conn = &mut *guard;
         conn.last_seen_ns = h.exit_ns;
-        if matches!(conn.state, ProtoState::Ignored) {
+        let tls = matches!(h.source, abi::SRC_SSL_READ | abi::SRC_SSL_WRITE);
+        let (state, streams, flags) = if tls {
+            (
+                &mut conn.tls_state,
+                &mut conn.tls_streams,
+                abi::CONN_F_NO_TLS_PAYLOAD,
+            )
+        } else {
+            (&mut conn.state, &mut conn.streams, abi::CONN_F_NO_PAYLOAD)
+        };
+        if matches!(state, ProtoState::Ignored) {
             return;
         }
         // Addresses can be unset on the first event of a connection that was still connecting.
@@ -211,6 +251,7 @@ impl Connections {
             conn.addrs = ConnAddrs {
                 local: ev.local(),
                 remote: ev.remote(),
+                tls: false,
             };
         }
         let dir = if h.direction == abi::DIR_SEND {
@@ -229,7 +270,7 @@ impl Connections {
             },
         };
         let mut pieces = Vec::with_capacity(3);
-        if conn.streams[dir_index(dir)]
+        if streams[dir_index(dir)]
             .accept(h.stream_offset, h.bytes, ev.payload, &mut pieces)
             .is_err()
         {
@@ -241,9 +282,14 @@ impl Connections {
             return;
         }
         for piece in pieces {
+            let stop_as = StopPayload {
+                sock: key.sock,
+                conn_id: key.conn_id,
+                flags,
+            };
             feed(
-                key,
-                conn,
+                stop_as,
+                state,
                 dir,
                 piece,
                 timing,
@@ -251,7 +297,7 @@ impl Connections {
                 &mut self.stop_payload,
             );
         }
-        let addrs = conn.addrs;
+        let addrs = ConnAddrs { tls, ..conn.addrs };
         let resource = Arc::clone(&conn.resource);
         drop(guard);
         self.flush(&resource, &addrs, emit);
@@ -344,16 +390,18 @@ fn comm(raw: &[u8; 16]) -> &str {
     std::str::from_utf8(&raw[..end]).unwrap_or("")
 }
 
+/// Feeds one piece of one stream to `state`; `stop_as` is what stops this stream's payload copies
+/// in the kernel when the stream turns out to be of no interest.
 fn feed(
-    key: ConnKey,
-    conn: &mut Connection,
+    stop_as: StopPayload,
+    state: &mut ProtoState,
     dir: Direction,
     piece: Piece<'_>,
     timing: Timing,
     outputs: &mut Vec<Output>,
     stop: &mut Vec<StopPayload>,
 ) {
-    match (&mut conn.state, piece) {
+    match (&mut *state, piece) {
         (ProtoState::Parsing(parser), Piece::Data(data)) => parser.feed(dir, data, timing, outputs),
         (ProtoState::Parsing(parser), Piece::Gap(n)) => parser.gap(dir, n, timing, outputs),
         (ProtoState::Ignored, _) => {}
@@ -376,7 +424,7 @@ fn feed(
                     );
                     let mut parser = protocols::new_parser(proto);
                     parser.feed(dir, bytes, timing, outputs);
-                    conn.state = ProtoState::Parsing(parser);
+                    *state = ProtoState::Parsing(parser);
                 }
                 Detection::NeedMore if bytes.len() < DETECT_STASH => *stash = bytes.to_vec(),
                 Detection::Tls => {
@@ -385,7 +433,7 @@ fn feed(
                         metrics::labels(&[("protocol", "tls")]),
                         1,
                     );
-                    ignore(key, conn, stop);
+                    ignore(state, stop_as, stop);
                 }
                 Detection::NeedMore | Detection::Unknown => {
                     stash.clear();
@@ -396,7 +444,7 @@ fn feed(
                             metrics::labels(&[("protocol", "unknown")]),
                             1,
                         );
-                        ignore(key, conn, stop);
+                        ignore(state, stop_as, stop);
                     }
                 }
             }
@@ -404,10 +452,7 @@ fn feed(
     }
 }
 
-fn ignore(key: ConnKey, conn: &mut Connection, stop: &mut Vec<StopPayload>) {
-    conn.state = ProtoState::Ignored;
-    stop.push(StopPayload {
-        sock: key.sock,
-        conn_id: key.conn_id,
-    });
+fn ignore(state: &mut ProtoState, stop_as: StopPayload, stop: &mut Vec<StopPayload>) {
+    *state = ProtoState::Ignored;
+    stop.push(stop_as);
 }

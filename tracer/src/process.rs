@@ -51,6 +51,9 @@ pub struct ProcessTable {
 
 struct Inner {
     entries: HashMap<u32, Entry>,
+    /// The program each recently exec'd process runs, from the kernel's exec event: names a
+    /// process that is gone before its /proc entry was read.
+    exec_paths: HashMap<u32, String>,
     /// Use counter; the entry with the smallest `last_used` is evicted first.
     tick: u64,
 }
@@ -74,6 +77,7 @@ impl ProcessTable {
             recheck: RECHECK_INTERVAL,
             inner: Mutex::new(Inner {
                 entries: HashMap::new(),
+                exec_paths: HashMap::new(),
                 tick: 0,
             }),
         }
@@ -90,14 +94,34 @@ impl ProcessTable {
             Some((resource, _)) => resource,
             None => {
                 metrics::add("process_resource_fallback_total", "", 1);
-                Arc::new(fallback_resource(pid, comm, self.host_name.as_deref()))
+                let path = self.lock().exec_paths.get(&pid).cloned();
+                Arc::new(fallback_resource(pid, comm, path.as_deref(), self.host_name.as_deref()))
             }
         }
     }
 
+    /// Process `pid` exec'd `path` (from the kernel's exec event): forgets what was cached, reads
+    /// /proc at once while the process most likely still runs, and keeps `path` for the fallback.
+    pub fn exec(&self, pid: u32, path: &str) {
+        {
+            let mut inner = self.lock();
+            inner.entries.remove(&pid);
+            if inner.exec_paths.len() >= self.capacity
+                && let Some(&old) = inner.exec_paths.keys().next()
+            {
+                inner.exec_paths.remove(&old);
+            }
+            inner.exec_paths.insert(pid, path.to_owned());
+        }
+        let _ = self.lookup(pid);
+    }
+
     /// Basename of the executable of process `pid`, when the process is (or was, when cached) known.
     pub fn exe_name(&self, pid: u32) -> Option<String> {
-        self.lookup(pid).and_then(|(_, exe)| exe)
+        self.lookup(pid).and_then(|(_, exe)| exe).or_else(|| {
+            let path = self.lock().exec_paths.get(&pid).cloned()?;
+            Some(basename(&path).to_owned())
+        })
     }
 
     #[cfg(test)]
@@ -255,17 +279,27 @@ impl ProcessTable {
 }
 
 /// Resource of a process that is gone before it could be read: named after `comm`.
-fn fallback_resource(pid: u32, comm: &str, host_name: Option<&str>) -> Resource {
+fn fallback_resource(
+    pid: u32,
+    comm: &str,
+    exec_path: Option<&str>,
+    host_name: Option<&str>,
+) -> Resource {
     let comm = comm.trim();
-    let service_name = if comm.is_empty() {
-        UNKNOWN_SERVICE.to_owned()
-    } else {
-        comm.to_owned()
+    let exe = exec_path.map(basename).filter(|e| !e.is_empty());
+    let service_name = match exe {
+        Some(exe) => exe.to_owned(),
+        None if comm.is_empty() => UNKNOWN_SERVICE.to_owned(),
+        None => comm.to_owned(),
     };
     let mut attributes = vec![
         KeyValue::str("service.name", service_name.clone()),
         KeyValue::int("process.pid", i64::from(pid)),
     ];
+    if let (Some(exe), Some(path)) = (exe, exec_path) {
+        attributes.push(KeyValue::str("process.executable.name", exe));
+        attributes.push(KeyValue::str("process.executable.path", path));
+    }
     push_common(&mut attributes, host_name);
     Resource {
         service_name,

@@ -44,7 +44,7 @@ impl<'a> Event<'a> {
         let header: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
         if !matches!(
             header.kind,
-            abi::KIND_DATA | abi::KIND_CLOSE | abi::KIND_EXIT
+            abi::KIND_DATA | abi::KIND_CLOSE | abi::KIND_EXIT | abi::KIND_EXEC
         ) {
             return Err(DecodeError::UnknownKind(header.kind));
         }

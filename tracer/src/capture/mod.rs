@@ -2,9 +2,10 @@
 
 pub mod btf;
 pub mod events;
+pub mod tls;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{ProgramError, TracePoint};
 use aya::{Ebpf, EbpfLoader, Pod};
 use thiserror::Error;
 use tracer_ebpf::abi::{self, ConnState, KernelOffsets};
@@ -13,7 +14,7 @@ use tracer_ebpf::abi::{self, ConnState, KernelOffsets};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
 /// Syscall tracepoints the agent attaches (program name = tracepoint name); `sched_process_exit`
-/// comes on top.
+/// and `sched_process_exec` come on top.
 const SYSCALL_TRACEPOINTS: &[&str] = &[
     "sys_enter_read",
     "sys_exit_read",
@@ -44,6 +45,16 @@ const SYSCALL_TRACEPOINTS: &[&str] = &[
     "sys_enter_close",
 ];
 
+/// Exit programs that have a `<name>_small` variant with a shorter iovec loop.
+const SMALL_VARIANTS: &[&str] = &[
+    "sys_exit_readv",
+    "sys_exit_writev",
+    "sys_exit_recvmsg",
+    "sys_exit_sendmsg",
+    "sys_exit_recvmmsg",
+    "sys_exit_sendmmsg",
+];
+
 /// Names of the kernel's counters, indexed by `abi::CNT_*`.
 pub const COUNTER_NAMES: [&str; abi::NUM_COUNTERS as usize] = [
     "ringbuf_full",
@@ -52,6 +63,7 @@ pub const COUNTER_NAMES: [&str; abi::NUM_COUNTERS as usize] = [
     "conn_map_full",
     "events",
     "truncated",
+    "tls_unattributed",
 ];
 
 /// What the capture needs from the configuration.
@@ -113,10 +125,12 @@ struct ConnStatePod(ConnState);
 // SAFETY: ConnState is repr(C) with explicit padding fields.
 unsafe impl Pod for ConnStatePod {}
 
-/// Loaded and attached kernel programs. Dropping it detaches every program.
+/// Loaded and attached kernel programs. Dropping it detaches every program, the TLS library
+/// probes included.
 pub struct Capture {
     ebpf: Ebpf,
     attached: usize,
+    tls: tls::TlsProbes,
 }
 
 impl Capture {
@@ -169,22 +183,72 @@ impl Capture {
         let tracepoints = SYSCALL_TRACEPOINTS
             .iter()
             .map(|&name| ("syscalls", name))
-            .chain([("sched", "sched_process_exit")]);
+            .chain([
+                ("sched", "sched_process_exit"),
+                ("sched", "sched_process_exec"),
+            ]);
+        // Verifiers before 6.8 spend their whole budget on the long iovec loop and reject it (after
+        // seconds of work), so those kernels get the short loop straight away.
+        let long_iovec_loop = crate::check::kernel_release()
+            .and_then(|r| crate::check::kernel_version(&r))
+            .is_some_and(|v| v >= (6, 8));
         let mut attached = 0;
         for (category, name) in tracepoints {
-            let attach = |ebpf: &mut Ebpf| -> Result<(), aya::programs::ProgramError> {
+            let attach = |ebpf: &mut Ebpf, program: &str| -> Result<(), ProgramError> {
                 let prog: &mut TracePoint = ebpf
-                    .program_mut(name)
-                    .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
+                    .program_mut(program)
+                    .ok_or(ProgramError::UnexpectedProgramType)?
                     .try_into()?;
                 prog.load()?;
                 prog.attach(category, name)?;
                 Ok(())
             };
-            attach(&mut ebpf).map_err(|source| CaptureError::Attach { name, source })?;
+            let first = if SMALL_VARIANTS.contains(&name) && !long_iovec_loop {
+                format!("{name}_small")
+            } else {
+                name.to_owned()
+            };
+            match attach(&mut ebpf, &first) {
+                Ok(()) => {}
+                // Older verifiers reject the long iovec copy loop as too complex; these syscalls
+                // have a variant with a shorter loop.
+                Err(ProgramError::LoadError { .. })
+                    if long_iovec_loop && SMALL_VARIANTS.contains(&name) =>
+                {
+                    let small = format!("{name}_small");
+                    tracing::warn!(
+                        program = name,
+                        "the kernel's verifier rejected the {}-iovec copy; copying at most {} iovecs per call",
+                        abi::MAX_IOVECS,
+                        abi::SMALL_IOVECS
+                    );
+                    attach(&mut ebpf, &small)
+                        .map_err(|source| CaptureError::Attach { name, source })?;
+                }
+                Err(source) => return Err(CaptureError::Attach { name, source }),
+            }
             attached += 1;
         }
-        Ok(Capture { ebpf, attached })
+        tls::load_programs(&mut ebpf)
+            .map_err(|(name, source)| CaptureError::Attach { name, source })?;
+        let tls = tls::TlsProbes::new("/proc", &opts.pids);
+        Ok(Capture {
+            ebpf,
+            attached,
+            tls,
+        })
+    }
+
+    /// Attaches the TLS probes to SSL libraries in processes not looked at yet (see
+    /// [`tls::TlsProbes::scan`]); returns how many probes are attached in all.
+    pub fn scan_tls(&mut self) -> usize {
+        self.tls.scan(&mut self.ebpf);
+        self.tls.attached()
+    }
+
+    /// Attaches the TLS probes to SSL libraries of processes that just executed a new program.
+    pub fn scan_tls_execs(&mut self, pids: &[u32]) {
+        self.tls.scan_execs(&mut self.ebpf, pids);
     }
 
     /// How many programs are attached.

@@ -6,8 +6,8 @@
 //! status but before the response ended. An exchange with part of its bytes missing from the capture
 //! (`Outcome::Partial`) is judged by its status code alone.
 //!
-//! `url.scheme` is `http` unless the request says otherwise (absolute-form target, `Forwarded` /
-//! `X-Forwarded-Proto` on the server side): the exchange does not tell whether it was read from TLS.
+//! `url.scheme` is what the request says (absolute-form target, `Forwarded` / `X-Forwarded-Proto`
+//! on the server side), else `https` when the exchange was read from TLS plaintext, else `http`.
 
 pub mod db;
 pub mod grpc;
@@ -25,9 +25,9 @@ use crate::span::{KeyValue, Resource, Span, SpanKind, Status};
 /// How often the monotonic-to-wall-clock offset is measured again, so wall-clock steps are followed.
 const CLOCK_RESYNC_NS: u64 = 60_000_000_000;
 /// `error.type` when no response status was seen before the connection closed.
-const ERROR_NO_RESPONSE: &str = "no_response";
+pub(crate) const ERROR_NO_RESPONSE: &str = "no_response";
 /// `error.type` when the connection closed after the response status but before the response ended.
-const ERROR_RESPONSE_INCOMPLETE: &str = "response_incomplete";
+pub(crate) const ERROR_RESPONSE_INCOMPLETE: &str = "response_incomplete";
 /// Methods known by default (RFC 9110 and PATCH), case-sensitive.
 const DEFAULT_KNOWN_METHODS: &[&str] = &[
     "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE",
@@ -118,6 +118,8 @@ pub struct ConnAddrs {
     pub local: SocketAddr,
     /// The peer's end.
     pub remote: SocketAddr,
+    /// The exchange was read from the connection's TLS plaintext.
+    pub tls: bool,
 }
 
 /// Trace context received from a remote caller.
@@ -262,7 +264,7 @@ fn valid_tracestate(s: &str) -> bool {
 }
 
 /// A random id that is not all zero.
-fn random_id<const N: usize>() -> [u8; N] {
+pub(crate) fn random_id<const N: usize>() -> [u8; N] {
     loop {
         let id: [u8; N] = rand::random();
         if id.iter().any(|&b| b != 0) {
@@ -273,7 +275,7 @@ fn random_id<const N: usize>() -> [u8; N] {
 
 /// The known HTTP methods: `OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS` of the agent's environment
 /// (comma-separated, a full override), else the defaults.
-fn known_methods() -> &'static [String] {
+pub(crate) fn known_methods() -> &'static [String] {
     static KNOWN: OnceLock<Vec<String>> = OnceLock::new();
     KNOWN.get_or_init(|| {
         parse_known_methods(
@@ -304,12 +306,12 @@ fn parse_known_methods(var: Option<&str>) -> Vec<String> {
 
 /// Host and optional port of an authority (`host`, `host:port`, `[v6]:port`); IPv6 without brackets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Authority<'a> {
-    host: &'a str,
-    port: Option<u16>,
+pub(crate) struct Authority<'a> {
+    pub(crate) host: &'a str,
+    pub(crate) port: Option<u16>,
 }
 
-fn parse_authority(s: &str) -> Option<Authority<'_>> {
+pub(crate) fn parse_authority(s: &str) -> Option<Authority<'_>> {
     let s = s.trim();
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (host, after) = rest.split_once(']')?;
@@ -333,17 +335,17 @@ fn parse_authority(s: &str) -> Option<Authority<'_>> {
 
 /// The request target split up (RFC 9112 §3.2 forms).
 #[derive(Debug, Default, PartialEq)]
-struct Target<'a> {
+pub(crate) struct Target<'a> {
     /// Scheme of an absolute-form target, lower-cased.
-    scheme: Option<String>,
+    pub(crate) scheme: Option<String>,
     /// Authority of an absolute- or authority-form target.
-    authority: Option<Authority<'a>>,
+    pub(crate) authority: Option<Authority<'a>>,
     /// An absolute-form target carried credentials; `Some(true)` when with a password.
-    credentials: Option<bool>,
+    pub(crate) credentials: Option<bool>,
     /// Path; `None` for asterisk- and authority-form.
-    path: Option<&'a str>,
+    pub(crate) path: Option<&'a str>,
     /// Query, without `?`.
-    query: Option<&'a str>,
+    pub(crate) query: Option<&'a str>,
 }
 
 fn parse_target<'a>(target: &'a str, method: &str) -> Target<'a> {
@@ -402,6 +404,15 @@ fn redact_query(query: &str) -> String {
         .join("&")
 }
 
+/// `https` for an exchange read from TLS plaintext, else `http`.
+fn transport_scheme(addrs: Option<&ConnAddrs>) -> &'static str {
+    if addrs.is_some_and(|a| a.tls) {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 fn default_port(scheme: &str) -> u16 {
     if scheme == "https" { 443 } else { 80 }
 }
@@ -416,7 +427,7 @@ fn url_host(host: &str) -> String {
 }
 
 /// An IP in its usual text form (IPv4-mapped IPv6 shown as IPv4).
-fn ip_string(ip: IpAddr) -> String {
+pub(crate) fn ip_string(ip: IpAddr) -> String {
     ip.to_canonical().to_string()
 }
 
@@ -544,7 +555,7 @@ pub fn http_span(
 }
 
 /// Server side: URL parts, the server name the client asked for, and the original client.
-fn server_attributes(
+pub(crate) fn server_attributes(
     http: &HttpExchange,
     target: &Target<'_>,
     addrs: Option<&ConnAddrs>,
@@ -560,7 +571,7 @@ fn server_attributes(
         .scheme
         .clone()
         .or(forwarded_proto)
-        .unwrap_or_else(|| "http".to_owned());
+        .unwrap_or_else(|| transport_scheme(addrs).to_owned());
 
     // Per the conventions: the original host from a proxy, then the target's authority, then Host.
     let forwarded_host = forwarded
@@ -615,13 +626,16 @@ fn server_attributes(
 }
 
 /// Client side: the server asked for and the full URL.
-fn client_attributes(
+pub(crate) fn client_attributes(
     http: &HttpExchange,
     target: &Target<'_>,
     addrs: Option<&ConnAddrs>,
     attrs: &mut Vec<KeyValue>,
 ) {
-    let scheme = target.scheme.as_deref().unwrap_or("http");
+    let scheme = target
+        .scheme
+        .as_deref()
+        .unwrap_or_else(|| transport_scheme(addrs));
     // (server.address, server.port, authority as written in url.full)
     let server = if let Some(a) = target.authority {
         let authority = match a.port {
@@ -678,7 +692,11 @@ fn client_attributes(
 }
 
 /// Span status and `error.type` from the status code and how the exchange ended.
-fn classify(kind: SpanKind, status: Option<u16>, outcome: Outcome) -> (Status, Option<String>) {
+pub(crate) fn classify(
+    kind: SpanKind,
+    status: Option<u16>,
+    outcome: Outcome,
+) -> (Status, Option<String>) {
     if let Some(code) = status {
         let error = match kind {
             // Codes outside 100-599 cannot be interpreted: an error on both sides.
@@ -775,6 +793,7 @@ mod tests {
         ConnAddrs {
             local: local.parse().expect("local"),
             remote: remote.parse().expect("remote"),
+            tls: false,
         }
     }
 
@@ -957,6 +976,37 @@ mod tests {
         assert_eq!(int(&span, "http.response.body.size"), Some(99));
         assert_eq!(int(&span, "http.request.body.size"), Some(0));
         assert_eq!(span.status, Status::Unset);
+    }
+
+    #[test]
+    fn exchanges_read_from_tls_are_https() {
+        let http = request("GET", "/a?b=1", &[("Host", "api.example.com")]);
+        let tls = |local, remote| ConnAddrs {
+            tls: true,
+            ..addrs(local, remote)
+        };
+        let conn = tls("10.1.1.1:43000", "10.1.1.2:443");
+        let client = build(Role::Client, Outcome::Complete, &http, Some(&conn));
+        assert_eq!(client.attr_str("url.scheme"), Some("https"));
+        assert_eq!(
+            client.attr_str("url.full"),
+            Some("https://api.example.com/a?b=1")
+        );
+        assert_eq!(int(&client, "server.port"), Some(443));
+        let conn = tls("10.1.1.2:8443", "10.1.1.1:43000");
+        let server = build(Role::Server, Outcome::Complete, &http, Some(&conn));
+        assert_eq!(server.attr_str("url.scheme"), Some("https"));
+        assert_eq!(int(&server, "server.port"), Some(8443));
+        // What the request says about the original scheme wins over the transport.
+        let forwarded = request("GET", "/", &[("X-Forwarded-Proto", "http")]);
+        let server = build(Role::Server, Outcome::Complete, &forwarded, Some(&conn));
+        assert_eq!(server.attr_str("url.scheme"), Some("http"));
+        let absolute = request("GET", "http://example.com/x", &[]);
+        let client = build(Role::Client, Outcome::Complete, &absolute, Some(&conn));
+        assert_eq!(client.attr_str("url.full"), Some("http://example.com/x"));
+        let plain = addrs("10.1.1.1:43000", "10.1.1.2:80");
+        let client = build(Role::Client, Outcome::Complete, &http, Some(&plain));
+        assert_eq!(client.attr_str("url.scheme"), Some("http"));
     }
 
     #[test]
