@@ -3,7 +3,7 @@
 set -euo pipefail
 
 need=()
-for p in nginx-light curl python3; do
+for p in nginx-light curl python3 nghttp2-client postgresql-15 postgresql-client-15; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -11,6 +11,23 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# Debian starts nginx on install; the tests run their own instances on their own ports.
-if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
+# The gRPC test runs grpcio in the python3 found first in PATH: Debian's own python3 is
+# externally managed (PEP 668) and gets Debian's package, any other (pyenv, venv) gets pip's.
+if ! python3 -c 'import grpc' 2>/dev/null; then
+  echo "[setup-test-peers] installing grpcio for $(command -v python3)" >&2
+  if [ "$(command -v python3)" = /usr/bin/python3 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-grpcio >/dev/null
+  else
+    python3 -m pip install --quiet grpcio
+  fi
+fi
+# Debian starts nginx and a PostgreSQL cluster on install; the tests run their own instances
+# on their own ports.
+if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx postgresql >/dev/null 2>&1 || true; fi
+if command -v pg_lsclusters >/dev/null 2>&1; then
+  pg_lsclusters -h | while read -r ver name _ status _; do
+    [ "$status" = online ] && pg_ctlcluster "$ver" "$name" stop || true
+  done
+fi
 pkill -f 'nginx: master process /usr/sbin/nginx -g daemon on' 2>/dev/null || true

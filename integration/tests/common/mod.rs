@@ -751,3 +751,60 @@ pub fn parent_pid(pid: u32) -> u32 {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no ppid in {stat:?}"))
 }
+
+/// Waits for `servers` SERVER and `clients` CLIENT spans, stops the agent (which flushes), and
+/// returns everything received after asserting that nothing more arrived.
+pub async fn collect_exact(
+    receiver: &OtlpReceiver,
+    agent: &mut Agent,
+    servers: usize,
+    clients: usize,
+) -> Vec<ReceivedSpan> {
+    let waited = receiver
+        .wait_for(
+            |s| count(s, SpanKind::Server) >= servers && count(s, SpanKind::Client) >= clients,
+            WAIT,
+        )
+        .await;
+    if let Err(spans) = waited {
+        panic!(
+            "expected {servers} SERVER and {clients} CLIENT spans within {WAIT:?}; got {} and {}:\n{}\nagent stderr:\n{}",
+            count(&spans, SpanKind::Server),
+            count(&spans, SpanKind::Client),
+            describe_all(&spans),
+            agent.stderr()
+        );
+    }
+    agent.stop();
+    let spans = receiver.spans();
+    assert_eq!(
+        (
+            count(&spans, SpanKind::Server),
+            count(&spans, SpanKind::Client),
+            spans.len()
+        ),
+        (servers, clients, servers + clients),
+        "exactly one span per request and side; got:\n{}\nagent stderr:\n{}",
+        describe_all(&spans),
+        agent.stderr()
+    );
+    spans
+}
+
+/// The one pid all SERVER spans come from, asserted to be a child of `parent` (a worker of a
+/// pre-forking server such as nginx).
+pub fn server_worker_pid(spans: &[ReceivedSpan], parent: u32) -> u32 {
+    let mut pids: Vec<i64> = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server)
+        .filter_map(|s| s.resource_int("process.pid"))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let [pid] = pids[..] else {
+        panic!("server spans from pids {pids:?}:\n{}", describe_all(spans));
+    };
+    let pid = u32::try_from(pid).expect("pid fits u32");
+    assert_eq!(parent_pid(pid), parent, "server spans come from a worker");
+    pid
+}

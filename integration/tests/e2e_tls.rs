@@ -1,0 +1,610 @@
+//! End-to-end tests of TLS plaintext capture: real TLS servers (nginx and python's client on the
+//! system's dynamic libssl.so.3; node, which links OpenSSL into its executable) and real clients,
+//! traced by the agent binary through its SSL uprobes, with the exact spans checked at an OTLP
+//! receiver.
+//!
+//! Every test runs the agent with `--port <its server's port>`, so every span received belongs to
+//! the test's requests. The ciphertext on the same connections must produce no span: the tests
+//! count exactly one span per request and side.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use integration::{OtlpReceiver, ReceivedSpan, SpanKind, StatusCode};
+
+/// `client.py PORT PREFIX N`: N GETs of `PREFIX/<i>` on one keep-alive HTTPS connection (no
+/// certificate check), each answer checked; then prints `port <local port>`.
+const TLS_CLIENT_PY: &str = r#"
+import http.client, ssl, sys
+
+port, prefix, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+conn = http.client.HTTPSConnection("127.0.0.1", port, context=ssl._create_unverified_context())
+for i in range(n):
+    path = "%s/%d" % (prefix, i)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    body = resp.read()
+    if resp.status != 200 or body != ("body %d\n" % i).encode():
+        sys.exit("unexpected answer to %s: %d %r" % (path, resp.status, body))
+print("port %d" % conn.sock.getsockname()[1], flush=True)
+conn.close()
+"#;
+
+/// `server.js PORT KEY CERT`: an HTTPS server; GET answers `path=<url>` (404 under `/missing`),
+/// POST echoes the body. Prints `listening` once bound.
+const TLS_SERVER_JS: &str = r#"
+const https = require('https');
+const fs = require('fs');
+const [port, key, cert] = process.argv.slice(2);
+const options = { key: fs.readFileSync(key), cert: fs.readFileSync(cert) };
+https.createServer(options, (req, res) => {
+  const chunks = [];
+  req.on('data', (c) => chunks.push(c));
+  req.on('end', () => {
+    const out = req.method === 'POST' ? Buffer.concat(chunks) : Buffer.from('path=' + req.url);
+    const status = req.url.startsWith('/missing') ? 404 : 200;
+    res.writeHead(status, { 'Content-Type': 'text/plain', 'Content-Length': out.length });
+    res.end(out);
+  });
+}).listen(Number(port), '127.0.0.1', () => console.log('listening'));
+"#;
+
+/// `client.js PORT N`: N GETs of `/k/<i>` on one keep-alive HTTPS connection (no certificate
+/// check), each answer checked; then prints `port <local port>`.
+const TLS_CLIENT_JS: &str = r#"
+const https = require('https');
+const [port, n] = process.argv.slice(2).map(Number);
+const agent = new https.Agent({ keepAlive: true, maxSockets: 1 });
+let localPort = 0;
+function get(i) {
+  if (i === n) {
+    console.log('port ' + localPort);
+    agent.destroy();
+    return;
+  }
+  const path = '/k/' + i;
+  https.get({ host: '127.0.0.1', port, path, agent, rejectUnauthorized: false }, (res) => {
+    const chunks = [];
+    localPort = res.socket.localPort;
+    res.on('data', (c) => chunks.push(c));
+    res.on('end', () => {
+      const body = Buffer.concat(chunks).toString();
+      if (res.statusCode !== 200 || body !== 'body ' + i + '\n') {
+        console.error('unexpected answer to ' + path + ': ' + res.statusCode + ' ' + body);
+        process.exit(1);
+      }
+      get(i + 1);
+    });
+  }).on('error', (e) => { console.error(e); process.exit(1); });
+}
+get(0);
+"#;
+
+/// A self-signed certificate and its key for `localhost`, made by `openssl req`.
+fn tls_material(dir: &TempDir) -> (PathBuf, PathBuf) {
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let out = Command::new(which("openssl"))
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl req");
+    assert!(out.status.success(), "openssl req failed: {out:?}");
+    (cert, key)
+}
+
+/// nginx serving `<dir>/www` over TLS on 127.0.0.1:`port`; `/unavailable` answers 503.
+fn start_nginx_tls(dir: &TempDir, port: u16) -> Proc {
+    let (cert, key) = tls_material(dir);
+    let prefix = dir.path().display().to_string();
+    // Workers run as root so they can read the test's private temp dir.
+    let conf = dir.write(
+        "nginx.conf",
+        &format!(
+            "user root;
+worker_processes 1;
+error_log {prefix}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        root {prefix}/www;
+        location = /unavailable {{ return 503; }}
+    }}
+}}
+",
+            cert = cert.display(),
+            key = key.display(),
+        ),
+    );
+    let mut cmd = Command::new(which("nginx"));
+    cmd.arg("-c")
+        .arg(&conf)
+        .args(["-p", &prefix, "-e", &format!("{prefix}/error.log")])
+        .args(["-g", &format!("daemon off; pid {prefix}/nginx.pid;")])
+        .stdin(Stdio::null());
+    let mut nginx = Proc::spawn("nginx", cmd);
+    wait_for_port(&mut nginx, port);
+    nginx
+}
+
+async fn receiver() -> OtlpReceiver {
+    OtlpReceiver::start_grpc()
+        .await
+        .expect("start the OTLP receiver")
+}
+
+/// Waits for `servers` SERVER and `clients` CLIENT spans, stops the agent (which flushes), and
+/// returns everything received after asserting there is nothing more.
+async fn collect(
+    receiver: &OtlpReceiver,
+    agent: &mut Agent,
+    servers: usize,
+    clients: usize,
+) -> Vec<ReceivedSpan> {
+    let waited = receiver
+        .wait_for(
+            |s| count(s, SpanKind::Server) >= servers && count(s, SpanKind::Client) >= clients,
+            WAIT,
+        )
+        .await;
+    if let Err(spans) = waited {
+        panic!(
+            "expected {servers} SERVER and {clients} CLIENT spans within {WAIT:?}; got:\n{}\nagent stderr:\n{}",
+            describe_all(&spans),
+            agent.stderr()
+        );
+    }
+    agent.stop();
+    let spans = receiver.spans();
+    assert_eq!(
+        (
+            count(&spans, SpanKind::Server),
+            count(&spans, SpanKind::Client),
+            spans.len()
+        ),
+        (servers, clients, servers + clients),
+        "exactly one span per request and side; got:\n{}",
+        describe_all(&spans)
+    );
+    spans
+}
+
+/// The server pid of the SERVER spans (all the same), which must be a child of `parent`.
+fn worker_pid(spans: &[ReceivedSpan], parent: u32) -> u32 {
+    let pids: BTreeSet<i64> = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server)
+        .filter_map(|s| s.resource_int("process.pid"))
+        .collect();
+    let [pid] = pids.iter().copied().collect::<Vec<_>>()[..] else {
+        panic!("server spans from pids {pids:?}:\n{}", describe_all(spans));
+    };
+    let pid = u32::try_from(pid).expect("pid fits u32");
+    assert_eq!(parent_pid(pid), parent, "server spans come from a worker");
+    pid
+}
+
+/// One curl request over TLS as the test expects the agent to report it.
+struct TlsRequest<'a> {
+    run: CurlRun,
+    method: &'a str,
+    path: &'a str,
+    request_body: i64,
+}
+
+/// Checks the SERVER span (from `server_pid`) and the CLIENT span (from curl) of one request.
+fn check_tls_request(spans: &[ReceivedSpan], port: u16, server_pid: u32, req: &TlsRequest<'_>) {
+    let run = &req.run;
+    // The client's ephemeral port ties the server span to this very connection.
+    let s = one(spans, SpanKind::Server, req.path, |s| {
+        s.attr_int("client.port") == Some(i64::from(run.local_port))
+    });
+    let c = one(
+        spans,
+        SpanKind::Client,
+        &format!("curl pid {}", run.pid),
+        |s| s.resource_int("process.pid") == Some(i64::from(run.pid)),
+    );
+    for span in [s, c] {
+        assert_eq!(span.name, req.method, "name of {}", describe(span));
+        expect_str(span, "http.request.method", req.method);
+        expect_str(span, "url.scheme", "https");
+        expect_int(span, "http.response.status_code", i64::from(run.status));
+        expect_str(span, "network.protocol.name", "http");
+        expect_str(span, "network.protocol.version", "1.1");
+        expect_str(span, "server.address", "127.0.0.1");
+        expect_int(span, "server.port", i64::from(port));
+        expect_str(span, "network.peer.address", "127.0.0.1");
+        expect_str(span, "user_agent.original", &curl_user_agent());
+        expect_int(span, "http.request.body.size", req.request_body);
+        expect_int(span, "http.response.body.size", run.body_bytes);
+        assert_within(span, run.started_ns, run.ended_ns);
+        // 4xx is an error on the client side only.
+        let error = run.status >= 500 || (span.kind == SpanKind::Client && run.status >= 400);
+        let want = if error {
+            StatusCode::Error
+        } else {
+            StatusCode::Unset
+        };
+        assert_eq!(span.status_code, want, "status of {}", describe(span));
+    }
+    expect_str(s, "url.path", req.path);
+    expect_int(s, "network.peer.port", i64::from(run.local_port));
+    expect_int(s, "network.local.port", i64::from(port));
+    assert_eq!(
+        s.resource_int("process.pid"),
+        Some(i64::from(server_pid)),
+        "server pid of {}",
+        describe(s)
+    );
+    expect_str(
+        c,
+        "url.full",
+        &format!("https://127.0.0.1:{port}{}", req.path),
+    );
+    expect_int(c, "network.peer.port", i64::from(port));
+    expect_int(c, "network.local.port", i64::from(run.local_port));
+    assert!(
+        c.start_unix_ns <= s.start_unix_ns,
+        "client span starts after the server span:\n{}\n{}",
+        describe(c),
+        describe(s)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_to_nginx_over_tls() {
+    require_root();
+    let dir = TempDir::new("tls-nginx");
+    let content = "static content served over TLS\n";
+    dir.write("www/static.txt", content);
+    let port = free_port();
+    let receiver = receiver().await;
+    let nginx = start_nginx_tls(&dir, port);
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    let base = format!("https://127.0.0.1:{port}");
+    let ok = curl(&["-k", &format!("{base}/static.txt")]);
+    let unavailable = curl(&["-k", &format!("{base}/unavailable")]);
+    assert_eq!((ok.status, unavailable.status), (200, 503));
+    assert_eq!(ok.body_bytes, i64::try_from(content.len()).expect("len"));
+
+    let spans = collect(&receiver, &mut agent, 2, 2).await;
+    let worker = worker_pid(&spans, nginx.pid());
+    for (run, path) in [(ok, "/static.txt"), (unavailable, "/unavailable")] {
+        let req = TlsRequest {
+            run,
+            method: "GET",
+            path,
+            request_body: 0,
+        };
+        check_tls_request(&spans, port, worker, &req);
+    }
+}
+
+/// Runs a keep-alive client (`cmd(dir, port, n)`, which prints `port <local port>` when done)
+/// against an nginx over TLS that serves `/k/<i>`, and checks the n SERVER and n CLIENT spans.
+async fn keep_alive_client_to_nginx(
+    tag: &str,
+    n: usize,
+    cmd: impl FnOnce(&TempDir, u16, usize) -> Command,
+) {
+    require_root();
+    let dir = TempDir::new(tag);
+    for i in 0..n {
+        dir.write(&format!("www/k/{i}"), &format!("body {i}\n"));
+    }
+    let port = free_port();
+    let receiver = receiver().await;
+    let nginx = start_nginx_tls(&dir, port);
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    let mut cmd = cmd(&dir, port, n);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let started_ns = now_unix_ns();
+    // Started after the agent: found when it executes.
+    let mut client = Proc::spawn(tag, cmd);
+    let lines = Lines::new(client.take_stdout());
+    let port_line = lines.next(tag);
+    let status = client.wait(WAIT);
+    let ended_ns = now_unix_ns();
+    assert!(status.success(), "client failed: {status}");
+    let local_port: i64 = port_line
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected client output {port_line:?}"));
+
+    let spans = collect(&receiver, &mut agent, n, n).await;
+    let worker = worker_pid(&spans, nginx.pid());
+    for i in 0..n {
+        let path = format!("/k/{i}");
+        let s = one(&spans, SpanKind::Server, &path, |s| {
+            s.attr_str("url.path") == Some(path.as_str())
+        });
+        let c = one(&spans, SpanKind::Client, &path, |s| {
+            s.attr_str("url.full") == Some(format!("https://127.0.0.1:{port}{path}").as_str())
+        });
+        for span in [s, c] {
+            expect_str(span, "http.request.method", "GET");
+            expect_str(span, "url.scheme", "https");
+            expect_int(span, "http.response.status_code", 200);
+            expect_int(span, "http.response.body.size", 7);
+            assert_within(span, started_ns, ended_ns);
+        }
+        // All requests on the one connection the client reported.
+        expect_int(s, "client.port", local_port);
+        expect_int(c, "network.local.port", local_port);
+        assert_eq!(s.resource_int("process.pid"), Some(i64::from(worker)));
+        assert_eq!(
+            c.resource_int("process.pid"),
+            Some(i64::from(client.pid())),
+            "client pid of {}",
+            describe(c)
+        );
+        assert!(
+            c.start_unix_ns <= s.start_unix_ns,
+            "client span starts after the server span:\n{}\n{}",
+            describe(c),
+            describe(s)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_keep_alive_client_to_nginx_over_tls() {
+    keep_alive_client_to_nginx("tls-python", 5, |dir, port, n| {
+        let script = dir.write("e2e_tls_client.py", TLS_CLIENT_PY);
+        let mut cmd = Command::new(python());
+        cmd.arg(&script)
+            .args([port.to_string(), "/k".to_owned(), n.to_string()]);
+        cmd
+    })
+    .await;
+}
+
+/// node links OpenSSL into its executable and feeds it through memory buffers, not the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_keep_alive_client_to_nginx_over_tls() {
+    keep_alive_client_to_nginx("tls-node-client", 3, |dir, port, n| {
+        let script = dir.write("e2e_tls_client.js", TLS_CLIENT_JS);
+        let mut cmd = Command::new(which("node"));
+        cmd.arg(&script).args([port.to_string(), n.to_string()]);
+        cmd
+    })
+    .await;
+}
+
+/// Waits until the agent logs that it attached its probes to `exe`.
+fn wait_for_attach(agent: &Agent, exe: &Path) {
+    let shown = format!("path=\"{}\"", exe.display());
+    let deadline = Instant::now() + WAIT;
+    while !agent
+        .stderr()
+        .lines()
+        .any(|l| l.contains("TLS probes attached") && l.contains(&shown))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no TLS probes attached to {} within {WAIT:?}; agent stderr:\n{}",
+            exe.display(),
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_https_server_started_after_the_agent() {
+    require_root();
+    let node = std::fs::canonicalize(which("node")).expect("resolve node");
+    let dir = TempDir::new("tls-node");
+    let (cert, key) = tls_material(&dir);
+    let port = free_port();
+    let receiver = receiver().await;
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    // Started after the agent: found by its periodic look at new processes.
+    let script = dir.write("e2e_tls_server.js", TLS_SERVER_JS);
+    let mut cmd = Command::new(&node);
+    cmd.arg(&script)
+        .arg(port.to_string())
+        .arg(&key)
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut server = Proc::spawn("node e2e_tls_server.js", cmd);
+    wait_for_port(&mut server, port);
+    wait_for_attach(&agent, &node);
+
+    let base = format!("https://127.0.0.1:{port}");
+    let get = curl(&["-k", &format!("{base}/node/hello")]);
+    let body = "name=tracer&n=42";
+    let post = curl(&["-k", "--data", body, &format!("{base}/submit")]);
+    let missing = curl(&["-k", &format!("{base}/missing/x")]);
+    assert_eq!((get.status, post.status, missing.status), (200, 200, 404));
+    assert_eq!(get.body_bytes, "path=/node/hello".len() as i64);
+    assert_eq!(post.body_bytes, body.len() as i64);
+
+    let spans = collect(&receiver, &mut agent, 3, 3).await;
+    let requests = [
+        (get, "GET", "/node/hello", 0),
+        (post, "POST", "/submit", body.len() as i64),
+        (missing, "GET", "/missing/x", 0),
+    ];
+    for (run, method, path, request_body) in requests {
+        let req = TlsRequest {
+            run,
+            method,
+            path,
+            request_body,
+        };
+        check_tls_request(&spans, port, server.pid(), &req);
+    }
+}
+
+/// `bpf(2)` commands that open a program or link by id.
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+/// Whether the kernel still has the BPF object `id` (a program or link, per `cmd`).
+fn bpf_object_exists(cmd: libc::c_long, id: u32) -> bool {
+    // The attr is a union; both commands read the id from its first field.
+    let attr = [id, 0, 0, 0];
+    // SAFETY: `attr` is a valid, large enough bpf_attr for these commands.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: the fd was just returned to us.
+        unsafe { libc::close(fd as libc::c_int) };
+        return true;
+    }
+    let err = std::io::Error::last_os_error();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOENT),
+        "bpf({cmd}, {id}) failed unexpectedly: {err}"
+    );
+    false
+}
+
+/// The agent process: the test's child running the tracer binary.
+fn agent_pid() -> u32 {
+    let me = std::process::id();
+    let tracer = std::fs::canonicalize(tracer_bin()).expect("resolve tracer binary");
+    let found: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("list /proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == tracer))
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok() && parent_pid(pid) == me
+        })
+        .collect();
+    let [pid] = found[..] else {
+        panic!("expected one agent child of this test, found {found:?}");
+    };
+    pid
+}
+
+/// The BPF links and programs a process holds open, from its fdinfo: (uprobe link ids with the
+/// file each probes, every program id).
+fn bpf_objects(pid: u32) -> (Vec<(u32, String)>, BTreeSet<u32>) {
+    let mut uprobe_links = Vec::new();
+    let mut programs = BTreeSet::new();
+    let dir = format!("/proc/{pid}/fdinfo");
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("list {dir}: {e}")) {
+        let Ok(text) = std::fs::read_to_string(entry.expect("fdinfo entry").path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(|v| v.trim().to_owned())
+        };
+        if let Some(id) = field("prog_id").and_then(|v| v.parse().ok()) {
+            programs.insert(id);
+        }
+        if field("event_type").as_deref() == Some("uprobe")
+            && let Some(link) = field("link_id").and_then(|v| v.parse().ok())
+        {
+            uprobe_links.push((link, field("name").unwrap_or_default()));
+        }
+    }
+    (uprobe_links, programs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uprobes_are_gone_after_sigterm_and_the_traced_server_keeps_working() {
+    require_root();
+    let dir = TempDir::new("tls-detach");
+    dir.write("www/a.txt", "a\n");
+    let port = free_port();
+    let receiver = receiver().await;
+    let mut nginx = start_nginx_tls(&dir, port);
+    let uprobe_events = Path::new("/sys/kernel/tracing/uprobe_events");
+    let events_before = std::fs::read_to_string(uprobe_events).ok();
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    let run = curl(&["-k", &format!("https://127.0.0.1:{port}/a.txt")]);
+    assert_eq!(run.status, 200);
+    let waited = receiver
+        .wait_for(
+            |s| count(s, SpanKind::Server) >= 1 && count(s, SpanKind::Client) >= 1,
+            WAIT,
+        )
+        .await;
+    assert!(
+        waited.is_ok(),
+        "no spans; agent stderr:\n{}",
+        agent.stderr()
+    );
+
+    let (links, programs) = bpf_objects(agent_pid());
+    assert!(
+        links.iter().any(|(_, file)| file.contains("libssl")),
+        "no uprobe link on libssl among {links:?}"
+    );
+    agent.stop();
+
+    // A program stays loaded while any link or fd holds it, so once every program and link id of
+    // the agent is gone from the kernel, nothing of it is attached anywhere. Freeing is deferred.
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    loop {
+        let left_links: Vec<u32> = links
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|&id| bpf_object_exists(BPF_LINK_GET_FD_BY_ID, id))
+            .collect();
+        let left_programs: Vec<u32> = programs
+            .iter()
+            .copied()
+            .filter(|&id| bpf_object_exists(BPF_PROG_GET_FD_BY_ID, id))
+            .collect();
+        if left_links.is_empty() && left_programs.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the agent exited, links {left_links:?} and programs {left_programs:?} remain"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // aya attaches through perf_event_open, never through the tracefs probe list.
+    assert_eq!(
+        std::fs::read_to_string(uprobe_events).ok(),
+        events_before,
+        "uprobe_events changed"
+    );
+    // The probed server still serves TLS.
+    let after = curl(&["-k", &format!("https://127.0.0.1:{port}/a.txt")]);
+    assert_eq!((after.status, after.body_bytes), (200, 2));
+    nginx.assert_running();
+}
