@@ -714,12 +714,15 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     }
     let fd = arg(&ctx, 0) as i64;
     let Some(sk) = sock_of_fd(fd) else { return 0 };
-    // SAFETY: copied out before removal.
+    // SAFETY: copied out of the map.
     let Some(conn) = (unsafe { CONNS.get(sk) }).copied() else {
         return 0;
     };
-    let _ = CONNS.remove(sk);
+    // The entry stays: after fork another process may still hold the socket (PostgreSQL's
+    // postmaster closes its copy while the backend serves on). The next connect or accept on a
+    // socket at this address replaces it, and the LRU map bounds what is left behind.
     emit_control(KIND_CLOSE, SRC_CLOSE, pid_tgid, fd as i32, sk, conn);
+
     0
 }
 
