@@ -137,7 +137,6 @@ mod tests {
     fn non_http_is_unknown() {
         for data in [
             &b"GETX / HTTP/1.1\r\n"[..],
-
             b"GET  / HTTP/1.1\r\n",
             b"get / HTTP/1.1\r\n",
             b"HTTP/2 200\r\n",

@@ -74,7 +74,6 @@ pub const SRC_SSL_WRITE: u8 = 15;
 /// sched_process_exec
 pub const SRC_EXEC: u8 = 16;
 
-
 /// Index into the `COUNTERS` per-CPU array: events lost because the ring buffer was full.
 pub const CNT_RINGBUF_FULL: u32 = 0;
 /// Payload copies from user memory that faulted (event sent without payload).

@@ -76,8 +76,6 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         .map_err(std::io::Error::from)
         .context("cannot poll the ring buffer")?;
 
-
-
     let processes = Arc::new(ProcessTable::new("/proc", 4096));
     let filters = Filters {
         ports: cfg.ports.clone(),

@@ -6,7 +6,6 @@ use std::fmt;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-
 use crate::capture::btf::{Btf, BtfKind, VMLINUX_BTF, resolve_offsets};
 
 /// Where tracefs is mounted on current systems.

@@ -122,11 +122,11 @@ impl Connections {
     /// A process exec'd a new program (the event's payload is its file name).
     pub fn exec(&self, ev: &Event<'_>) {
         let path = String::from_utf8_lossy(ev.payload);
-        self.processes.exec(ev.header.tgid, path.trim_end_matches('\0'));
+        self.processes
+            .exec(ev.header.tgid, path.trim_end_matches('\0'));
     }
 
     /// Forgets a connection, flushing what its parser holds into spans.
-
     fn remove(&mut self, key: &ConnKey, ts_ns: u64, why: &'static str, emit: &mut dyn FnMut(Span)) {
         let Some((_, mut conn)) = self.table.remove(key) else {
             return;
@@ -316,7 +316,7 @@ impl Connections {
             return self
                 .processes
                 .exe_name(tgid)
-                .is_some_and(|exe| exes.iter().any(|e| *e == exe));
+                .is_some_and(|exe| exes.contains(&exe));
         }
         true
     }

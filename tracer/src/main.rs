@@ -110,7 +110,6 @@ fn main() -> ExitCode {
                     missing.join(", ")
                 )),
             }
-
         }
         Some(Command::Run(args)) => agent::run(args.overrides()),
         None => agent::run(cli.run.overrides()),

@@ -95,7 +95,12 @@ impl ProcessTable {
             None => {
                 metrics::add("process_resource_fallback_total", "", 1);
                 let path = self.lock().exec_paths.get(&pid).cloned();
-                Arc::new(fallback_resource(pid, comm, path.as_deref(), self.host_name.as_deref()))
+                Arc::new(fallback_resource(
+                    pid,
+                    comm,
+                    path.as_deref(),
+                    self.host_name.as_deref(),
+                ))
             }
         }
     }

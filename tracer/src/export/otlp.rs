@@ -106,7 +106,6 @@ fn convert_kv(attr: &KeyValue) -> ProtoKeyValue {
         Value::Str(s) => any_value::Value::StringValue(s.clone()),
         Value::Int(i) => any_value::Value::IntValue(*i),
         Value::Bool(b) => any_value::Value::BoolValue(*b),
-        Value::Double(d) => any_value::Value::DoubleValue(*d),
     };
     kv(attr.key, value)
 }
@@ -177,10 +176,6 @@ pub(crate) mod tests {
             key: "flag",
             value: Value::Bool(true),
         });
-        s.attributes.push(KeyValue {
-            key: "ratio",
-            value: Value::Double(0.5),
-        });
         let req = build_request(vec![s.clone()]);
         let out = &req.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(out.trace_id, s.trace_id.to_vec());
@@ -205,10 +200,6 @@ pub(crate) mod tests {
         assert_eq!(
             value_of(&out.attributes, "flag"),
             Some(&any_value::Value::BoolValue(true))
-        );
-        assert_eq!(
-            value_of(&out.attributes, "ratio"),
-            Some(&any_value::Value::DoubleValue(0.5))
         );
     }
 

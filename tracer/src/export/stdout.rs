@@ -120,7 +120,6 @@ fn push_value(out: &mut String, v: &Value) {
         }
         Value::Int(i) => write!(out, "{i}"),
         Value::Bool(b) => write!(out, "{b}"),
-        Value::Double(d) => write!(out, "{d}"),
     };
 }
 
