@@ -87,6 +87,7 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         filters,
         processes,
         Clock::new(),
+        cfg.sanitize_query_text,
     );
     if let Some(addr) = cfg.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -65,6 +65,8 @@ pub struct FileConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// See [`Config::metrics_log_interval`], in seconds.
     pub metrics_log_interval_secs: Option<u64>,
+    /// See [`Config::sanitize_query_text`].
+    pub sanitize_query_text: Option<bool>,
     /// Standard OpenTelemetry variables (`OTEL_EXPORTER_OTLP_ENDPOINT` = "...", ...), used when
     /// the environment does not set them.
     #[serde(default)]
@@ -92,6 +94,8 @@ pub struct Overrides {
     pub otlp_endpoint: Option<String>,
     /// `--otlp-protocol`.
     pub otlp_protocol: Option<String>,
+    /// `--raw-query-text`.
+    pub raw_query_text: bool,
 }
 
 /// The agent's configuration.
@@ -115,6 +119,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// How often non-zero counters are logged (default 60 s).
     pub metrics_log_interval: Duration,
+    /// Replace literals in database query text (`db.query.text`) by `?` (default true).
+    pub sanitize_query_text: bool,
     /// Span export.
     pub export: ExportConfig,
 }
@@ -171,6 +177,7 @@ impl Config {
             max_connections: file.max_connections.unwrap_or(65536),
             metrics_addr: o.metrics_addr.or(file.metrics_addr),
             metrics_log_interval: Duration::from_secs(file.metrics_log_interval_secs.unwrap_or(60)),
+            sanitize_query_text: !o.raw_query_text && file.sanitize_query_text.unwrap_or(true),
             export,
         };
         cfg.validate()?;
@@ -256,6 +263,21 @@ mod tests {
         let env = env_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318")]);
         let cfg = Config::build(FileConfig::default(), &o, &env).expect("config");
         assert!(format!("{:?}", cfg.export).contains("flag:4317"));
+    }
+
+    #[test]
+    fn query_text_is_sanitised_unless_turned_off() {
+        let on = Config::build(FileConfig::default(), &Overrides::default(), &|_| None);
+        assert!(on.expect("config").sanitize_query_text);
+        let file: FileConfig = toml::from_str("sanitize_query_text = false").expect("toml");
+        let off = Config::build(file, &Overrides::default(), &|_| None).expect("config");
+        assert!(!off.sanitize_query_text);
+        let o = Overrides {
+            raw_query_text: true,
+            ..Default::default()
+        };
+        let off = Config::build(FileConfig::default(), &o, &|_| None).expect("config");
+        assert!(!off.sanitize_query_text);
     }
 
     #[test]

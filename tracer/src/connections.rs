@@ -88,6 +88,8 @@ pub struct Connections {
     outputs: Vec<Output>,
     /// The connections of each process, so an exiting process's connections are found at once.
     by_tgid: HashMap<u32, Vec<ConnKey>>,
+    /// Replace literals in database query text by `?`.
+    sanitize_query_text: bool,
 }
 
 fn dir_index(dir: Direction) -> usize {
@@ -105,8 +107,10 @@ impl Connections {
         filters: Filters,
         processes: Arc<ProcessTable>,
         clock: Clock,
+        sanitize_query_text: bool,
     ) -> Self {
         Connections {
+            sanitize_query_text,
             table: DashMap::new(),
             max,
             idle,
@@ -352,9 +356,14 @@ impl Connections {
                         Detail::Http2(h2) => {
                             spans::grpc::http2_span(&ex, h2, Some(addrs), resource, &self.clock)
                         }
-                        Detail::Postgres(pg) => {
-                            spans::db::postgres_span(&ex, pg, Some(addrs), resource, &self.clock)
-                        }
+                        Detail::Postgres(pg) => spans::db::postgres_span(
+                            &ex,
+                            pg,
+                            Some(addrs),
+                            resource,
+                            &self.clock,
+                            self.sanitize_query_text,
+                        ),
                     };
                     let kind = match span.kind {
                         crate::span::SpanKind::Server => "server",

@@ -68,6 +68,9 @@ struct RunArgs {
     /// OTLP protocol: grpc or http/protobuf (overrides OTEL_EXPORTER_OTLP_PROTOCOL).
     #[arg(long)]
     otlp_protocol: Option<String>,
+    /// Export database query text as captured, literals included (default: literals become `?`).
+    #[arg(long)]
+    raw_query_text: bool,
 }
 
 impl RunArgs {
@@ -82,6 +85,7 @@ impl RunArgs {
             metrics_addr: self.metrics_addr,
             otlp_endpoint: self.otlp_endpoint,
             otlp_protocol: self.otlp_protocol,
+            raw_query_text: self.raw_query_text,
         }
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! - `db.query.text`: the SQL as captured, with string, numeric and boolean literals replaced by
 //!   `?` and `IN (?, ?, ?)` lists collapsed to `IN (?)` ([`sanitize_sql`]), unless it holds `$n`
-//!   parameters: the conventions say parameterized text is kept as is. [`SANITIZE_QUERY_TEXT`]
-//!   turns sanitising off.
+//!   parameters: the conventions say parameterized text is kept as is. `--raw-query-text` (config
+//!   `sanitize_query_text = false`) turns sanitising off.
 //! - `db.query.summary` (and the span name): operations and their targets in the order written
 //!   (`SELECT users`, `INSERT orders SELECT carts`), read by a small lexer, not a SQL parser,
 //!   and cut to 255 characters between words. A simple query string with several statements is a
@@ -41,8 +41,6 @@ use protocols::{Exchange, Outcome, Role};
 use super::{Clock, ConnAddrs, ERROR_NO_RESPONSE, ip_string, random_id};
 use crate::span::{KeyValue, Resource, Span, SpanKind, Status, Value};
 
-/// Whether non-parameterized query text is sanitised (literals replaced by `?`).
-pub const SANITIZE_QUERY_TEXT: bool = true;
 /// `db.system.name`, also the span name when nothing better is known.
 const SYSTEM: &str = "postgresql";
 /// Longest `db.query.summary`, in characters (from the conventions).
@@ -52,18 +50,9 @@ const ERROR_PIPELINE_ABORTED: &str = "pipeline_aborted";
 /// `error.type` of an ErrorResponse without a readable SQLSTATE.
 const ERROR_OTHER: &str = "_OTHER";
 
-/// The span for one PostgreSQL statement, by the database semantic conventions.
+/// The span for one PostgreSQL statement, by the database semantic conventions; `sanitize`
+/// replaces literals in non-parameterized query text by `?`.
 pub fn postgres_span(
-    ex: &Exchange,
-    pg: &PgExchange,
-    addrs: Option<&ConnAddrs>,
-    resource: Arc<Resource>,
-    clock: &Clock,
-) -> Span {
-    build(ex, pg, addrs, resource, clock, SANITIZE_QUERY_TEXT)
-}
-
-fn build(
     ex: &Exchange,
     pg: &PgExchange,
     addrs: Option<&ConnAddrs>,
@@ -977,7 +966,7 @@ mod tests {
 
     fn span_of(role: Role, outcome: Outcome, pg: &PgExchange, sanitize: bool) -> Span {
         let ex = exchange(role, outcome, pg);
-        build(&ex, pg, Some(&addrs()), resource(), &clock(), sanitize)
+        postgres_span(&ex, pg, Some(&addrs()), resource(), &clock(), sanitize)
     }
 
     fn span(pg: &PgExchange) -> Span {
