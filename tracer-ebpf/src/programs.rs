@@ -29,6 +29,10 @@ static CAPTURE_LIMIT: u32 = DEFAULT_CAPTURE;
 /// Set by userspace before load: non-zero when only the processes in `PIDS` are traced.
 #[unsafe(no_mangle)]
 static FILTER_PIDS: u8 = 0;
+/// Set by userspace before load: non-zero when only connections with a local or remote port in
+/// `PORTS` are traced.
+#[unsafe(no_mangle)]
+static FILTER_PORTS: u8 = 0;
 /// Set by userspace before load: struct offsets of the running kernel, from BTF.
 #[unsafe(no_mangle)]
 static OFFSETS: KernelOffsets = KernelOffsets {
@@ -71,6 +75,10 @@ static SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 /// Processes to trace when `FILTER_PIDS` is set.
 #[map]
 static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+/// Ports to trace when `FILTER_PORTS` is set.
+#[map]
+static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
 /// Drop and activity counters, indexed by `CNT_*`.
 #[map]
@@ -192,6 +200,21 @@ fn traced(tgid: u32) -> bool {
         return unsafe { PIDS.get(tgid) }.is_some();
     }
     true
+}
+
+/// Whether connection `sk` passes the port filter: filtering here keeps other traffic out of the
+/// ring buffer altogether.
+#[inline(always)]
+fn port_wanted(sk: u64) -> bool {
+    // SAFETY: plain read of a global set before load.
+    if unsafe { read_volatile(&FILTER_PORTS) } == 0 {
+        return true;
+    }
+    let o = offsets();
+    let local: u16 = kread(sk + o.sk_num as u64).unwrap_or(0);
+    let remote = u16::from_be(kread(sk + o.sk_dport as u64).unwrap_or(0));
+    // SAFETY: presence checks only.
+    unsafe { PORTS.get(local).is_some() || PORTS.get(remote).is_some() }
 }
 
 /// The `struct sock` behind `fd` in the current task, when it is a TCP/IP stream socket.
@@ -332,6 +355,9 @@ fn inflight_of(
 ) -> Option<Inflight> {
     let fd = args[0] as i64;
     let sock = sock_of_fd(fd)?;
+    if !port_wanted(sock) {
+        return None;
+    }
     let (buf, len, mmsg) = match buf_kind {
         BUF_PLAIN | BUF_IOVEC => (args[1], args[2], 0),
         BUF_KERNEL => (0, 0, 0),

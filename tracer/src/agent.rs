@@ -65,6 +65,7 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         capture_bytes: cfg.capture_bytes,
         ring_buffer_bytes: cfg.ring_buffer_bytes,
         pids: cfg.pids.clone(),
+        ports: cfg.ports.clone(),
     };
     let mut capture = Capture::start(&opts, offsets)?;
     // Probe the SSL libraries of the processes already running before saying ready.

@@ -75,6 +75,8 @@ pub struct CaptureOptions {
     pub ring_buffer_bytes: u32,
     /// When non-empty, only these processes are traced.
     pub pids: Vec<u32>,
+    /// When non-empty, only connections with one of these local or remote ports are traced.
+    pub ports: Vec<u16>,
 }
 
 /// Why the capture could not start.
@@ -104,6 +106,23 @@ pub enum CaptureError {
         #[source]
         source: aya::maps::MapError,
     },
+}
+
+/// Puts `keys` into the kernel hash map `name` (a set: values are 1).
+fn fill_set<K: Pod>(ebpf: &mut Ebpf, name: &'static str, keys: &[K]) -> Result<(), CaptureError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| CaptureError::Invalid(format!("no {name} map")))?;
+    let mut set: BpfHashMap<_, K, u8> =
+        BpfHashMap::try_from(map).map_err(|source| CaptureError::Map { name, source })?;
+    for key in keys {
+        set.insert(key, 1, 0)
+            .map_err(|source| CaptureError::Map { name, source })?;
+    }
+    Ok(())
 }
 
 /// Number of possible CPUs: the kernel programs index their staging area by CPU id.
@@ -152,33 +171,21 @@ impl Capture {
         }
         let agent = std::process::id();
         let offsets = OffsetsPod(offsets);
-        let filter = u8::from(!opts.pids.is_empty());
+        let filter_pids = u8::from(!opts.pids.is_empty());
+        let filter_ports = u8::from(!opts.ports.is_empty());
         let mut ebpf = EbpfLoader::new()
             .override_global("AGENT_TGID", &agent, true)
             .override_global("CAPTURE_LIMIT", &opts.capture_bytes, true)
-            .override_global("FILTER_PIDS", &filter, true)
+            .override_global("FILTER_PIDS", &filter_pids, true)
+            .override_global("FILTER_PORTS", &filter_ports, true)
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("SCRATCH", possible_cpus()?)
             .load(EBPF_OBJECT)
             .map_err(CaptureError::Load)?;
 
-        if !opts.pids.is_empty() {
-            let map = ebpf
-                .map_mut("PIDS")
-                .ok_or(CaptureError::Invalid("no PIDS map".into()))?;
-            let mut pids: BpfHashMap<_, u32, u8> =
-                BpfHashMap::try_from(map).map_err(|source| CaptureError::Map {
-                    name: "PIDS",
-                    source,
-                })?;
-            for pid in &opts.pids {
-                pids.insert(pid, 1, 0).map_err(|source| CaptureError::Map {
-                    name: "PIDS",
-                    source,
-                })?;
-            }
-        }
+        fill_set(&mut ebpf, "PIDS", &opts.pids)?;
+        fill_set(&mut ebpf, "PORTS", &opts.ports)?;
 
         let tracepoints = SYSCALL_TRACEPOINTS
             .iter()
