@@ -26,8 +26,8 @@ use protocols::{Exchange, Outcome, Role};
 
 use super::{
     Clock, ConnAddrs, ERROR_NO_RESPONSE, ERROR_RESPONSE_INCOMPLETE, Target, classify,
-    client_attributes, extract_context, ip_string, known_methods, parse_authority, random_id,
-    server_attributes,
+    client_attributes, exchange_attributes, extract_context, ip_string, known_methods,
+    parse_authority, random_id, server_attributes,
 };
 use crate::metrics;
 use crate::span::{KeyValue, Resource, Span, SpanKind, Status};
@@ -155,24 +155,14 @@ fn http_parts(
     attrs.push(KeyValue::str("network.protocol.name", "http"));
     attrs.push(KeyValue::str("network.protocol.version", "2"));
     peer_attributes(addrs, &mut attrs);
-    if let Some(ua) = h2.request_header("user-agent") {
-        attrs.push(KeyValue::str("user_agent.original", ua));
-    }
-    attrs.push(KeyValue::int(
-        "http.request.body.size",
-        i64::try_from(h2.request_body_size).unwrap_or(i64::MAX),
-    ));
-    if let Some(code) = h2.status {
-        attrs.push(KeyValue::int("http.response.status_code", i64::from(code)));
-        attrs.push(KeyValue::int(
-            "http.response.body.size",
-            i64::try_from(h2.response_body_size).unwrap_or(i64::MAX),
-        ));
-    }
-    let (status, error_type) = classify(kind, h2.status, ex.outcome);
-    if let Some(error_type) = error_type {
-        attrs.push(KeyValue::str("error.type", error_type));
-    }
+    let status = exchange_attributes(
+        &mut attrs,
+        kind,
+        ex.outcome,
+        h2.request_header("user-agent"),
+        h2.status,
+        (h2.request_body_size, h2.response_body_size),
+    );
     Parts {
         name,
         attributes: attrs,

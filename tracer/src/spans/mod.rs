@@ -511,24 +511,14 @@ pub fn http_span(
             i64::from(a.local.port()),
         ));
     }
-    if let Some(ua) = http.request_header("user-agent") {
-        attributes.push(KeyValue::str("user_agent.original", ua));
-    }
-    attributes.push(KeyValue::int(
-        "http.request.body.size",
-        i64::try_from(http.request_body_size).unwrap_or(i64::MAX),
-    ));
-    if let Some(code) = http.status {
-        attributes.push(KeyValue::int("http.response.status_code", i64::from(code)));
-        attributes.push(KeyValue::int(
-            "http.response.body.size",
-            i64::try_from(http.response_body_size).unwrap_or(i64::MAX),
-        ));
-    }
-    let (status, error_type) = classify(kind, http.status, ex.outcome);
-    if let Some(error_type) = error_type {
-        attributes.push(KeyValue::str("error.type", error_type));
-    }
+    let status = exchange_attributes(
+        &mut attributes,
+        kind,
+        ex.outcome,
+        http.request_header("user-agent"),
+        http.status,
+        (http.request_body_size, http.response_body_size),
+    );
 
     let remote = extract_context(|h| http.request_header(h));
     let (trace_id, parent_span_id, trace_state) = match remote {
@@ -552,6 +542,37 @@ pub fn http_span(
         status,
         resource,
     }
+}
+
+/// The attributes HTTP/1 and HTTP/2 spans share once the addresses are in: user agent, body sizes,
+/// status code and `error.type`; returns the span status.
+pub(crate) fn exchange_attributes(
+    attributes: &mut Vec<KeyValue>,
+    kind: SpanKind,
+    outcome: Outcome,
+    user_agent: Option<&str>,
+    status_code: Option<u16>,
+    (request_body, response_body): (u64, u64),
+) -> Status {
+    if let Some(ua) = user_agent {
+        attributes.push(KeyValue::str("user_agent.original", ua));
+    }
+    attributes.push(KeyValue::int(
+        "http.request.body.size",
+        i64::try_from(request_body).unwrap_or(i64::MAX),
+    ));
+    if let Some(code) = status_code {
+        attributes.push(KeyValue::int("http.response.status_code", i64::from(code)));
+        attributes.push(KeyValue::int(
+            "http.response.body.size",
+            i64::try_from(response_body).unwrap_or(i64::MAX),
+        ));
+    }
+    let (status, error_type) = classify(kind, status_code, outcome);
+    if let Some(error_type) = error_type {
+        attributes.push(KeyValue::str("error.type", error_type));
+    }
+    status
 }
 
 /// Server side: URL parts, the server name the client asked for, and the original client.
