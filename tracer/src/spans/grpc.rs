@@ -25,9 +25,9 @@ use protocols::http2::Http2Exchange;
 use protocols::{Exchange, Outcome, Role};
 
 use super::{
-    Clock, ConnAddrs, ERROR_NO_RESPONSE, ERROR_RESPONSE_INCOMPLETE, Target, classify,
-    client_attributes, exchange_attributes, extract_context, ip_string, known_methods,
-    parse_authority, random_id, server_attributes,
+    Clock, ConnAddrs, ERROR_NO_RESPONSE, ERROR_RESPONSE_INCOMPLETE, Target, client_attributes,
+    exchange_attributes, extract_context, ip_string, known_methods, parse_authority, random_id,
+    server_attributes,
 };
 use crate::metrics;
 use crate::span::{KeyValue, Resource, Span, SpanKind, Status};
