@@ -2,7 +2,7 @@
 //! `#[repr(C)]`, 8-byte aligned, and read by userspace with an unaligned copy of the ring-buffer record.
 
 /// Bumped on any layout change of the types in this module.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Compile-time ceiling of payload bytes copied per syscall. The runtime limit (`CAPTURE_LIMIT`) is
 /// at most this.
@@ -105,8 +105,10 @@ pub struct EventHeader {
     pub family: u8,
     /// `SRC_*`: the hook that produced the event.
     pub source: u8,
+    /// `EV_F_*` flags.
+    pub flags: u8,
     /// Reserved, zero.
-    pub _pad0: [u8; 3],
+    pub _pad0: [u8; 2],
     /// Process id (thread group id).
     pub tgid: u32,
     /// Thread id.
@@ -134,14 +136,19 @@ pub struct EventHeader {
     pub local_port: u16,
     /// Remote port, host order.
     pub remote_port: u16,
-    /// Reserved, zero.
-    pub _pad1: u32,
+    /// With [`EV_F_TCP_SEQ`]: the TCP sequence number of this event's first byte (the sender's
+    /// sequence space, so both ends of a connection number the same byte alike). Read from
+    /// `tcp_sock.write_seq` (send) or `copied_seq` (receive) at syscall exit, minus `bytes`.
+    pub tcp_seq: u32,
     /// Position of this event's first byte in the connection's stream in `direction`, counted by
     /// the kernel from when it first saw the connection. A jump tells userspace events were lost.
     pub stream_offset: u64,
     /// The thread's command name (NUL-padded), for processes gone before userspace looks them up.
     pub comm: [u8; 16],
 }
+
+/// [`EventHeader::flags`]: `tcp_seq` holds the TCP sequence number of the first byte.
+pub const EV_F_TCP_SEQ: u8 = 1;
 
 /// Size of [`EventHeader`] in bytes.
 pub const HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
@@ -187,7 +194,12 @@ pub struct KernelOffsets {
     pub sk_protocol: u32,
     /// `task_struct.stack`: the kernel stack, whose top holds the task's saved user registers.
     pub task_stack: u32,
+    /// `tcp_sock.write_seq`: sequence number after the last byte the process queued to send.
+    pub tcp_write_seq: u32,
+    /// `tcp_sock.copied_seq`: sequence number after the last byte the process read.
+    pub tcp_copied_seq: u32,
 }
+
 
 const _: () = assert!(HEADER_SIZE.is_multiple_of(8));
 const _: () = assert!(core::mem::size_of::<ConnState>().is_multiple_of(8));

@@ -54,7 +54,10 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sk_type: 0,
     sk_protocol: 0,
     task_stack: 0,
+    tcp_write_seq: 0,
+    tcp_copied_seq: 0,
 };
+
 
 /// Events to userspace. Userspace resizes it at load time.
 #[map]
@@ -541,7 +544,8 @@ fn exit_io<const IOVECS: usize>(
     h.direction = inf.direction;
     h.role = conn.role;
     h.source = inf.source;
-    h._pad0 = [0; 3];
+    h.flags = 0;
+    h._pad0 = [0; 2];
     h.tgid = (pid_tgid >> 32) as u32;
     h.tid = pid_tgid as u32;
     h.fd = inf.fd;
@@ -550,7 +554,21 @@ fn exit_io<const IOVECS: usize>(
     h.conn_id = conn.conn_id;
     h.sock = inf.sock;
     h.bytes = bytes;
-    h._pad1 = 0;
+    h.tcp_seq = 0;
+    if inf.mmsg == 0 {
+        // The sequence number after this call's bytes, minus them: the first byte's number.
+        let member = if inf.direction == DIR_SEND {
+            offsets().tcp_write_seq
+        } else {
+            offsets().tcp_copied_seq
+        };
+        if member != 0
+            && let Some(after) = kread::<u32>(inf.sock + member as u64)
+        {
+            h.tcp_seq = after.wrapping_sub(bytes as u32);
+            h.flags = EV_F_TCP_SEQ;
+        }
+    }
     h.stream_offset = offset;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 
@@ -804,7 +822,8 @@ fn emit_header(
     h.role = conn.role;
     h.family = 0;
     h.source = source;
-    h._pad0 = [0; 3];
+    h.flags = 0;
+    h._pad0 = [0; 2];
     h.tgid = (pid_tgid >> 32) as u32;
     h.tid = pid_tgid as u32;
     h.fd = fd;
@@ -819,7 +838,8 @@ fn emit_header(
     h.remote_addr = [0; 16];
     h.local_port = 0;
     h.remote_port = 0;
-    h._pad1 = 0;
+    h.tcp_seq = 0;
+
     h.stream_offset = 0;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     if sk != 0 {

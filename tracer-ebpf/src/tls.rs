@@ -287,7 +287,8 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
     } else {
         SRC_SSL_READ
     };
-    h._pad0 = [0; 3];
+    h.flags = 0;
+    h._pad0 = [0; 2];
     h.tgid = tgid;
     h.tid = pid_tgid as u32;
     h.fd = fd;
@@ -296,7 +297,8 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
     h.conn_id = conn.conn_id;
     h.sock = sock;
     h.bytes = bytes;
-    h._pad1 = 0;
+    h.tcp_seq = 0;
+
     h.stream_offset = offset;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     fill_tuple(h, sock);

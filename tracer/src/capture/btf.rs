@@ -690,7 +690,10 @@ pub fn resolve_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         sk_type: btf.member_offset("sock", &["sk_type"])?,
         sk_protocol: btf.member_offset("sock", &["sk_protocol"])?,
         task_stack: btf.member_offset("task_struct", &["stack"])?,
+        tcp_write_seq: btf.member_offset("tcp_sock", &["write_seq"])?,
+        tcp_copied_seq: btf.member_offset("tcp_sock", &["copied_seq"])?,
     })
+
 }
 
 #[cfg(test)]
