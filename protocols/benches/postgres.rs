@@ -102,6 +102,7 @@ fn run(feeds: &[Feed]) -> usize {
             Timing {
                 start_ns: t,
                 end_ns: t + 500,
+                thread: 1,
             },
             &mut out,
         );

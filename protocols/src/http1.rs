@@ -14,8 +14,8 @@ use std::collections::VecDeque;
 use std::mem;
 
 use crate::{
-    ConnectionParser, Detail, Direction, Exchange, Outcome, Output, Protocol, Role, SkipReason,
-    Timing,
+    ConnectionParser, Detail, Direction, Exchange, Origin, Outcome, Output, Protocol, Role,
+    SkipReason, Timing,
 };
 
 /// An HTTP/1.x request and its response.
@@ -149,8 +149,11 @@ struct Half {
     state: State,
     /// Bytes of an incomplete head (never more than `MAX_HEAD + 1`).
     head: Vec<u8>,
-    /// Start time of the chunk that carried the first byte of `head` (or of the head being parsed).
-    head_start_ns: u64,
+    /// Where the first byte of `head` (or of the head being parsed) was.
+    head_start: Origin,
+    /// Bytes given in this direction so far, fed or lost in gaps: the stream position of the
+    /// next byte.
+    seen: u64,
     /// The current run of skipped bytes has already been counted.
     skip_counted: bool,
     /// Kind of the last message parsed in this direction.
@@ -412,7 +415,8 @@ struct Pending {
     /// Direction the request travelled in.
     dir: Direction,
     exchange: HttpExchange,
-    start_ns: u64,
+    /// First byte of the request.
+    start: Origin,
     /// End of the last chunk that carried bytes of this exchange.
     end_ns: u64,
     /// A gap or lost framing hit this exchange.
@@ -723,8 +727,10 @@ impl Http1Parser {
     fn emit(&mut self, p: Pending, outcome: Outcome, out: &mut Vec<Output>) {
         out.push(Output::Exchange(Exchange {
             role: Role::of_request_direction(p.dir),
-            start_ns: p.start_ns,
+            start_ns: p.start.ns,
             end_ns: p.end_ns,
+            request_offset: p.start.offset,
+            request_thread: p.start.thread,
             outcome,
             detail: Detail::Http(p.exchange),
         }));
@@ -779,7 +785,7 @@ impl Http1Parser {
         method: String,
         target: String,
         version: u8,
-        start_ns: u64,
+        start: Origin,
         end_ns: u64,
     ) -> Pending {
         Pending {
@@ -793,17 +799,19 @@ impl Http1Parser {
                 version,
                 ..HttpExchange::default()
             },
-            start_ns,
+            start,
             end_ns,
             partial: false,
             responding: false,
         }
     }
 
+    /// Reads a head from `data`, which starts at stream position `at`.
     fn on_head(
         &mut self,
         dir: Direction,
         data: &[u8],
+        at: u64,
         timing: Timing,
         out: &mut Vec<Output>,
     ) -> usize {
@@ -816,7 +824,7 @@ impl Http1Parser {
             if blank > 0 {
                 return blank;
             }
-            self.half(dir).head_start_ns = timing.start_ns;
+            self.half(dir).head_start = Origin::new(timing, at);
             // Most heads arrive whole: parse them in place without copying.
             match parse_head(data) {
                 HeadParse::Complete(head) => {
@@ -888,8 +896,9 @@ impl Http1Parser {
     }
 
     /// A head in `dir` will never be complete; `buf` is what was seen of it (nothing when the whole
-    /// head fell in a gap). Records what is known of the message, so that requests and responses
-    /// still pair in order, and returns the message whose remaining bytes follow.
+    /// head fell in a gap) and the half's `head_start` where it began. Records what is known of
+    /// the message, so that requests and responses still pair in order, and returns the message
+    /// whose remaining bytes follow.
     fn head_lost(
         &mut self,
         dir: Direction,
@@ -918,13 +927,8 @@ impl Http1Parser {
                 target,
                 version,
             } => {
-                let start_ns = if buf.is_empty() {
-                    timing.start_ns
-                } else {
-                    self.half(dir).head_start_ns
-                };
-                let mut p =
-                    Self::request_entry(dir, method, target, version, start_ns, timing.end_ns);
+                let start = self.half(dir).head_start;
+                let mut p = Self::request_entry(dir, method, target, version, start, timing.end_ns);
                 p.partial = true;
                 Some(Owner::Request(self.push_request(p, out)))
             }
@@ -976,9 +980,8 @@ impl Http1Parser {
                         Length::Invalid => BodyKind::Invalid,
                     }
                 };
-                let start_ns = self.half(dir).head_start_ns;
-                let mut p =
-                    Self::request_entry(dir, method, target, version, start_ns, timing.end_ns);
+                let start = self.half(dir).head_start;
+                let mut p = Self::request_entry(dir, method, target, version, start, timing.end_ns);
                 p.exchange.request_headers = head.headers;
                 let owner = Owner::Request(self.push_request(p, out));
                 self.start_body(dir, owner, body, timing, out);
@@ -1185,10 +1188,11 @@ impl Http1Parser {
         }
     }
 
-    fn on_gap(&mut self, dir: Direction, len: u64, timing: Timing, out: &mut Vec<Output>) {
+    /// `len` bytes from stream position `at` were lost.
+    fn on_gap(&mut self, dir: Direction, at: u64, len: u64, timing: Timing, out: &mut Vec<Output>) {
         let state = mem::replace(&mut self.half(dir).state, State::Head);
         match state {
-            State::Head => self.head_gap(dir, timing, out),
+            State::Head => self.head_gap(dir, at, timing, out),
             State::Resync { owner, chunked } => {
                 if let Some(owner) = owner {
                     self.add_body(owner, len, timing.end_ns);
@@ -1212,7 +1216,7 @@ impl Http1Parser {
                         self.add_body(owner, rem, timing.end_ns);
                         self.end_message(dir, owner, timing.end_ns, out);
                         if len > rem {
-                            self.head_gap(dir, timing, out);
+                            self.head_gap(dir, at.saturating_add(rem), timing, out);
                         }
                     }
                     Framing::UntilClose => {
@@ -1246,10 +1250,15 @@ impl Http1Parser {
         }
     }
 
-    /// A gap where a head was expected or being read: whatever it held is lost.
-    fn head_gap(&mut self, dir: Direction, timing: Timing, out: &mut Vec<Output>) {
+    /// A gap where a head was expected or being read: whatever it held is lost. `at` is where
+    /// the gap met the message boundary, the best guess of where a head wholly lost in it began.
+    fn head_gap(&mut self, dir: Direction, at: u64, timing: Timing, out: &mut Vec<Output>) {
         out.push(Output::Skipped(SkipReason::Gap));
-        let buf = mem::take(&mut self.half(dir).head);
+        let half = self.half(dir);
+        let buf = mem::take(&mut half.head);
+        if buf.is_empty() {
+            half.head_start = Origin::new(timing, at);
+        }
         let owner = self.head_lost(dir, &buf, timing, out);
         if !self.stopped {
             self.resync(dir, owner, false);
@@ -1283,6 +1292,9 @@ impl ConnectionParser for Http1Parser {
     }
 
     fn feed(&mut self, dir: Direction, data: &[u8], timing: Timing, out: &mut Vec<Output>) {
+        let half = self.half(dir);
+        let base = half.seen;
+        half.seen = base.saturating_add(data.len() as u64);
         let mut pos = 0;
         // A chunk boundary is tried as a message start once per feed, so a failed attempt there
         // cannot loop.
@@ -1291,7 +1303,10 @@ impl ConnectionParser for Http1Parser {
             let rest = &data[pos..];
             let state = mem::replace(&mut self.half(dir).state, State::Head);
             pos += match state {
-                State::Head => self.on_head(dir, rest, timing, out),
+                State::Head => {
+                    let at = base.saturating_add(pos as u64);
+                    self.on_head(dir, rest, at, timing, out)
+                }
                 State::Body { owner, framing } => {
                     self.on_body(dir, rest, owner, framing, timing, out)
                 }
@@ -1305,10 +1320,13 @@ impl ConnectionParser for Http1Parser {
     }
 
     fn gap(&mut self, dir: Direction, len: u64, timing: Timing, out: &mut Vec<Output>) {
+        let half = self.half(dir);
+        let at = half.seen;
+        half.seen = at.saturating_add(len);
         if self.stopped || len == 0 {
             return;
         }
-        self.on_gap(dir, len, timing, out);
+        self.on_gap(dir, at, len, timing, out);
     }
 
     fn close(&mut self, _ts_ns: u64, out: &mut Vec<Output>) {
@@ -1401,11 +1419,36 @@ mod tests {
         }
     }
 
+    /// Checks `p` and its outputs, `given` bytes having been fed or lost per direction, and
+    /// counts the outputs as (exchanges, skips).
+    fn settle(
+        p: &Http1Parser,
+        given: [u64; 2],
+        out: &mut Vec<Output>,
+        counts: &mut (usize, usize),
+    ) {
+        check_bounds(p, out);
+        for o in out.drain(..) {
+            match o {
+                Output::Exchange(e) => {
+                    let dir = match e.role {
+                        Role::Client => Direction::Send,
+                        Role::Server => Direction::Recv,
+                    };
+                    assert!(e.request_offset < given[slot(dir)], "{e:?}");
+                    counts.0 += 1;
+                }
+                Output::Skipped(_) => counts.1 += 1,
+            }
+        }
+    }
+
     /// Feeds `stream` to fresh parsers in random pieces, directions, gaps and closes.
     fn drive(rng: &mut Rng, stream: &[u8], max_piece: u64) -> (usize, usize) {
         let mut p = Http1Parser::new();
         let mut out = Vec::new();
-        let (mut exchanges, mut skips) = (0, 0);
+        let mut counts = (0, 0);
+        let mut given = [0u64; 2];
         let mut clock = 0;
         let mut pos = 0;
         while pos < stream.len() {
@@ -1413,6 +1456,7 @@ mod tests {
             let timing = Timing {
                 start_ns: clock,
                 end_ns: clock + 5,
+                thread: (clock % 7) as u32,
             };
             let dir = if rng.below(2) == 0 {
                 Direction::Send
@@ -1420,29 +1464,29 @@ mod tests {
                 Direction::Recv
             };
             match rng.below(100) {
-                0..=3 => p.gap(dir, rng.below(100_000), timing, &mut out),
+                0..=3 => {
+                    let len = rng.below(100_000);
+                    given[slot(dir)] += len;
+                    p.gap(dir, len, timing, &mut out);
+                }
                 4 => {
                     p.close(clock, &mut out);
-                    check_bounds(&p, &out);
+                    settle(&p, given, &mut out, &mut counts);
                     p = Http1Parser::new();
+                    given = [0; 2];
                 }
                 _ => {
                     let n = (1 + rng.below(max_piece) as usize).min(stream.len() - pos);
+                    given[slot(dir)] += n as u64;
                     p.feed(dir, &stream[pos..pos + n], timing, &mut out);
                     pos += n;
                 }
             }
-            check_bounds(&p, &out);
-            for o in out.drain(..) {
-                match o {
-                    Output::Exchange(_) => exchanges += 1,
-                    Output::Skipped(_) => skips += 1,
-                }
-            }
+            settle(&p, given, &mut out, &mut counts);
         }
         p.close(clock, &mut out);
-        check_bounds(&p, &out);
-        (exchanges, skips)
+        settle(&p, given, &mut out, &mut counts);
+        counts
     }
 
     #[test]

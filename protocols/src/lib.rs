@@ -47,13 +47,40 @@ impl Role {
     }
 }
 
-/// Monotonic time (ns since boot) of one captured chunk: when the syscall started and ended.
+/// When and by which thread one captured chunk moved: monotonic time (ns since boot) of the
+/// syscall's start and end, and the thread that made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Timing {
     /// When the first byte of this chunk was transferred, as far as the capture knows.
     pub start_ns: u64,
     /// When the last byte of this chunk was transferred.
     pub end_ns: u64,
+    /// Opaque id of the thread that moved this chunk's bytes (the tracer passes the kernel tid).
+    /// Parsers copy it into [`Exchange::request_thread`] and never interpret it.
+    pub thread: u32,
+}
+
+/// Where a message began: its first byte's chunk timing and thread, and its position in its
+/// direction's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Origin {
+    /// Start of the chunk that carried the first byte.
+    pub ns: u64,
+    /// Bytes given to the parser in the message's direction before its first byte.
+    pub offset: u64,
+    /// Thread of the chunk that carried the first byte.
+    pub thread: u32,
+}
+
+impl Origin {
+    /// The byte at stream position `offset`, carried by a chunk with `timing`.
+    pub(crate) fn new(timing: Timing, offset: u64) -> Origin {
+        Origin {
+            ns: timing.start_ns,
+            offset,
+            thread: timing.thread,
+        }
+    }
 }
 
 /// Protocols the parsers know.
@@ -87,6 +114,18 @@ pub struct Exchange {
     pub start_ns: u64,
     /// Last byte of the response (or of the request when no response came).
     pub end_ns: u64,
+    /// Position of the request's first byte in the request direction's stream: how many bytes
+    /// this parser was given in that direction before it, counting every byte passed to
+    /// [`ConnectionParser::feed`] and every `len` passed to [`ConnectionParser::gap`] since the
+    /// parser was created. Both ends of a TCP connection count the same bytes, so a client's and
+    /// a server's exchange for one request carry the same position when both captures started
+    /// with the connection. The first byte is the request line (HTTP/1), the frame header of the
+    /// HEADERS frame that opened the stream (HTTP/2; for a pushed stream, of the PUSH_PROMISE in
+    /// the server's direction), or the first frontend message of the statement (PostgreSQL).
+    /// When that byte was lost in a gap, the best position known.
+    pub request_offset: u64,
+    /// [`Timing::thread`] of the chunk that carried the request's first byte.
+    pub request_thread: u32,
     /// How the exchange ended.
     pub outcome: Outcome,
     /// Protocol-specific content.

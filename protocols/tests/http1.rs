@@ -29,6 +29,7 @@ impl Conn {
         Timing {
             start_ns: self.clock,
             end_ns: self.clock + 50,
+            thread: (self.clock / 100) as u32,
         }
     }
 
@@ -347,6 +348,7 @@ fn gap_inside_known_length_body_stays_in_sync() {
             last = Timing {
                 start_ns: c.clock,
                 end_ns: c.clock + 50,
+                thread: (c.clock / 100) as u32,
             };
         }
         left -= n;

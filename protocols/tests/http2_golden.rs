@@ -83,6 +83,7 @@ fn replay(chunks: &[Chunk], r: Replay) -> BTreeMap<usize, (Vec<Exchange>, Vec<Sk
         let timing = Timing {
             start_ns: c.t_ns,
             end_ns: c.t_ns + 1000,
+            thread: u32::from(c.c2s),
         };
         last_t = timing.end_ns;
         let slot = parsers.entry(c.conn).or_default();

@@ -73,6 +73,7 @@ fn replay(chunks: &[Chunk], as_client: bool, lost: &[usize]) -> Replay {
         let timing = Timing {
             start_ns: t,
             end_ns: t + 500,
+            thread: i as u32,
         };
         if lost.contains(&i) {
             parser.gap(dir, c.data.len() as u64, timing, &mut out);

@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
         let timing = Timing {
             start_ns: clock,
             end_ns: clock + 5,
+            thread: u32::from(*op),
         };
         let dir = if op & 1 == 0 {
             Direction::Send

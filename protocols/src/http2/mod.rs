@@ -25,8 +25,8 @@ use std::collections::BTreeMap;
 use std::mem;
 
 use crate::{
-    ConnectionParser, Detail, Detection, Direction, Exchange, Outcome, Output, Protocol, Role,
-    SkipReason, Timing,
+    ConnectionParser, Detail, Detection, Direction, Exchange, Origin, Outcome, Output, Protocol,
+    Role, SkipReason, Timing,
 };
 use frame::FrameHeader;
 
@@ -155,6 +155,9 @@ struct Half {
     started: bool,
     /// The current run of skipped bytes has been counted.
     skip_counted: bool,
+    /// Bytes given in this direction so far, fed or lost in gaps: the stream position of the
+    /// next byte.
+    seen: u64,
 }
 
 #[derive(Debug, Default)]
@@ -175,7 +178,7 @@ impl Read {
         Read::Header(PartialHeader {
             buf: [0; frame::HEADER_LEN],
             have: 0,
-            start_ns: 0,
+            start: Origin::default(),
         })
     }
 }
@@ -191,6 +194,7 @@ impl Default for Half {
             block_buf: Vec::new(),
             started: false,
             skip_counted: false,
+            seen: 0,
         }
     }
 }
@@ -200,8 +204,8 @@ impl Default for Half {
 struct PartialHeader {
     buf: [u8; frame::HEADER_LEN],
     have: usize,
-    /// When the first byte came.
-    start_ns: u64,
+    /// Where the first byte was.
+    start: Origin,
 }
 
 /// A frame whose payload is being read.
@@ -325,7 +329,8 @@ struct Block {
     push: Option<u32>,
     is_push: bool,
     end_stream: bool,
-    start_ns: u64,
+    /// Where the first byte of its first frame's header was.
+    start: Origin,
     /// Bytes of the block were not captured, or its frames were malformed.
     lost: bool,
     /// The block outgrew [`MAX_HEADER_BLOCK`].
@@ -336,8 +341,8 @@ struct Block {
 #[derive(Debug)]
 struct Stream {
     ex: Http2Exchange,
-    /// First byte of the request HEADERS.
-    start_ns: u64,
+    /// First byte of the request HEADERS (or PUSH_PROMISE) frame.
+    start: Origin,
     /// Last byte of any frame of this stream.
     last_ns: u64,
     /// Last byte of the response's END_STREAM frame.
@@ -353,13 +358,13 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(id: u32, start_ns: u64, end_ns: u64) -> Self {
+    fn new(id: u32, start: Origin, end_ns: u64) -> Self {
         Stream {
             ex: Http2Exchange {
                 stream_id: id,
                 ..Http2Exchange::default()
             },
-            start_ns,
+            start,
             last_ns: end_ns,
             response_end_ns: end_ns,
             request_seen: false,
@@ -371,9 +376,9 @@ impl Stream {
         }
     }
 
-    fn set_request(&mut self, f: Fields, start_ns: u64) {
+    fn set_request(&mut self, f: Fields, start: Origin) {
         self.request_seen = true;
-        self.start_ns = start_ns;
+        self.start = start;
         self.ex.method = f.method;
         self.ex.scheme = f.scheme;
         self.ex.path = f.path;
@@ -670,17 +675,19 @@ impl Http2Parser {
         (n, Read::header())
     }
 
+    /// Reads a frame header from `rest`, which starts at stream position `at`.
     fn on_header(
         &mut self,
         dir: Direction,
         rest: &[u8],
+        at: u64,
         mut p: PartialHeader,
         timing: Timing,
         out: &mut Vec<Output>,
     ) -> (usize, Read) {
         let fresh = p.have == 0;
         if fresh {
-            p.start_ns = timing.start_ns;
+            p.start = Origin::new(timing, at);
         }
         let n = rest.len().min(frame::HEADER_LEN - p.have);
         p.buf[p.have..p.have + n].copy_from_slice(&rest[..n]);
@@ -689,7 +696,7 @@ impl Http2Parser {
             return (n, Read::Header(p));
         }
         let hdr = FrameHeader::parse(&p.buf);
-        match self.start_frame(dir, hdr, p.start_ns, timing.end_ns, out) {
+        match self.start_frame(dir, hdr, p.start, timing.end_ns, out) {
             // Not a frame header: a frame may start at any of its bytes still in this chunk.
             Read::Resync => (usize::from(fresh), Read::Resync),
             next => (n, next),
@@ -702,7 +709,7 @@ impl Http2Parser {
         &mut self,
         dir: Direction,
         hdr: FrameHeader,
-        start_ns: u64,
+        start: Origin,
         now_ns: u64,
         out: &mut Vec<Output>,
     ) -> Read {
@@ -729,7 +736,7 @@ impl Http2Parser {
                 push: None,
                 is_push: hdr.kind == frame::PUSH_PROMISE,
                 end_stream: hdr.kind == frame::HEADERS && hdr.has(frame::END_STREAM),
-                start_ns,
+                start,
                 lost: false,
                 oversized: false,
             });
@@ -882,7 +889,7 @@ impl Http2Parser {
         end_ns: u64,
         out: &mut Vec<Output>,
     ) {
-        let (id, end_stream, start_ns) = (block.stream, block.end_stream, block.start_ns);
+        let (id, end_stream, start) = (block.stream, block.end_stream, block.start);
         let client = match (self.client, fields.kind()) {
             (Some(c), _) => c,
             (None, Kind::Request) => *self.client.insert(dir),
@@ -891,9 +898,9 @@ impl Http2Parser {
             (None, Kind::Unknown) => return,
         };
         if dir == client {
-            self.request_block(id, fields, end_stream, start_ns, end_ns, out);
+            self.request_block(id, fields, end_stream, start, end_ns, out);
         } else {
-            self.response_block(id, fields, end_stream, start_ns, end_ns, out);
+            self.response_block(id, fields, end_stream, start, end_ns, out);
         }
         self.check_done(id, out);
     }
@@ -903,7 +910,7 @@ impl Http2Parser {
         id: u32,
         fields: Fields,
         end_stream: bool,
-        start_ns: u64,
+        start: Origin,
         end_ns: u64,
         out: &mut Vec<Output>,
     ) {
@@ -914,7 +921,7 @@ impl Http2Parser {
             }
             self.last_opened = id;
             self.make_room(out);
-            self.streams.insert(id, Stream::new(id, start_ns, end_ns));
+            self.streams.insert(id, Stream::new(id, start, end_ns));
         }
         let Some(s) = self.streams.get_mut(&id) else {
             return;
@@ -922,7 +929,7 @@ impl Http2Parser {
         s.last_ns = s.last_ns.max(end_ns);
         s.ex.degraded |= fields.incomplete();
         if !s.request_seen {
-            s.set_request(fields, start_ns);
+            s.set_request(fields, start);
         }
         s.request_ended |= end_stream;
     }
@@ -932,7 +939,7 @@ impl Http2Parser {
         id: u32,
         fields: Fields,
         end_stream: bool,
-        start_ns: u64,
+        start: Origin,
         end_ns: u64,
         out: &mut Vec<Output>,
     ) {
@@ -942,7 +949,7 @@ impl Http2Parser {
             }
             // The request was sent before the capture started: tracked only to be counted.
             self.make_room(out);
-            self.streams.insert(id, Stream::new(id, start_ns, end_ns));
+            self.streams.insert(id, Stream::new(id, start, end_ns));
         }
         let Some(s) = self.streams.get_mut(&id) else {
             return;
@@ -973,7 +980,7 @@ impl Http2Parser {
         end_ns: u64,
         out: &mut Vec<Output>,
     ) {
-        let (promised, start_ns) = (block.push, block.start_ns);
+        let (promised, start) = (block.push, block.start);
         // Only a server pushes.
         if *self.client.get_or_insert(other(dir)) == dir {
             return;
@@ -982,10 +989,10 @@ impl Http2Parser {
             return;
         };
         self.make_room(out);
-        let mut s = Stream::new(id, start_ns, end_ns);
+        let mut s = Stream::new(id, start, end_ns);
         s.pushed = true;
         s.ex.degraded = fields.incomplete();
-        s.set_request(fields, start_ns);
+        s.set_request(fields, start);
         s.request_ended = true;
         self.streams.insert(id, s);
     }
@@ -1077,8 +1084,10 @@ impl Http2Parser {
         match self.client {
             Some(client) if s.request_seen => out.push(Output::Exchange(Exchange {
                 role: Role::of_request_direction(client),
-                start_ns: s.start_ns,
-                end_ns: end_ns.max(s.start_ns),
+                start_ns: s.start.ns,
+                end_ns: end_ns.max(s.start.ns),
+                request_offset: s.start.offset,
+                request_thread: s.start.thread,
                 outcome,
                 detail: Detail::Http2(s.ex),
             })),
@@ -1152,6 +1161,9 @@ impl ConnectionParser for Http2Parser {
     }
 
     fn feed(&mut self, dir: Direction, data: &[u8], timing: Timing, out: &mut Vec<Output>) {
+        let half = self.half(dir);
+        let base = half.seen;
+        half.seen = base.saturating_add(data.len() as u64);
         if self.stopped || data.is_empty() {
             return;
         }
@@ -1169,7 +1181,10 @@ impl ConnectionParser for Http2Parser {
             let read = mem::take(&mut self.half(dir).read);
             let (used, next) = match read {
                 Read::Preface { matched } => self.on_preface(dir, rest, matched, out),
-                Read::Header(p) => self.on_header(dir, rest, p, timing, out),
+                Read::Header(p) => {
+                    let at = base.saturating_add(pos as u64);
+                    self.on_header(dir, rest, at, p, timing, out)
+                }
                 Read::Payload(f) => self.on_payload(dir, rest, f, timing, out),
                 Read::Resync => self.on_resync(dir, rest, pos == 0, out),
             };
@@ -1179,6 +1194,8 @@ impl ConnectionParser for Http2Parser {
     }
 
     fn gap(&mut self, dir: Direction, len: u64, timing: Timing, out: &mut Vec<Output>) {
+        let half = self.half(dir);
+        half.seen = half.seen.saturating_add(len);
         if self.stopped || len == 0 {
             return;
         }

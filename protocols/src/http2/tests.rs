@@ -207,6 +207,7 @@ impl Conn {
         Timing {
             start_ns: self.clock,
             end_ns: self.clock + 50,
+            thread: (self.clock / 100) as u32,
         }
     }
 
@@ -1165,11 +1166,29 @@ fn check_bounds(p: &Http2Parser, out: &[Output]) {
     }
 }
 
+/// Checks `p` and its outputs, `given` bytes having been fed or lost per direction, and counts
+/// the outputs as (exchanges, skips).
+fn settle(p: &Http2Parser, given: [u64; 2], out: &mut Vec<Output>, counts: &mut (usize, usize)) {
+    check_bounds(p, out);
+    for o in out.drain(..) {
+        match o {
+            Output::Exchange(e) => {
+                // A pushed stream's request is in the server's direction, and garbage may promise
+                // any stream id: only the bound common to both directions holds for every stream.
+                assert!(e.request_offset < given[0].max(given[1]), "{e:?}");
+                counts.0 += 1;
+            }
+            Output::Skipped(_) => counts.1 += 1,
+        }
+    }
+}
+
 /// Feeds `stream` to fresh parsers in random pieces, directions, gaps and closes.
 fn drive(rng: &mut Rng, stream: &[u8], max_piece: u64) -> (usize, usize) {
     let mut p = Http2Parser::new();
     let mut out = Vec::new();
-    let (mut exchanges, mut skips) = (0, 0);
+    let mut counts = (0, 0);
+    let mut given = [0u64; 2];
     let mut clock = 0;
     let mut pos = 0;
     while pos < stream.len() {
@@ -1177,32 +1196,33 @@ fn drive(rng: &mut Rng, stream: &[u8], max_piece: u64) -> (usize, usize) {
         let timing = Timing {
             start_ns: clock,
             end_ns: clock + 5,
+            thread: (clock % 7) as u32,
         };
         let dir = if rng.below(2) == 0 { SEND } else { RECV };
         match rng.below(100) {
-            0..=2 => p.gap(dir, rng.below(100_000), timing, &mut out),
+            0..=2 => {
+                let len = rng.below(100_000);
+                given[slot(dir)] += len;
+                p.gap(dir, len, timing, &mut out);
+            }
             3 => {
                 p.close(clock, &mut out);
-                check_bounds(&p, &out);
+                settle(&p, given, &mut out, &mut counts);
                 p = Http2Parser::new();
+                given = [0; 2];
             }
             _ => {
                 let n = (1 + rng.below(max_piece) as usize).min(stream.len() - pos);
+                given[slot(dir)] += n as u64;
                 p.feed(dir, &stream[pos..pos + n], timing, &mut out);
                 pos += n;
             }
         }
-        check_bounds(&p, &out);
-        for o in out.drain(..) {
-            match o {
-                Output::Exchange(_) => exchanges += 1,
-                Output::Skipped(_) => skips += 1,
-            }
-        }
+        settle(&p, given, &mut out, &mut counts);
     }
     p.close(clock, &mut out);
-    check_bounds(&p, &out);
-    (exchanges, skips)
+    settle(&p, given, &mut out, &mut counts);
+    counts
 }
 
 #[test]

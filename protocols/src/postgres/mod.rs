@@ -43,7 +43,7 @@ mod wire;
 
 use std::sync::Arc;
 
-use crate::{ConnectionParser, Detection, Direction, Output, Protocol, SkipReason, Timing};
+use crate::{ConnectionParser, Detection, Direction, Origin, Output, Protocol, SkipReason, Timing};
 use session::{Action, Msg, Session};
 use wire::{Probe, Side, Untyped};
 
@@ -155,12 +155,15 @@ struct Half {
     /// Bytes of a header split across feeds (5 typed, 8 untyped).
     header: [u8; 8],
     header_len: usize,
-    /// Start of the chunk that carried the first header byte.
-    header_start_ns: u64,
+    /// Where the first header byte was.
+    header_start: Origin,
     /// Kept bytes of a body split across feeds.
     body: Vec<u8>,
     /// The current run of skipped bytes was counted already.
     skip_counted: bool,
+    /// Bytes given in this direction so far, fed or lost in gaps: the stream position of the
+    /// next byte.
+    seen: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -188,7 +191,7 @@ struct Body {
     len: u32,
     left: u32,
     keep: usize,
-    start_ns: u64,
+    start: Origin,
     partial: bool,
 }
 
@@ -283,24 +286,25 @@ impl PgParser {
         }
     }
 
-    /// Reads a header of `size` bytes (5 typed, 8 untyped) at the start of `data`, or completes
-    /// one split across feeds. Returns the header, its start time and the bytes of `data` used;
-    /// `None` header while still incomplete.
+    /// Reads a header of `size` bytes (5 typed, 8 untyped) at the start of `data` (stream
+    /// position `at`), or completes one split across feeds. Returns the header, where it began
+    /// and the bytes of `data` used; `None` header while still incomplete.
     fn header(
         &mut self,
         dir: Direction,
         data: &[u8],
+        at: u64,
         size: usize,
         timing: Timing,
-    ) -> (Option<([u8; 8], u64)>, usize) {
+    ) -> (Option<([u8; 8], Origin)>, usize) {
         let half = self.half(dir);
         if half.header_len == 0 && data.len() >= size {
             let mut h = [0u8; 8];
             h[..size].copy_from_slice(&data[..size]);
-            return (Some((h, timing.start_ns)), size);
+            return (Some((h, Origin::new(timing, at))), size);
         }
         if half.header_len == 0 {
-            half.header_start_ns = timing.start_ns;
+            half.header_start = Origin::new(timing, at);
         }
         let take = (size - half.header_len).min(data.len());
         half.header[half.header_len..half.header_len + take].copy_from_slice(&data[..take]);
@@ -309,18 +313,20 @@ impl PgParser {
             return (None, take);
         }
         half.header_len = 0;
-        (Some((half.header, half.header_start_ns)), take)
+        (Some((half.header, half.header_start)), take)
     }
 
+    /// Reads a message from `data`, which starts at stream position `at`.
     fn on_typed(
         &mut self,
         dir: Direction,
         data: &[u8],
+        at: u64,
         timing: Timing,
         out: &mut Vec<Output>,
     ) -> usize {
-        let (header, used) = self.header(dir, data, 5, timing);
-        let Some((h, start_ns)) = header else {
+        let (header, used) = self.header(dir, data, at, 5, timing);
+        let Some((h, start)) = header else {
             return used;
         };
         let tag = h[0];
@@ -337,21 +343,23 @@ impl PgParser {
             len: len - 4,
             left: len - 4,
             keep: wire::keep_limit(side, tag),
-            start_ns,
+            start,
             partial: false,
         };
         used + self.start_body(dir, &data[used..], body, timing, out)
     }
 
+    /// Reads a message from `data`, which starts at stream position `at`.
     fn on_untyped(
         &mut self,
         dir: Direction,
         data: &[u8],
+        at: u64,
         timing: Timing,
         out: &mut Vec<Output>,
     ) -> usize {
-        let (header, used) = self.header(dir, data, 8, timing);
-        let Some((h, start_ns)) = header else {
+        let (header, used) = self.header(dir, data, at, 8, timing);
+        let Some((h, start)) = header else {
             let half = self.half(dir);
             if !wire::untyped_prefix(&half.header[..half.header_len]) {
                 self.lose(dir, SkipReason::Garbage, out);
@@ -372,7 +380,7 @@ impl PgParser {
             } else {
                 0
             },
-            start_ns,
+            start,
             partial: false,
         };
         used + self.start_body(dir, &data[used..], body, timing, out)
@@ -400,7 +408,7 @@ impl PgParser {
                 untyped: body.untyped,
                 body: &data[..len],
                 len: body.len,
-                start_ns: body.start_ns,
+                start: body.start,
                 end_ns: timing.end_ns,
                 partial: false,
             };
@@ -454,7 +462,7 @@ impl PgParser {
             untyped: body.untyped,
             body: &kept,
             len: body.len,
-            start_ns: body.start_ns,
+            start: body.start,
             end_ns,
             partial: body.partial,
         };
@@ -530,17 +538,21 @@ impl ConnectionParser for PgParser {
     }
 
     fn feed(&mut self, dir: Direction, data: &[u8], timing: Timing, out: &mut Vec<Output>) {
+        let half = self.half(dir);
+        let base = half.seen;
+        half.seen = base.saturating_add(data.len() as u64);
         let mut pos = 0;
         while pos < data.len() && !self.stopped {
             let rest = &data[pos..];
+            let at = base.saturating_add(pos as u64);
             pos += match self.halves[slot(dir)].frame {
                 Frame::Fresh => {
                     let frame = self.first_frame(dir, rest);
                     self.half(dir).frame = frame;
                     0
                 }
-                Frame::Typed => self.on_typed(dir, rest, timing, out),
-                Frame::Untyped => self.on_untyped(dir, rest, timing, out),
+                Frame::Typed => self.on_typed(dir, rest, at, timing, out),
+                Frame::Untyped => self.on_untyped(dir, rest, at, timing, out),
                 Frame::Answer => self.on_answer(dir, rest, out),
                 Frame::Body(body) => self.on_body(dir, rest, body, timing, out),
                 Frame::Resync => self.on_resync(dir, rest, out),
@@ -549,6 +561,8 @@ impl ConnectionParser for PgParser {
     }
 
     fn gap(&mut self, dir: Direction, len: u64, timing: Timing, out: &mut Vec<Output>) {
+        let half = self.half(dir);
+        half.seen = half.seen.saturating_add(len);
         if self.stopped || len == 0 {
             return;
         }

@@ -16,7 +16,7 @@ use super::{
     MAX_NAME, MAX_PENDING_RUNS, MAX_PENDING_TEXT, MAX_PORTALS, MAX_QUERY, MAX_QUEUE,
     MAX_STATEMENT_BYTES, MAX_STATEMENTS, MAX_TAG, PgError, PgExchange,
 };
-use crate::{Detail, Direction, Exchange, Outcome, Output, Role, SkipReason};
+use crate::{Detail, Direction, Exchange, Origin, Outcome, Output, Role, SkipReason};
 
 /// Queue entries searched for one answer before it is declared unpaired.
 const SEEK_LIMIT: usize = 256;
@@ -32,8 +32,8 @@ pub(super) struct Msg<'a> {
     pub body: &'a [u8],
     /// Full body length.
     pub len: u32,
-    /// Start of the chunk that carried the first byte.
-    pub start_ns: u64,
+    /// Where the first byte was.
+    pub start: Origin,
     /// End of the chunk that carried the last byte.
     pub end_ns: u64,
     /// Part of the message was lost in a gap: `body` stops where the gap began.
@@ -70,13 +70,16 @@ struct Item {
     kind: ItemKind,
     /// The run the message belongs to.
     run: Option<u64>,
+    /// Where the message began.
+    start: Origin,
 }
 
 /// A statement being executed: the messages leading to one Execute, or one simple Query.
 #[derive(Debug)]
 struct Run {
     id: u64,
-    start_ns: u64,
+    /// First byte of the run's first message.
+    start: Origin,
     end_ns: u64,
     text: Option<Arc<str>>,
     truncated: bool,
@@ -101,11 +104,11 @@ struct Run {
 }
 
 impl Run {
-    fn new(id: u64, start_ns: u64) -> Run {
+    fn new(id: u64, start: Origin) -> Run {
         Run {
             id,
-            start_ns,
-            end_ns: start_ns,
+            start,
+            end_ns: start.ns,
             text: None,
             truncated: false,
             statement_name: None,
@@ -418,14 +421,14 @@ impl Session {
         Some(run)
     }
 
-    /// The open run, created at `start_ns` when there is none.
-    fn open_run(&mut self, start_ns: u64, out: &mut Vec<Output>) -> u64 {
+    /// The open run, created at `start` when there is none.
+    fn open_run(&mut self, start: Origin, out: &mut Vec<Output>) -> u64 {
         if let Some(id) = self.open
             && self.run(id).is_some()
         {
             return id;
         }
-        let id = self.new_run(start_ns, out);
+        let id = self.new_run(start, out);
         self.open = Some(id);
         id
     }
@@ -441,7 +444,7 @@ impl Session {
 
     /// The open run for frontend message `m`, which makes it partial when `m` lost bytes.
     fn open_run_for(&mut self, m: &Msg<'_>, out: &mut Vec<Output>) -> u64 {
-        let id = self.open_run(m.start_ns, out);
+        let id = self.open_run(m.start, out);
         if m.partial
             && let Some(r) = self.run(id)
         {
@@ -450,13 +453,13 @@ impl Session {
         id
     }
 
-    fn new_run(&mut self, start_ns: u64, out: &mut Vec<Output>) -> u64 {
+    fn new_run(&mut self, start: Origin, out: &mut Vec<Output>) -> u64 {
         if self.runs.len() >= MAX_PENDING_RUNS {
             self.drop_oldest_run(out);
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.runs.push_back(Run::new(id, start_ns));
+        self.runs.push_back(Run::new(id, start));
         id
     }
 
@@ -493,7 +496,8 @@ impl Session {
         }
     }
 
-    fn push(&mut self, kind: ItemKind, run: Option<u64>, out: &mut Vec<Output>) {
+    /// Queues frontend message `kind`, which began at `start`, for its answer.
+    fn push(&mut self, kind: ItemKind, run: Option<u64>, start: Origin, out: &mut Vec<Output>) {
         if self.items.len() >= MAX_QUEUE
             && let Some(old) = self.items.pop_front()
         {
@@ -503,7 +507,7 @@ impl Session {
         if let Some(r) = run.and_then(|id| self.run(id)) {
             r.pending += 1;
         }
-        self.items.push_back(Item { kind, run });
+        self.items.push_back(Item { kind, run, start });
     }
 
     /// An item left the queue: a run that only prepared and has nothing left to wait for is done.
@@ -549,8 +553,10 @@ impl Session {
         };
         out.push(Output::Exchange(Exchange {
             role: role.unwrap_or(Role::Client),
-            start_ns: run.start_ns,
-            end_ns: end_ns.max(run.start_ns),
+            start_ns: run.start.ns,
+            end_ns: end_ns.max(run.start.ns),
+            request_offset: run.start.offset,
+            request_thread: run.start.thread,
             outcome,
             detail: Detail::Postgres(pg),
         }));
@@ -593,12 +599,12 @@ impl Session {
             b'B' => self.bind(m, out),
             b'D' => {
                 let id = self.open_run_for(m, out);
-                self.push(ItemKind::Describe, Some(id), out);
+                self.push(ItemKind::Describe, Some(id), m.start, out);
             }
             b'E' => self.execute(m, out),
             b'S' => {
                 self.close_open();
-                self.push(ItemKind::Sync, None, out);
+                self.push(ItemKind::Sync, None, m.start, out);
             }
             b'C' => {
                 let (name, _) = cstr_or_rest(m.body.get(1..).unwrap_or_default());
@@ -608,9 +614,9 @@ impl Session {
                     Some(b'P') => self.portals.remove(&name),
                     _ => {}
                 }
-                self.push(ItemKind::Close, None, out);
+                self.push(ItemKind::Close, None, m.start, out);
             }
-            b'F' => self.push(ItemKind::Function, None, out),
+            b'F' => self.push(ItemKind::Function, None, m.start, out),
             b'd' => {
                 if let Some(r) = self.copy_in.and_then(|id| self.run(id)) {
                     r.copy_bytes += u64::from(m.len);
@@ -649,12 +655,12 @@ impl Session {
                 self.skip_until_sync = false;
                 self.swallow_execute = None;
                 self.close_open();
-                self.push(ItemKind::Sync, None, out);
+                self.push(ItemKind::Sync, None, m.start, out);
             }
             b'P' => {
                 self.swallow_execute = None;
                 let (name, sql) = parse_body(m);
-                let id = self.open_run(m.start_ns, out);
+                let id = self.open_run(m.start, out);
                 self.set_text(id, Some(sql), Some(name), out);
             }
             b'B' => {
@@ -662,7 +668,7 @@ impl Session {
                 if self.swallow_execute.as_ref() != Some(&statement) {
                     self.swallow_execute = None;
                 }
-                let id = self.open_run(m.start_ns, out);
+                let id = self.open_run(m.start, out);
                 // A Parse discarded in this window named the statement: its text is the one
                 // meant, not what the statement table holds from before.
                 let parsed_here = self.run(id).is_some_and(|r| {
@@ -675,12 +681,12 @@ impl Session {
             }
             b'E' if self.swallow_execute.is_some() => self.swallow_execute = None,
             b'E' => {
-                let id = self.open_run(m.start_ns, out);
+                let id = self.open_run(m.start, out);
                 self.emit_aborted(id, m.end_ns, out);
             }
             b'Q' => {
                 self.close_open();
-                let id = self.new_run(m.start_ns, out);
+                let id = self.new_run(m.start, out);
                 self.set_text(id, Some(query_body(m)), None, out);
                 self.emit_aborted(id, m.end_ns, out);
             }
@@ -692,14 +698,14 @@ impl Session {
 
     fn query(&mut self, m: &Msg<'_>, out: &mut Vec<Output>) {
         self.close_open();
-        let id = self.new_run(m.start_ns, out);
+        let id = self.new_run(m.start, out);
         let sql = query_body(m);
         self.set_text(id, Some(sql), None, out);
         if let Some(r) = self.run(id) {
             r.reported = true;
             r.partial |= m.partial;
         }
-        self.push(ItemKind::Query, Some(id), out);
+        self.push(ItemKind::Query, Some(id), m.start, out);
     }
 
     fn parse(&mut self, m: &Msg<'_>, out: &mut Vec<Output>) {
@@ -707,7 +713,7 @@ impl Session {
         self.statements.insert(name.clone(), sql.0.clone(), sql.1);
         let id = self.open_run_for(m, out);
         self.set_text(id, Some(sql), Some(name), out);
-        self.push(ItemKind::Parse, Some(id), out);
+        self.push(ItemKind::Parse, Some(id), m.start, out);
     }
 
     fn bind(&mut self, m: &Msg<'_>, out: &mut Vec<Output>) {
@@ -717,7 +723,7 @@ impl Session {
             .insert(portal, statement.clone(), known.clone());
         let id = self.open_run_for(m, out);
         self.set_text(id, known, Some(statement), out);
-        self.push(ItemKind::Bind, Some(id), out);
+        self.push(ItemKind::Bind, Some(id), m.start, out);
     }
 
     fn execute(&mut self, m: &Msg<'_>, out: &mut Vec<Output>) {
@@ -738,7 +744,7 @@ impl Session {
             r.reported = true;
             r.row_limit = row_limit;
         }
-        self.push(ItemKind::Execute, Some(id), out);
+        self.push(ItemKind::Execute, Some(id), m.start, out);
         self.open = None;
     }
 
@@ -827,7 +833,7 @@ impl Session {
             let Some(lost) = self.items.pop_front() else {
                 break;
             };
-            self.lost(lost, m.start_ns, out);
+            self.lost(lost, m.start.ns, out);
         }
         self.items.front().copied()
     }
@@ -882,7 +888,7 @@ impl Session {
         if let Some(tag) = &tag
             && self.suspect
         {
-            item = self.realign(item, tag, m.start_ns, out);
+            item = self.realign(item, tag, m.start.ns, out);
         }
         self.touch(item, m, |r| match tag {
             Some(tag) => {
@@ -959,8 +965,12 @@ impl Session {
             }
             ItemKind::Sync => {
                 // A failure at Sync (commit of the implicit transaction) has no statement of
-                // its own: report it without text.
-                let id = self.new_run(m.start_ns, out);
+                // its own: report it without text, at the Sync that it answers.
+                let start = Origin {
+                    ns: m.start.ns,
+                    ..item.start
+                };
+                let id = self.new_run(start, out);
                 if let Some(r) = self.run(id) {
                     r.error = Some(fields);
                     r.responded = true;

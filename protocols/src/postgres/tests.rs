@@ -228,6 +228,7 @@ impl Conn {
         Timing {
             start_ns: self.clock,
             end_ns: self.clock + 50,
+            thread: (self.clock / 100) as u32,
         }
     }
 
@@ -1390,11 +1391,31 @@ impl Rng {
     }
 }
 
+/// Checks the outputs, `given` bytes having been fed or lost per direction, and counts them as
+/// (exchanges, skips).
+fn settle(given: [u64; 2], out: &mut Vec<Output>, counts: &mut (usize, usize)) {
+    check_outputs(out);
+    for o in out.drain(..) {
+        match o {
+            Output::Exchange(e) => {
+                let frontend = match e.role {
+                    Role::Client => SEND,
+                    Role::Server => RECV,
+                };
+                assert!(e.request_offset < given[slot(frontend)], "{e:?}");
+                counts.0 += 1;
+            }
+            Output::Skipped(_) => counts.1 += 1,
+        }
+    }
+}
+
 /// Feeds `stream` to fresh parsers in random pieces, directions, gaps and closes.
 fn drive(rng: &mut Rng, stream: &[u8], max_piece: u64) -> (usize, usize) {
     let mut p = PgParser::new();
     let mut out = Vec::new();
-    let (mut exchanges, mut skips) = (0, 0);
+    let mut counts = (0, 0);
+    let mut given = [0u64; 2];
     let mut clock = 0;
     let mut pos = 0;
     while pos < stream.len() {
@@ -1402,32 +1423,34 @@ fn drive(rng: &mut Rng, stream: &[u8], max_piece: u64) -> (usize, usize) {
         let timing = Timing {
             start_ns: clock,
             end_ns: clock + 5,
+            thread: (clock % 7) as u32,
         };
         let dir = if rng.below(2) == 0 { SEND } else { RECV };
         match rng.below(100) {
-            0..=3 => p.gap(dir, rng.below(100_000), timing, &mut out),
+            0..=3 => {
+                let len = rng.below(100_000);
+                given[slot(dir)] += len;
+                p.gap(dir, len, timing, &mut out);
+            }
             4 => {
                 p.close(clock, &mut out);
+                settle(given, &mut out, &mut counts);
                 p = PgParser::new();
+                given = [0; 2];
             }
             _ => {
                 let n = (1 + rng.below(max_piece) as usize).min(stream.len() - pos);
+                given[slot(dir)] += n as u64;
                 p.feed(dir, &stream[pos..pos + n], timing, &mut out);
                 pos += n;
             }
         }
         check_bounds(&p);
-        check_outputs(&out);
-        for o in out.drain(..) {
-            match o {
-                Output::Exchange(_) => exchanges += 1,
-                Output::Skipped(_) => skips += 1,
-            }
-        }
+        settle(given, &mut out, &mut counts);
     }
     p.close(clock, &mut out);
-    check_outputs(&out);
-    (exchanges, skips)
+    settle(given, &mut out, &mut counts);
+    counts
 }
 
 #[test]
