@@ -987,3 +987,178 @@ fn property_truncated_captures_recover() {
         c.close();
     }
 }
+
+// ---- stream positions and threads ----
+
+/// Where each exchange's request began: (stream offset, thread).
+fn origins(c: &Conn) -> Vec<(u64, u32)> {
+    c.exchanges()
+        .iter()
+        .map(|e| (e.request_offset, e.request_thread))
+        .collect()
+}
+
+fn post(target: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {target} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn pipelined_requests_in_one_chunk_get_their_own_offsets() {
+    let mut c = Conn::new();
+    let first = get("/first");
+    let t_first = c.feed(SEND, &first);
+    c.feed(RECV, &ok(200, "1"));
+    let p = post("/p", "hello");
+    let mut chunked_put = b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    chunked_put.extend(chunked(b"0123456789", 4, ""));
+    let last = get("/last");
+    // A stray CRLF after the previous message, three requests, and the start of a fourth.
+    let mut chunk = b"\r\n".to_vec();
+    chunk.extend(&p);
+    chunk.extend(&chunked_put);
+    chunk.extend(&last[..10]);
+    let t_pipe = c.feed(SEND, &chunk);
+    let t_rest = c.feed(SEND, &last[10..]);
+    for _ in 0..3 {
+        c.feed(RECV, &ok(200, "r"));
+    }
+    let ex = c.exchanges();
+    let targets: Vec<_> = ex.iter().map(|e| http(e).target.as_str()).collect();
+    assert_eq!(targets, ["/first", "/p", "/c", "/last"]);
+    let p_at = first.len() as u64 + 2;
+    let c_at = p_at + p.len() as u64;
+    let last_at = c_at + chunked_put.len() as u64;
+    assert_eq!(
+        origins(&c),
+        [
+            (0, t_first.thread),
+            (p_at, t_pipe.thread),
+            (c_at, t_pipe.thread),
+            (last_at, t_pipe.thread),
+        ]
+    );
+    assert_ne!(t_pipe.thread, t_rest.thread);
+    assert!(ex[1..].iter().all(|e| e.start_ns == t_pipe.start_ns));
+}
+
+#[test]
+fn offsets_and_threads_hold_at_every_split_position() {
+    let a = get("/a");
+    let b = post("/b", "body of b");
+    let d = get("/d");
+    let stream: Vec<u8> = [&a[..], &b, &d].concat();
+    let starts = [0, a.len(), a.len() + b.len()];
+    for cut in 0..=stream.len() {
+        let mut c = Conn::new();
+        let t1 = c.feed(SEND, &stream[..cut]);
+        let t2 = c.feed(SEND, &stream[cut..]);
+        for _ in 0..3 {
+            c.feed(RECV, &ok(200, "x"));
+        }
+        let want: Vec<_> = starts
+            .iter()
+            .map(|&s| (s as u64, if s < cut { t1.thread } else { t2.thread }))
+            .collect();
+        assert_eq!(origins(&c), want, "cut at {cut}");
+    }
+}
+
+#[test]
+fn request_split_across_many_feeds_as_server() {
+    let mut c = Conn::new();
+    let warmup = get("/warmup");
+    c.feed(RECV, &warmup);
+    // Response bytes go the other way and do not move the request stream.
+    c.feed(SEND, &ok(200, "a response body"));
+    let p = post("/x", "abcd");
+    let g = get("/y");
+    let t_p = c.feed(RECV, &p[..1]);
+    c.feed(RECV, &p[1..20]);
+    c.feed(RECV, &p[20..p.len() - 2]);
+    // The body's last bytes and the first byte of the next request share a chunk.
+    let mut tail = p[p.len() - 2..].to_vec();
+    tail.push(g[0]);
+    let t_g = c.feed(RECV, &tail);
+    for piece in g[1..].chunks(3) {
+        c.feed(RECV, piece);
+    }
+    c.feed(SEND, &ok(201, ""));
+    c.feed(SEND, &ok(200, ""));
+    let ex = c.exchanges();
+    assert_eq!(ex.len(), 3, "{:?}", c.out);
+    assert!(ex.iter().all(|e| e.role == Role::Server));
+    let p_at = warmup.len() as u64;
+    assert_eq!(
+        origins(&c)[1..],
+        [(p_at, t_p.thread), (p_at + p.len() as u64, t_g.thread)]
+    );
+    assert_eq!(ex[1].start_ns, t_p.start_ns);
+    assert_eq!(ex[2].start_ns, t_g.start_ns);
+}
+
+#[test]
+fn gap_before_the_first_request_counts_as_stream_bytes() {
+    let mut c = Conn::new();
+    // The capture joined mid-connection: earlier bytes are reported as a gap.
+    c.gap(SEND, 1000);
+    let t = c.feed(SEND, &get("/a"));
+    c.feed(RECV, &ok(200, "a"));
+    assert_eq!(origins(&c), [(1000, t.thread)]);
+    assert_eq!(c.exchanges()[0].outcome, Outcome::Complete);
+}
+
+#[test]
+fn gap_inside_a_body_keeps_exact_offsets() {
+    let mut c = Conn::new();
+    let head = b"POST /big HTTP/1.1\r\nContent-Length: 100\r\n\r\n";
+    let mut first = head.to_vec();
+    first.extend([b'b'; 10]);
+    let t_big = c.feed(SEND, &first);
+    c.gap(SEND, 90);
+    let t_next = c.feed(SEND, &get("/next"));
+    c.feed(RECV, &ok(200, ""));
+    c.feed(RECV, &ok(200, ""));
+    let next_at = head.len() as u64 + 100;
+    assert_eq!(origins(&c), [(0, t_big.thread), (next_at, t_next.thread)]);
+}
+
+#[test]
+fn head_lost_in_a_gap_is_placed_where_the_gap_met_the_boundary() {
+    let mut c = Conn::new();
+    let first = get("/1");
+    c.feed(SEND, &first);
+    c.feed(RECV, &ok(200, "1"));
+    // A whole request is lost at a message boundary: the best known start is the gap's start.
+    let t_gap = c.gap(SEND, 500);
+    c.feed(RECV, &ok(202, "lost request's answer"));
+    let t_3 = c.feed(SEND, &get("/3"));
+    // A gap covering the end of a body and the next head: the head follows the body.
+    let head = b"POST /4 HTTP/1.1\r\nContent-Length: 50\r\n\r\n";
+    let t_4 = c.feed(SEND, head);
+    let t_gap2 = c.gap(SEND, 50 + 300);
+    c.close();
+    let four_at = first.len() as u64 + 500 + get("/3").len() as u64;
+    let got: Vec<_> = c
+        .exchanges()
+        .iter()
+        .map(|e| (http(e).target.clone(), e.request_offset, e.request_thread))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/1".to_owned(), 0, got[0].2),
+            (String::new(), first.len() as u64, t_gap.thread),
+            ("/3".to_owned(), first.len() as u64 + 500, t_3.thread),
+            ("/4".to_owned(), four_at, t_4.thread),
+            (
+                String::new(),
+                four_at + head.len() as u64 + 50,
+                t_gap2.thread
+            ),
+        ]
+    );
+}
