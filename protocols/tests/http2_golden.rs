@@ -387,3 +387,46 @@ fn joining_mid_connection_never_reports_wrong_fields() {
         }
     }
 }
+
+/// Every request's position is the frame header of the HEADERS that opened its stream in the
+/// recorded client-to-server bytes, whichever end is traced and however the chunks are cut.
+#[test]
+fn request_offsets_point_at_the_opening_headers_frame() {
+    for name in ["nginx_curl", "nginx_nghttp", "grpc_greeter"] {
+        let chunks = load(name);
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata")
+            .join(name);
+        let mut reference = None;
+        for process in ROLES {
+            for piece in [usize::MAX, 1, 7, 1000] {
+                let r = Replay {
+                    process,
+                    piece,
+                    skip: 0,
+                };
+                let mut got = Vec::new();
+                for (conn, (exchanges, _)) in replay(&chunks, r) {
+                    let c2s = std::fs::read(dir.join(format!("conn{conn}.c2s.bin")))
+                        .expect("capture file");
+                    for e in &exchanges {
+                        let h = h2(e);
+                        let at = e.request_offset as usize;
+                        let hdr = &c2s[at..at + 9];
+                        let stream = u32::from_be_bytes([hdr[5], hdr[6], hdr[7], hdr[8]]);
+                        assert_eq!((hdr[3], stream), (0x1, h.stream_id), "{name} conn {conn}");
+                        // The replay gives client-to-server chunks thread 1.
+                        assert_eq!(e.request_thread, 1, "{name} conn {conn}");
+                        got.push((conn, h.stream_id, e.request_offset));
+                    }
+                }
+                got.sort_unstable();
+                assert!(!got.is_empty());
+                match &reference {
+                    None => reference = Some(got),
+                    Some(want) => assert_eq!(&got, want, "{name} {process:?} in pieces of {piece}"),
+                }
+            }
+        }
+    }
+}

@@ -1286,3 +1286,196 @@ fn frame_soup_never_panics_and_stays_bounded() {
     }
     assert!(exchanges > 0, "the soup must reach complete exchanges");
 }
+
+// ---- stream positions and threads ----
+
+/// (stream id, request offset, request thread) of each exchange, by stream id.
+fn origins(c: &Conn) -> Vec<(u32, u64, u32)> {
+    let mut v: Vec<_> = c
+        .exchanges()
+        .iter()
+        .map(|e| (h2(e).stream_id, e.request_offset, e.request_thread))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// A POST whose header block is split into HEADERS and CONTINUATION, with one DATA frame.
+fn post_continued(enc: &mut Enc, stream: u32) -> Vec<u8> {
+    let block = enc.encode(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/upload"),
+        (":authority", "example.com:8080"),
+    ]);
+    let mut f = frame(HEADERS, 0, stream, &block[..5]);
+    f.extend(frame(CONTINUATION, END_HEADERS, stream, &block[5..]));
+    f.extend(frame(DATA, END_STREAM, stream, &[7; 40]));
+    f
+}
+
+#[test]
+fn streams_opened_after_the_preface_and_in_one_chunk() {
+    for client_dir in [SEND, RECV] {
+        let server_dir = other(client_dir);
+        let (mut ce, mut se) = (Enc::new(), Enc::new());
+        let mut c = Conn::new();
+        // The preface alone, then SETTINGS and WINDOW_UPDATE with the first stream.
+        let start = client_start();
+        c.feed(client_dir, &start[..PREFACE.len()]);
+        let mut first = start[PREFACE.len()..].to_vec();
+        first.extend(get(&mut ce, 1, "/one"));
+        let t1 = c.feed(client_dir, &first);
+        c.feed(server_dir, &server_start());
+        // Two streams opened in one chunk, the first with CONTINUATION and DATA frames.
+        let s3 = post_continued(&mut ce, 3);
+        let mut both = s3.clone();
+        both.extend(get(&mut ce, 5, "/five"));
+        let t35 = c.feed(client_dir, &both);
+        for id in [1, 3, 5] {
+            c.feed(server_dir, &ok(&mut se, id, b"."));
+        }
+        let at1 = start.len() as u64;
+        let at3 = at1 + get(&mut Enc::new(), 1, "/one").len() as u64;
+        let at5 = at3 + s3.len() as u64;
+        assert_eq!(
+            origins(&c),
+            [
+                (1, at1, t1.thread),
+                (3, at3, t35.thread),
+                (5, at5, t35.thread)
+            ],
+            "client in {client_dir:?}"
+        );
+        assert!(c.exchanges().iter().all(|e| e.outcome == Outcome::Complete));
+        assert_eq!(c.exchanges()[2].start_ns, t35.start_ns);
+    }
+}
+
+#[test]
+fn offsets_and_threads_hold_at_every_split_position() {
+    let (mut ce, mut se) = (Enc::new(), Enc::new());
+    let mut stream = client_start();
+    let mut starts = Vec::new();
+    for (id, msg) in [
+        (1, get(&mut ce, 1, "/a")),
+        (3, post_continued(&mut ce, 3)),
+        (5, get(&mut ce, 5, "/c")),
+    ] {
+        starts.push((id, stream.len()));
+        stream.extend(msg);
+    }
+    let mut answers = server_start();
+    for id in [1, 3, 5] {
+        answers.extend(ok(&mut se, id, b"x"));
+    }
+    for cut in 0..=stream.len() {
+        let mut c = Conn::new();
+        let t1 = c.feed(SEND, &stream[..cut]);
+        let t2 = c.feed(SEND, &stream[cut..]);
+        c.feed(RECV, &answers);
+        let want: Vec<_> = starts
+            .iter()
+            .map(|&(id, at)| (id, at as u64, if at < cut { t1.thread } else { t2.thread }))
+            .collect();
+        assert_eq!(origins(&c), want, "cut at {cut}");
+    }
+}
+
+#[test]
+fn frame_header_split_over_three_feeds_takes_the_first_thread() {
+    let (mut ce, mut se) = (Enc::new(), Enc::new());
+    let mut c = Conn::new();
+    let mut start = client_start();
+    start.extend(get(&mut ce, 1, "/a"));
+    c.feed(SEND, &start);
+    c.feed(RECV, &server_start());
+    c.feed(RECV, &ok(&mut se, 1, b"a"));
+    let next = get(&mut ce, 3, "/b");
+    let t_first = c.feed(SEND, &next[..2]);
+    c.feed(SEND, &next[2..7]);
+    c.feed(SEND, &next[7..]);
+    c.feed(RECV, &ok(&mut se, 3, b"b"));
+    assert_eq!(
+        origins(&c)[1],
+        (3, start.len() as u64, t_first.thread),
+        "{:?}",
+        c.out
+    );
+}
+
+#[test]
+fn gaps_before_streams_advance_the_offset() {
+    let (mut ce, mut se) = (Enc::new(), Enc::new());
+    let mut c = Conn::new();
+    // The capture joined mid-connection; the server's table is fresh enough to decode `ok`.
+    c.gap(SEND, 5000);
+    let big = post_continued(&mut ce, 1);
+    // The DATA payload's middle is lost: the framing survives.
+    let (head, tail) = big.split_at(big.len() - 30);
+    let t1 = c.feed(SEND, head);
+    c.gap(SEND, 20);
+    c.feed(SEND, &tail[20..]);
+    let s3 = get(&mut ce, 3, "/three");
+    let t3 = c.feed(SEND, &s3);
+    // The server's SETTINGS bound the client's frames, so garbage is told from a frame below.
+    c.feed(RECV, &server_start());
+    // A gap across frame boundaries: the next frame is found at the start of the next chunk,
+    // and after garbage inside the chunk after that.
+    c.gap(SEND, 777);
+    let s5 = get(&mut ce, 5, "/five");
+    let t5 = c.feed(SEND, &s5);
+    let mut noisy = vec![0xde, 0xad, 0xbe, 0xef];
+    let garbage = noisy.len() as u64;
+    noisy.extend(get(&mut ce, 7, "/seven"));
+    noisy.extend(frame(PING, 0, 0, &[0; 8]));
+    let t7 = c.feed(SEND, &noisy);
+    for id in [1, 3, 5, 7] {
+        c.feed(RECV, &ok(&mut se, id, b"."));
+    }
+    c.close();
+    let at1 = 5000;
+    let at3 = at1 + big.len() as u64;
+    let at5 = at3 + s3.len() as u64 + 777;
+    let at7 = at5 + s5.len() as u64 + garbage;
+    assert_eq!(
+        origins(&c),
+        [
+            (1, at1, t1.thread),
+            (3, at3, t3.thread),
+            (5, at5, t5.thread),
+            (7, at7, t7.thread)
+        ],
+        "{:?}",
+        c.out
+    );
+}
+
+#[test]
+fn pushed_stream_is_placed_at_its_push_promise() {
+    let (mut ce, mut se) = (Enc::new(), Enc::new());
+    let mut c = Conn::new();
+    let mut req = client_start();
+    req.extend(get(&mut ce, 1, "/page"));
+    let t1 = c.feed(SEND, &req);
+    let start = server_start();
+    c.feed(RECV, &start);
+    let mut promise = 2u32.to_be_bytes().to_vec();
+    promise.extend(se.encode(&[
+        (":method", "GET"),
+        (":path", "/style.css"),
+        (":scheme", "http"),
+        (":authority", "example.com:8080"),
+    ]));
+    let t2 = c.feed(RECV, &frame(PUSH_PROMISE, END_HEADERS, 1, &promise));
+    c.feed(RECV, &ok(&mut se, 1, b"<html>"));
+    c.feed(RECV, &ok(&mut se, 2, b"body{}"));
+    // The promise travels in the server's direction: its position counts the server's bytes.
+    assert_eq!(
+        origins(&c),
+        [
+            (1, client_start().len() as u64, t1.thread),
+            (2, start.len() as u64, t2.thread)
+        ]
+    );
+}
