@@ -499,3 +499,60 @@ fn detection_on_recorded_first_chunks() {
         );
     }
 }
+
+/// (offset, thread) of each exchange of a replay.
+fn origins(r: &Replay) -> Vec<(u64, u32)> {
+    r.exchanges
+        .iter()
+        .map(|e| (e.request_offset, e.request_thread))
+        .collect()
+}
+
+/// Every statement's position is the first byte of a frontend message that starts a statement
+/// in the recorded client bytes, and its thread is the chunk that carried that byte (the replay
+/// gives chunk `i` thread `i`), whichever end is traced. Losing a client chunk moves no
+/// position: the statements still reported keep theirs.
+#[test]
+fn request_offsets_point_at_the_statements_first_message() {
+    for name in [
+        "pg_simple/conn-0",
+        "pg_pgbench_init/conn-0",
+        "pg_pgbench_prepared/conn-0",
+        "pg_pgbench_prepared/conn-1",
+        "pg_pipeline/conn-0",
+    ] {
+        let chunks = load(name);
+        // Client bytes, and where each client chunk starts in them.
+        let mut client = Vec::new();
+        let mut starts = Vec::new();
+        for (i, c) in chunks.iter().enumerate().filter(|(_, c)| c.client) {
+            starts.push((client.len() as u64, i as u32));
+            client.extend(&c.data);
+        }
+        let reference = origins(&replay(&chunks, true, &[]));
+        assert!(!reference.is_empty(), "{name}");
+        for &(at, thread) in &reference {
+            let tag = client[at as usize];
+            assert!(
+                b"QPBDES".contains(&tag),
+                "{name}: {:?} at {at}",
+                tag as char
+            );
+            let carrier = starts.iter().rev().find(|(s, _)| *s <= at).map(|c| c.1);
+            assert_eq!(carrier, Some(thread), "{name} at {at}");
+        }
+        assert_eq!(origins(&replay(&chunks, false, &[])), reference, "{name}");
+        if let Some(lost) =
+            (1..chunks.len()).find(|&i| chunks[i].client && chunks[i].data[0] == b'B')
+        {
+            let damaged = origins(&replay(&chunks, true, &[lost]));
+            assert!(!damaged.is_empty(), "{name}");
+            for o in &damaged {
+                assert!(
+                    reference.contains(o),
+                    "{name}: {o:?} after losing chunk {lost}"
+                );
+            }
+        }
+    }
+}

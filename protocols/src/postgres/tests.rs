@@ -1557,3 +1557,214 @@ fn probe_rejects_other_protocols() {
         assert_eq!(probe(SEND, data), Detection::Unknown, "{data:?}");
     }
 }
+
+// ---- stream positions and threads ----
+
+/// (query, request offset, request thread) of each exchange.
+fn origins(c: &Conn) -> Vec<(Option<String>, u64, u32)> {
+    c.exchanges()
+        .iter()
+        .map(|e| (pg(e).query.clone(), e.request_offset, e.request_thread))
+        .collect()
+}
+
+fn some(sql: &str) -> Option<String> {
+    Some(sql.to_owned())
+}
+
+/// Parse, Bind, Execute, Sync of one unnamed statement.
+fn extended(sql: &str) -> Vec<u8> {
+    cat(&[parse("", sql), bind("", "", &[]), execute("", 0), sync()])
+}
+
+/// What the backend answers to [`extended`].
+fn extended_answer(tag: &str) -> Vec<u8> {
+    cat(&[empty(b'1'), empty(b'2'), complete(tag), ready(b'I')])
+}
+
+#[test]
+fn extended_pipeline_in_one_chunk_and_a_simple_query() {
+    let mut c = Conn::started();
+    let at0 = startup("alice", "shop").len() as u64;
+    let q = query("SELECT 0");
+    let t_q = c.front(&q);
+    c.back(&cat(&[complete("SELECT 1"), ready(b'I')]));
+    // Two batches in one chunk; a third whose Parse header is split into the next chunk.
+    let (b1, b2, b3) = (
+        extended("SELECT 1"),
+        extended("SELECT 2"),
+        extended("SELECT 3"),
+    );
+    let chunk = cat(&[b1.clone(), b2.clone(), b3[..3].to_vec()]);
+    let t_pipe = c.front(&chunk);
+    let t_rest = c.front(&b3[3..]);
+    c.back(&cat(&[
+        extended_answer("SELECT 1"),
+        extended_answer("SELECT 1"),
+        extended_answer("SELECT 1"),
+    ]));
+    let at1 = at0 + q.len() as u64;
+    let at2 = at1 + b1.len() as u64;
+    let at3 = at2 + b2.len() as u64;
+    assert_eq!(
+        origins(&c),
+        [
+            (some("SELECT 0"), at0, t_q.thread),
+            (some("SELECT 1"), at1, t_pipe.thread),
+            (some("SELECT 2"), at2, t_pipe.thread),
+            (some("SELECT 3"), at3, t_pipe.thread),
+        ]
+    );
+    assert_ne!(t_pipe.thread, t_rest.thread);
+    assert!(c.exchanges().iter().all(|e| e.outcome == Outcome::Complete));
+}
+
+#[test]
+fn a_run_starts_at_its_first_message_whatever_it_is() {
+    let mut c = Conn::started();
+    let at0 = startup("alice", "shop").len() as u64;
+    let prepare = cat(&[parse("s", "SELECT $1"), sync()]);
+    c.front(&prepare);
+    c.back(&cat(&[empty(b'1'), ready(b'I')]));
+    // A run that starts at a Bind of the prepared statement, and one that starts at a Describe
+    // of it, both after a Flush that belongs to no run; several Executes after one Sync.
+    let by_bind = cat(&[bind("", "s", &[b"1"]), execute("", 0)]);
+    let by_describe = cat(&[
+        describe(b'S', "s"),
+        bind("", "s", &[b"2"]),
+        execute("", 0),
+        sync(),
+    ]);
+    let chunk = cat(&[flush(), by_bind.clone(), by_describe.clone()]);
+    let t = c.front(&chunk);
+    c.back(&cat(&[
+        empty(b'2'),
+        complete("SELECT 1"),
+        parameter_description(1),
+        empty(b'n'),
+        empty(b'2'),
+        complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    let at_bind = at0 + prepare.len() as u64 + flush().len() as u64;
+    let at_describe = at_bind + by_bind.len() as u64;
+    assert_eq!(
+        origins(&c),
+        [
+            (some("SELECT $1"), at_bind, t.thread),
+            (some("SELECT $1"), at_describe, t.thread),
+        ],
+        "{:?}",
+        c.out
+    );
+}
+
+#[test]
+fn offsets_and_threads_hold_at_every_split_position() {
+    let head = startup("alice", "shop");
+    let parts = [
+        (some("SELECT 1"), query("SELECT 1")),
+        (some("SELECT 2"), extended("SELECT 2")),
+        (some("SELECT 3"), query("SELECT 3")),
+    ];
+    let mut stream = head.clone();
+    let mut starts = Vec::new();
+    for (sql, msg) in &parts {
+        starts.push((sql.clone(), stream.len()));
+        stream.extend(msg);
+    }
+    let answers = cat(&[
+        backend_ready(),
+        complete("SELECT 1"),
+        ready(b'I'),
+        extended_answer("SELECT 1"),
+        complete("SELECT 1"),
+        ready(b'I'),
+    ]);
+    for server in [false, true] {
+        for cut in 0..=stream.len() {
+            let mut c = if server { Conn::server() } else { Conn::new() };
+            let t1 = c.front(&stream[..cut]);
+            let t2 = c.front(&stream[cut..]);
+            c.back(&answers);
+            let want: Vec<_> = starts
+                .iter()
+                .map(|(sql, at)| {
+                    let thread = if *at < cut { t1.thread } else { t2.thread };
+                    (sql.clone(), *at as u64, thread)
+                })
+                .collect();
+            assert_eq!(origins(&c), want, "cut at {cut}, server {server}");
+        }
+    }
+}
+
+#[test]
+fn gaps_before_statements_advance_the_offset() {
+    // Joined mid-connection: the bytes before the capture are a gap.
+    let mut c = Conn::server();
+    c.gap(true, 4000);
+    let q1 = query("DELETE FROM t");
+    let t1 = c.front(&q1);
+    c.back(&cat(&[complete("DELETE 3"), ready(b'I')]));
+    // A gap at a message boundary loses the framing; the next chunk starts a message.
+    c.gap(true, 123);
+    let b2 = extended("SELECT 2");
+    let t2 = c.front(&b2);
+    c.back(&extended_answer("SELECT 1"));
+    // A gap inside the query text keeps the framing and the statement's start.
+    let q3 = query(&format!("SELECT '{}'", "x".repeat(300)));
+    let t3 = c.front(&q3[..50]);
+    c.gap(true, 100);
+    c.front(&q3[150..]);
+    let q4 = query("SELECT 4");
+    let t4 = c.front(&q4);
+    c.back(&cat(&[complete("SELECT 1"), ready(b'I')]));
+    c.back(&cat(&[complete("SELECT 1"), ready(b'I')]));
+    let at2 = 4000 + q1.len() as u64 + 123;
+    let at3 = at2 + b2.len() as u64;
+    let at4 = at3 + q3.len() as u64;
+    let got: Vec<_> = c
+        .exchanges()
+        .iter()
+        .map(|e| (e.role, e.request_offset, e.request_thread))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Role::Server, 4000, t1.thread),
+            (Role::Server, at2, t2.thread),
+            (Role::Server, at3, t3.thread),
+            (Role::Server, at4, t4.thread),
+        ],
+        "{:?}",
+        c.out
+    );
+}
+
+#[test]
+fn error_answering_sync_is_placed_at_the_sync() {
+    let mut c = Conn::started();
+    let at0 = startup("alice", "shop").len() as u64;
+    let statement = cat(&[
+        parse("", "INSERT INTO t VALUES (1)"),
+        bind("", "", &[]),
+        execute("", 0),
+    ]);
+    let t_statement = c.front(&statement);
+    let t_sync = c.front(&sync());
+    c.back(&cat(&[
+        empty(b'1'),
+        empty(b'2'),
+        complete("INSERT 0 1"),
+        error("23503", "deferred constraint violated"),
+        ready(b'I'),
+    ]));
+    assert_eq!(
+        origins(&c),
+        [
+            (some("INSERT INTO t VALUES (1)"), at0, t_statement.thread),
+            (None, at0 + statement.len() as u64, t_sync.thread),
+        ]
+    );
+}
