@@ -16,6 +16,7 @@ use crate::check;
 use crate::config::{Config, Overrides};
 use crate::connections::{Connections, Filters};
 use crate::export::Exporter;
+use crate::linking::{Finished, Linker};
 use crate::metrics;
 use crate::process::ProcessTable;
 use crate::spans::Clock;
@@ -23,6 +24,8 @@ use crate::spans::Clock;
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 /// How often idle connections are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often the linking window releases the spans whose time has come.
+const LINK_TICK: Duration = Duration::from_millis(100);
 /// How often new processes are looked at for SSL libraries to probe.
 const TLS_SCAN_EVERY: Duration = Duration::from_secs(1);
 
@@ -102,6 +105,8 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     let mut report = tokio::time::interval(cfg.metrics_log_interval);
     let mut kernel_counters = tokio::time::interval(Duration::from_secs(1));
+    let mut link_tick = tokio::time::interval(LINK_TICK);
+    let mut linker = Linker::new(cfg.linking);
     let mut tls_scan = tokio::time::interval(TLS_SCAN_EVERY);
     tls_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(
@@ -109,15 +114,19 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         tls_probes,
         endpoint = %cfg.export.describe(),
         capture_bytes = cfg.capture_bytes,
+        linking = cfg.linking.enabled,
+        link_window_ms = cfg.linking.window.as_millis() as u64,
         "tracer ready"
     );
 
-    let mut emit = |span| exporter.submit(span);
+    let mut export = |span| exporter.submit(span);
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll failed")?;
                 let mut execs = Vec::new();
+                let now = monotonic_ns();
+                let mut emit = |f: Finished| linker.submit(f, now, &mut export);
                 drain(guard.get_inner_mut(), &mut conns, &mut execs, &mut emit);
                 guard.clear_ready();
                 apply_stop_payload(&mut capture, &mut conns);
@@ -125,7 +134,11 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
                     capture.scan_tls_execs(&execs);
                 }
             }
-            _ = sweep.tick() => conns.sweep(monotonic_ns(), &mut emit),
+            _ = sweep.tick() => {
+                let now = monotonic_ns();
+                conns.sweep(now, &mut |f: Finished| linker.submit(f, now, &mut export));
+            }
+            _ = link_tick.tick() => linker.advance(monotonic_ns(), &mut export),
             _ = kernel_counters.tick() => publish_kernel_counters(&capture),
             _ = tls_scan.tick() => { capture.scan_tls(); }
             _ = report.tick() => log_metrics(),
@@ -137,7 +150,14 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     // Detach every program first so nothing new arrives, then take what is still queued.
     publish_kernel_counters(&capture);
     drop(capture);
-    drain(ring.get_mut(), &mut conns, &mut Vec::new(), &mut emit);
+    let now = monotonic_ns();
+    drain(
+        ring.get_mut(),
+        &mut conns,
+        &mut Vec::new(),
+        &mut |f: Finished| linker.submit(f, now, &mut export),
+    );
+    linker.flush(&mut export);
     exporter.shutdown().await;
     if let Err(err) = export_task.await {
         warn!(%err, "exporter task ended abnormally");
@@ -153,7 +173,7 @@ fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     conns: &mut Connections,
     execs: &mut Vec<u32>,
-    emit: &mut dyn FnMut(crate::span::Span),
+    emit: &mut dyn FnMut(Finished),
 ) {
     let mut n = 0u64;
     while let Some(item) = ring.next() {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::export::ExportConfig;
+use crate::linking::LinkConfig;
 
 /// Why the configuration is unusable.
 #[derive(Debug, Error)]
@@ -67,6 +68,12 @@ pub struct FileConfig {
     pub metrics_log_interval_secs: Option<u64>,
     /// See [`Config::sanitize_query_text`].
     pub sanitize_query_text: Option<bool>,
+    /// See [`LinkConfig::enabled`].
+    pub linking: Option<bool>,
+    /// See [`LinkConfig::window`], in milliseconds.
+    pub link_window_ms: Option<u64>,
+    /// See [`LinkConfig::max_spans`].
+    pub link_max_spans: Option<usize>,
     /// Standard OpenTelemetry variables (`OTEL_EXPORTER_OTLP_ENDPOINT` = "...", ...), used when
     /// the environment does not set them.
     #[serde(default)]
@@ -96,6 +103,10 @@ pub struct Overrides {
     pub otlp_protocol: Option<String>,
     /// `--raw-query-text`.
     pub raw_query_text: bool,
+    /// `--no-linking`.
+    pub no_linking: bool,
+    /// `--link-window-ms`.
+    pub link_window_ms: Option<u64>,
 }
 
 /// The agent's configuration.
@@ -121,6 +132,8 @@ pub struct Config {
     pub metrics_log_interval: Duration,
     /// Replace literals in database query text (`db.query.text`) by `?` (default true).
     pub sanitize_query_text: bool,
+    /// Span linking (default on, 2 s window, 100000 spans).
+    pub linking: LinkConfig,
     /// Span export.
     pub export: ExportConfig,
 }
@@ -178,6 +191,17 @@ impl Config {
             metrics_addr: o.metrics_addr.or(file.metrics_addr),
             metrics_log_interval: Duration::from_secs(file.metrics_log_interval_secs.unwrap_or(60)),
             sanitize_query_text: !o.raw_query_text && file.sanitize_query_text.unwrap_or(true),
+            linking: {
+                let d = LinkConfig::default();
+                LinkConfig {
+                    enabled: !o.no_linking && file.linking.unwrap_or(d.enabled),
+                    window: o
+                        .link_window_ms
+                        .or(file.link_window_ms)
+                        .map_or(d.window, Duration::from_millis),
+                    max_spans: file.link_max_spans.unwrap_or(d.max_spans),
+                }
+            },
             export,
         };
         cfg.validate()?;
@@ -197,6 +221,11 @@ impl Config {
                 "ring_buffer_bytes {} must be a power of two of at least 4096",
                 self.ring_buffer_bytes
             )));
+        }
+        if self.linking.window.is_zero() || self.linking.max_spans == 0 {
+            return Err(ConfigError::Invalid(
+                "link_window_ms and link_max_spans must be positive".into(),
+            ));
         }
         if self.max_connections == 0 || self.idle_timeout.is_zero() {
             return Err(ConfigError::Invalid(
@@ -278,6 +307,29 @@ mod tests {
         };
         let off = Config::build(FileConfig::default(), &o, &|_| None).expect("config");
         assert!(!off.sanitize_query_text);
+    }
+
+    #[test]
+    fn linking_settings() {
+        let on = Config::build(FileConfig::default(), &Overrides::default(), &|_| None);
+        let on = on.expect("config").linking;
+        assert!(on.enabled);
+        assert_eq!(on.window, Duration::from_secs(2));
+        let file: FileConfig =
+            toml::from_str("linking = false\nlink_window_ms = 500\nlink_max_spans = 10")
+                .expect("toml");
+        let off = Config::build(file, &Overrides::default(), &|_| None).expect("config");
+        assert!(!off.linking.enabled);
+        assert_eq!(
+            (off.linking.window, off.linking.max_spans),
+            (Duration::from_millis(500), 10)
+        );
+        let o = Overrides {
+            no_linking: true,
+            link_window_ms: Some(0),
+            ..Default::default()
+        };
+        assert!(Config::build(FileConfig::default(), &o, &|_| None).is_err());
     }
 
     #[test]

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use protocols::{ConnectionParser, Detail, Detection, Direction, Output, Timing};
+use protocols::{ConnectionParser, Detail, Detection, Direction, Exchange, Output, Role, Timing};
 use tracer_ebpf::abi;
 
 use crate::capture::events::Event;
+use crate::linking::{ConnPosition, Finished, LinkInfo};
 use crate::metrics;
 use crate::process::ProcessTable;
-use crate::span::{Resource, Span};
+use crate::span::Resource;
 use crate::spans::{self, Clock, ConnAddrs, http_span};
 use crate::streams::{Assembler, Piece};
 
@@ -50,10 +51,25 @@ struct Connection {
     tls_state: ProtoState,
     tls_streams: [Assembler; 2],
     addrs: ConnAddrs,
+    /// Where request positions are measured from: see [`LinkCtx`].
+    link: LinkCtx,
     last_seen_ns: u64,
     /// The process, resolved when the connection is first seen: a short-lived client may have
     /// exited by the time its response completes.
     resource: Arc<Resource>,
+}
+
+/// What a connection knows for placing its requests in the stream both ends share.
+#[derive(Debug, Clone, Copy, Default)]
+struct LinkCtx {
+    tgid: u32,
+    /// Per stream set (0: syscall bytes, 1: TLS plaintext) and direction: the stream offset of
+    /// the parser's position 0, set when its parser first takes bytes in that direction.
+    base: [[Option<u64>; 2]; 2],
+    /// Per direction: TCP sequence number minus stream offset (wrapping), from the kernel.
+    seq_delta: [Option<u32>; 2],
+    /// The kernel saw the connection open: plaintext offsets at both ends count from its start.
+    role_known: bool,
 }
 
 /// What the table should do to the kernel's view of connections.
@@ -131,7 +147,13 @@ impl Connections {
     }
 
     /// Forgets a connection, flushing what its parser holds into spans.
-    fn remove(&mut self, key: &ConnKey, ts_ns: u64, why: &'static str, emit: &mut dyn FnMut(Span)) {
+    fn remove(
+        &mut self,
+        key: &ConnKey,
+        ts_ns: u64,
+        why: &'static str,
+        emit: &mut dyn FnMut(Finished),
+    ) {
         let Some((_, mut conn)) = self.table.remove(key) else {
             return;
         };
@@ -148,11 +170,11 @@ impl Connections {
             tls: true,
             ..conn.addrs
         };
-        self.flush(&conn.resource, &tls_addrs, emit);
+        self.flush(&conn.resource, &tls_addrs, &conn.link, emit);
         if let ProtoState::Parsing(parser) = &mut conn.state {
             parser.close(ts_ns, &mut self.outputs);
         }
-        self.flush(&conn.resource, &conn.addrs, emit);
+        self.flush(&conn.resource, &conn.addrs, &conn.link, emit);
         metrics::add(
             "connections_closed_total",
             metrics::labels(&[("reason", why)]),
@@ -166,7 +188,7 @@ impl Connections {
     }
 
     /// Processes one kernel event; finished spans go to `emit`.
-    pub fn handle(&mut self, ev: &Event<'_>, emit: &mut dyn FnMut(Span)) {
+    pub fn handle(&mut self, ev: &Event<'_>, emit: &mut dyn FnMut(Finished)) {
         let h = &ev.header;
         let key = ConnKey {
             tgid: h.tgid,
@@ -224,6 +246,10 @@ impl Connections {
                 tls_state: initial(),
                 tls_streams: Default::default(),
                 addrs,
+                link: LinkCtx {
+                    tgid: h.tgid,
+                    ..LinkCtx::default()
+                },
                 last_seen_ns: h.exit_ns,
                 resource: self.processes.resource(h.tgid, comm(&h.comm)),
             };
@@ -238,6 +264,11 @@ impl Connections {
         let conn = &mut *guard;
         conn.last_seen_ns = h.exit_ns;
         let tls = matches!(h.source, abi::SRC_SSL_READ | abi::SRC_SSL_WRITE);
+        let d = if h.direction == abi::DIR_SEND { 0 } else { 1 };
+        conn.link.role_known |= h.role != abi::ROLE_UNKNOWN;
+        if !tls && h.flags & abi::EV_F_TCP_SEQ != 0 {
+            conn.link.seq_delta[d] = Some(h.tcp_seq.wrapping_sub(h.stream_offset as u32));
+        }
         let (state, streams, flags) = if tls {
             (
                 &mut conn.tls_state,
@@ -267,14 +298,17 @@ impl Connections {
             Direction::Send => Timing {
                 start_ns: h.enter_ns,
                 end_ns: h.exit_ns,
+                thread: h.tid,
             },
             Direction::Recv => Timing {
                 start_ns: h.exit_ns,
                 end_ns: h.exit_ns,
+                thread: h.tid,
             },
         };
         let mut pieces = Vec::with_capacity(3);
-        if streams[dir_index(dir)]
+        let mut at = streams[d].expected().unwrap_or(h.stream_offset);
+        if streams[d]
             .accept(h.stream_offset, h.bytes, ev.payload, &mut pieces)
             .is_err()
         {
@@ -285,26 +319,33 @@ impl Connections {
             );
             return;
         }
+        let base = &mut conn.link.base[usize::from(tls)][d];
         for piece in pieces {
             let stop_as = StopPayload {
                 sock: key.sock,
                 conn_id: key.conn_id,
                 flags,
             };
+            let len = match piece {
+                Piece::Data(data) => data.len() as u64,
+                Piece::Gap(n) => n,
+            };
             feed(
                 stop_as,
                 state,
                 dir,
-                piece,
+                (piece, at, &mut *base),
                 timing,
                 &mut self.outputs,
                 &mut self.stop_payload,
             );
+            at += len;
         }
         let addrs = ConnAddrs { tls, ..conn.addrs };
         let resource = Arc::clone(&conn.resource);
+        let link = conn.link;
         drop(guard);
-        self.flush(&resource, &addrs, emit);
+        self.flush(&resource, &addrs, &link, emit);
     }
 
     fn wanted(&self, tgid: u32, addrs: &ConnAddrs) -> bool {
@@ -326,7 +367,13 @@ impl Connections {
     }
 
     /// Turns the parser outputs collected so far into spans.
-    fn flush(&mut self, resource: &Arc<Resource>, addrs: &ConnAddrs, emit: &mut dyn FnMut(Span)) {
+    fn flush(
+        &mut self,
+        resource: &Arc<Resource>,
+        addrs: &ConnAddrs,
+        link: &LinkCtx,
+        emit: &mut dyn FnMut(Finished),
+    ) {
         for out in self.outputs.drain(..) {
             match out {
                 Output::Skipped(reason) => {
@@ -370,7 +417,8 @@ impl Connections {
                         crate::span::SpanKind::Client => "client",
                     };
                     metrics::add("spans_created_total", metrics::labels(&[("kind", kind)]), 1);
-                    emit(span);
+                    let link = link_info(&ex, link, addrs);
+                    emit(Finished { span, link });
                 }
             }
         }
@@ -378,7 +426,7 @@ impl Connections {
 
     /// Forgets connections idle for longer than the idle timeout at monotonic time `now_ns`,
     /// flushing what their parsers hold.
-    pub fn sweep(&mut self, now_ns: u64, emit: &mut dyn FnMut(Span)) {
+    pub fn sweep(&mut self, now_ns: u64, emit: &mut dyn FnMut(Finished)) {
         let idle_ns = self.idle.as_nanos() as u64;
         let stale: Vec<ConnKey> = self
             .table
@@ -401,15 +449,20 @@ fn comm(raw: &[u8; 16]) -> &str {
 
 /// Feeds one piece of one stream to `state`; `stop_as` is what stops this stream's payload copies
 /// in the kernel when the stream turns out to be of no interest.
+/// `at` is the piece's offset in its stream; `base` the stream offset of the parser's first byte
+/// in this direction, set when the parser first takes bytes in it.
 fn feed(
     stop_as: StopPayload,
     state: &mut ProtoState,
     dir: Direction,
-    piece: Piece<'_>,
+    (piece, at, base): (Piece<'_>, u64, &mut Option<u64>),
     timing: Timing,
     outputs: &mut Vec<Output>,
     stop: &mut Vec<StopPayload>,
 ) {
+    if matches!(state, ProtoState::Parsing(_)) {
+        base.get_or_insert(at);
+    }
     match (&mut *state, piece) {
         (ProtoState::Parsing(parser), Piece::Data(data)) => parser.feed(dir, data, timing, outputs),
         (ProtoState::Parsing(parser), Piece::Gap(n)) => parser.gap(dir, n, timing, outputs),
@@ -432,6 +485,8 @@ fn feed(
                         1,
                     );
                     let mut parser = protocols::new_parser(proto);
+                    // The stash holds the bytes just before this piece.
+                    *base = Some(at.saturating_sub((bytes.len() - data.len()) as u64));
                     parser.feed(dir, bytes, timing, outputs);
                     *state = ProtoState::Parsing(parser);
                 }
@@ -464,4 +519,61 @@ fn feed(
 fn ignore(state: &mut ProtoState, stop_as: StopPayload, stop: &mut Vec<StopPayload>) {
     *state = ProtoState::Ignored;
     stop.push(stop_as);
+}
+
+/// Linking facts of one exchange: its thread, times, position in the connection, and the
+/// request identifiers an event-loop proxy passes on.
+fn link_info(ex: &Exchange, ctx: &LinkCtx, addrs: &ConnAddrs) -> LinkInfo {
+    let (target, request_id) = match &ex.detail {
+        Detail::Http(http) => (
+            Some(format!("{} {}", http.method, http.target).into_boxed_str()),
+            http.request_header("x-request-id").map(Into::into),
+        ),
+        Detail::Http2(h2) => (
+            h2.method
+                .as_deref()
+                .zip(h2.path.as_deref())
+                .map(|(m, p)| format!("{m} {p}").into_boxed_str()),
+            h2.request_headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("x-request-id"))
+                .map(|(_, v)| v.as_str().into()),
+        ),
+        Detail::Postgres(_) => (None, None),
+    };
+    LinkInfo {
+        tgid: ctx.tgid,
+        thread: ex.request_thread,
+        position: position(ex, ctx, addrs),
+        start_ns: ex.start_ns,
+        end_ns: ex.end_ns,
+        target,
+        request_id,
+    }
+}
+
+/// Where the exchange's request starts in the stream both ends share: the TCP sequence number
+/// of its first byte, or for TLS plaintext its offset when both ends saw the connection open.
+fn position(ex: &Exchange, ctx: &LinkCtx, addrs: &ConnAddrs) -> Option<ConnPosition> {
+    let (d, client, server) = match ex.role {
+        Role::Client => (0, addrs.local, addrs.remote),
+        Role::Server => (1, addrs.remote, addrs.local),
+    };
+    if client.port() == 0 || server.port() == 0 {
+        return None;
+    }
+    let at = ctx.base[usize::from(addrs.tls)][d]?.checked_add(ex.request_offset)?;
+    if addrs.tls {
+        ctx.role_known.then_some(ConnPosition::TlsOffset {
+            client,
+            server,
+            offset: at,
+        })
+    } else {
+        let delta = ctx.seq_delta[d]?;
+        Some(ConnPosition::TcpSeq {
+            client,
+            seq: (at as u32).wrapping_add(delta),
+        })
+    }
 }

@@ -9,6 +9,7 @@ mod check;
 mod config;
 mod connections;
 mod export;
+mod linking;
 mod metrics;
 mod process;
 mod span;
@@ -34,7 +35,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Trace every process on this host and export spans (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+
     /// Print what this kernel supports and which capture mode the agent will use.
     Check,
 }
@@ -71,6 +73,12 @@ struct RunArgs {
     /// Export database query text as captured, literals included (default: literals become `?`).
     #[arg(long)]
     raw_query_text: bool,
+    /// Export spans as they finish, without linking them into traces (header contexts still apply).
+    #[arg(long, env = "TRACER_NO_LINKING")]
+    no_linking: bool,
+    /// How long finished spans wait for their parents and children before export (default 2000).
+    #[arg(long, env = "TRACER_LINK_WINDOW_MS", value_name = "MS")]
+    link_window_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -86,6 +94,8 @@ impl RunArgs {
             otlp_endpoint: self.otlp_endpoint,
             otlp_protocol: self.otlp_protocol,
             raw_query_text: self.raw_query_text,
+            no_linking: self.no_linking,
+            link_window_ms: self.link_window_ms,
         }
     }
 }

@@ -28,6 +28,11 @@ pub struct Assembler {
 }
 
 impl Assembler {
+    /// Stream offset of the next byte expected, once an event was accepted.
+    pub fn expected(&self) -> Option<u64> {
+        self.next
+    }
+
     /// Accepts an event that transferred `bytes` starting at `offset`, of which `payload` (a prefix)
     /// was captured, and yields the pieces to feed in order.
     pub fn accept<'a>(

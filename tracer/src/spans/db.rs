@@ -960,6 +960,8 @@ mod tests {
             start_ns: 1_000,
             end_ns: 4_000,
             outcome,
+            request_offset: 0,
+            request_thread: 0,
             detail: Detail::Postgres(pg.clone()),
         }
     }

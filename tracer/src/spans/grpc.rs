@@ -404,6 +404,8 @@ mod tests {
             start_ns: 1_000,
             end_ns: 5_000,
             outcome,
+            request_offset: 0,
+            request_thread: 0,
             detail: Detail::Http2(h2.clone()),
         };
         http2_span(&ex, h2, addrs, resource(), &Clock::new())

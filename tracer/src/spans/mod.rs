@@ -789,6 +789,8 @@ mod tests {
             start_ns: 1_000,
             end_ns: 5_000,
             outcome,
+            request_offset: 0,
+            request_thread: 0,
             detail: Detail::Http(http.clone()),
         };
         http_span(
@@ -1434,6 +1436,8 @@ mod tests {
             start_ns: 9_000,
             end_ns: 1_000,
             outcome: Outcome::Complete,
+            request_offset: 0,
+            request_thread: 0,
             detail: Detail::Http(http.clone()),
         };
         let span = http_span(&ex, &http, None, resource(), &fixed_clock(0));

@@ -1,0 +1,712 @@
+//! Linking spans into traces. Finished spans wait in a bounded window so parents and children
+//! meet; each span then leaves with the trace id of the top of its chain and its parent's span id.
+//!
+//! Rules, in the order they are tried (docs/linking.md explains each and its limits):
+//! - **connection**: the SERVER span of a request and the CLIENT span that sent it share the
+//!   request's position in the TCP stream (the sequence number of its first byte, read in the
+//!   kernel, with the client's address and port; for TLS plaintext, the plaintext offset on a
+//!   connection seen from its start with the server's address too). The server span becomes the
+//!   client span's child.
+//! - **thread**: a CLIENT span sent by thread T while T's process was serving exactly one request
+//!   that T had read (that SERVER span started before and ended after the client span) becomes
+//!   that SERVER span's child: thread-per-request servers.
+//! - **evidence**: where several served requests on the thread (event loops), or only requests of
+//!   other threads, enclose the client span, it becomes the child of the one request that carries
+//!   the same `X-Request-ID`, the same incoming trace context, or the same request target
+//!   (a proxy forwarding the path); when none or several match, the span stays a root and the case
+//!   is counted as ambiguous.
+//! - A W3C or B3 context the request carried (set when the span was built) stays the parent when
+//!   no rule applies, and a rule never moves a span into another trace than its header names.
+//!
+//! Timeline of a span: arrival; at arrival + window/2 the thread and evidence rules run for a
+//! CLIENT span (the SERVER span that encloses it ends after it, so it must have arrived); at
+//! arrival + window it is exported; at arrival + 2 x window it is forgotten (until then a late
+//! child still finds its trace). At most `max_spans` are held: beyond that the oldest go early.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::metrics;
+use crate::span::{Span, SpanKind};
+
+/// Served requests looked at, nearest start first, when placing one client span.
+const MAX_CANDIDATES: usize = 64;
+/// Parent steps followed to find a chain's top; longer chains are cut (and counted).
+const MAX_DEPTH: usize = 64;
+
+/// Where a request sits in its connection, the same at both ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnPosition {
+    /// TCP sequence number of the request's first byte, with the client's end: sequence numbers
+    /// are random per connection, so the pair survives address translation of the server's end.
+    TcpSeq {
+        /// The client's address and port.
+        client: SocketAddr,
+        /// Sequence number.
+        seq: u32,
+    },
+    /// Offset of the request in the TLS plaintext of a connection both ends saw from its start.
+    TlsOffset {
+        /// The client's address and port.
+        client: SocketAddr,
+        /// The server's address and port.
+        server: SocketAddr,
+        /// Plaintext byte offset.
+        offset: u64,
+    },
+}
+
+/// What linking needs to know of a span besides the span itself.
+#[derive(Debug, Clone, Default)]
+pub struct LinkInfo {
+    /// Process.
+    pub tgid: u32,
+    /// Thread that moved the request's first byte (wrote it for CLIENT, read it for SERVER).
+    pub thread: u32,
+    /// The request's position in its connection, when known.
+    pub position: Option<ConnPosition>,
+    /// First byte of the request, monotonic ns.
+    pub start_ns: u64,
+    /// Last byte of the exchange, monotonic ns.
+    pub end_ns: u64,
+    /// Method and target (`GET /a?b`), for HTTP.
+    pub target: Option<Box<str>>,
+    /// `X-Request-ID` of the request.
+    pub request_id: Option<Box<str>>,
+}
+
+/// A finished span and what linking needs to know of it.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The span as built from its exchange (trace id and parent from request headers, if any).
+    pub span: Span,
+    /// Linking facts.
+    pub link: LinkInfo,
+}
+
+/// Linking settings.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkConfig {
+    /// Off: spans leave at once with only header contexts.
+    pub enabled: bool,
+    /// How long a span waits for its relatives before export.
+    pub window: Duration,
+    /// Most spans held at once.
+    pub max_spans: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            enabled: true,
+            window: Duration::from_secs(2),
+            max_spans: 100_000,
+        }
+    }
+}
+
+struct Entry {
+    /// The span, until it is exported.
+    span: Option<Span>,
+    kind: SpanKind,
+    span_id: [u8; 8],
+    /// The trace this span is in as far as known: its header's, or its chain top's once exported.
+    trace_id: [u8; 16],
+    /// The request carried a trace context (the span's trace id came from it).
+    from_header: bool,
+    /// Some exported span used this entry's trace id: it can no longer change.
+    committed: bool,
+    /// Parent found by a rule.
+    parent: Option<u64>,
+    link: LinkInfo,
+}
+
+/// The linking window.
+pub struct Linker {
+    cfg: LinkConfig,
+    entries: HashMap<u64, Entry>,
+    next_id: u64,
+    /// (due time, entry) in arrival order, one queue per step.
+    to_decide: VecDeque<(u64, u64)>,
+    to_export: VecDeque<(u64, u64)>,
+    to_forget: VecDeque<(u64, u64)>,
+    /// Client and server entry of each request position.
+    by_position: HashMap<ConnPosition, [Option<u64>; 2]>,
+    /// Served requests per (process, thread) and per process, by request start.
+    served_by_thread: HashMap<(u32, u32), BTreeSet<(u64, u64)>>,
+    served_by_process: HashMap<u32, BTreeSet<(u64, u64)>>,
+}
+
+fn count_link(rule: &'static str) {
+    metrics::add("spans_linked_total", metrics::labels(&[("rule", rule)]), 1);
+}
+
+fn count_unlinked(reason: &'static str) {
+    metrics::add(
+        "spans_unlinked_total",
+        metrics::labels(&[("reason", reason)]),
+        1,
+    );
+}
+
+impl Linker {
+    /// An empty window.
+    pub fn new(cfg: LinkConfig) -> Self {
+        Linker {
+            cfg,
+            entries: HashMap::new(),
+            next_id: 0,
+            to_decide: VecDeque::new(),
+            to_export: VecDeque::new(),
+            to_forget: VecDeque::new(),
+            by_position: HashMap::new(),
+            served_by_thread: HashMap::new(),
+            served_by_process: HashMap::new(),
+        }
+    }
+
+    /// Spans held, exported or not.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Nothing held.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn window_ns(&self) -> u64 {
+        u64::try_from(self.cfg.window.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Takes a finished span at monotonic time `now_ns`; spans due for export go to `emit`.
+    pub fn submit(&mut self, f: Finished, now_ns: u64, emit: &mut dyn FnMut(Span)) {
+        if !self.cfg.enabled {
+            count_root(&f.span);
+            emit(f.span);
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let kind = f.span.kind;
+        let entry = Entry {
+            kind,
+            span_id: f.span.span_id,
+            trace_id: f.span.trace_id,
+            from_header: f.span.parent_span_id.is_some(),
+            committed: false,
+            parent: None,
+            link: f.link,
+            span: Some(f.span),
+        };
+        let position = entry.link.position;
+        let start = entry.link.start_ns;
+        let (tgid, thread) = (entry.link.tgid, entry.link.thread);
+        self.entries.insert(id, entry);
+        if let Some(pos) = position {
+            let slot = self.by_position.entry(pos).or_default();
+            let side = usize::from(kind == SpanKind::Server);
+            slot[side] = Some(id);
+            let other = slot[1 - side];
+            if let Some(other) = other {
+                let (child, parent) = if kind == SpanKind::Server {
+                    (id, other)
+                } else {
+                    (other, id)
+                };
+                if self.link(child, parent) {
+                    count_link("connection");
+                }
+            }
+        }
+        let half = self.window_ns() / 2;
+        if kind == SpanKind::Server {
+            self.served_by_thread
+                .entry((tgid, thread))
+                .or_default()
+                .insert((start, id));
+            self.served_by_process
+                .entry(tgid)
+                .or_default()
+                .insert((start, id));
+        } else {
+            self.to_decide.push_back((now_ns.saturating_add(half), id));
+        }
+        self.to_export
+            .push_back((now_ns.saturating_add(2 * half), id));
+        self.to_forget
+            .push_back((now_ns.saturating_add(4 * half), id));
+        if self.entries.len() > self.cfg.max_spans {
+            metrics::add("linking_window_overflow_total", "", 1);
+            self.evict_oldest(emit);
+        }
+    }
+
+    /// Runs every remaining step of the oldest span now. Every queue is in arrival order, so
+    /// the oldest span's steps, if still pending, are at their fronts.
+    fn evict_oldest(&mut self, emit: &mut dyn FnMut(Span)) {
+        let Some((_, id)) = self.to_forget.pop_front() else {
+            return;
+        };
+        if self.to_decide.front().is_some_and(|&(_, d)| d == id) {
+            self.to_decide.pop_front();
+            self.decide(id);
+        }
+        if self.to_export.front().is_some_and(|&(_, e)| e == id) {
+            self.to_export.pop_front();
+            self.export(id, emit);
+        }
+        self.forget(id);
+    }
+
+    /// Runs every step due at monotonic time `now_ns`.
+    pub fn advance(&mut self, now_ns: u64, emit: &mut dyn FnMut(Span)) {
+        while let Some(&(due, id)) = self.to_decide.front() {
+            if due > now_ns {
+                break;
+            }
+            self.to_decide.pop_front();
+            self.decide(id);
+        }
+        while let Some(&(due, id)) = self.to_export.front() {
+            if due > now_ns {
+                break;
+            }
+            self.to_export.pop_front();
+            self.export(id, emit);
+        }
+        while let Some(&(due, id)) = self.to_forget.front() {
+            if due > now_ns {
+                break;
+            }
+            self.to_forget.pop_front();
+            self.forget(id);
+        }
+        metrics::set_gauge("linking_window_spans", "", self.entries.len() as u64);
+    }
+
+    /// Decides and exports everything held (shutdown).
+    pub fn flush(&mut self, emit: &mut dyn FnMut(Span)) {
+        self.advance(u64::MAX, emit);
+    }
+
+    /// The top of `id`'s chain.
+    fn top(&self, mut id: u64) -> u64 {
+        for _ in 0..MAX_DEPTH {
+            match self.entries.get(&id).and_then(|e| e.parent) {
+                Some(p) if self.entries.contains_key(&p) => id = p,
+                _ => return id,
+            }
+        }
+        metrics::add("linking_chain_cut_total", "", 1);
+        id
+    }
+
+    /// Makes `parent` the parent of `child` when that keeps every span in one trace and makes
+    /// no cycle; says whether it did.
+    fn link(&mut self, child: u64, parent: u64) -> bool {
+        if child == parent {
+            return false;
+        }
+        let top = self.top(parent);
+        if top == child {
+            count_unlinked("cycle");
+            return false;
+        }
+        let (Some(c), Some(t)) = (self.entries.get(&child), self.entries.get(&top)) else {
+            return false;
+        };
+        if c.parent.is_some() {
+            return false;
+        }
+        let (child_trace, child_fixed) = (c.trace_id, c.from_header || c.committed);
+        let (top_trace, top_fixed) = (t.trace_id, t.from_header || t.committed);
+        if child_trace != top_trace && child_fixed {
+            if top_fixed {
+                count_unlinked("conflicting_trace");
+                return false;
+            }
+            // The chain above takes the trace its lower part already has (from a header, or
+            // because part of it left already).
+            if let Some(t) = self.entries.get_mut(&top) {
+                t.trace_id = child_trace;
+            }
+        }
+        if let Some(c) = self.entries.get_mut(&child) {
+            c.parent = Some(parent);
+        }
+        true
+    }
+
+    /// The thread and evidence rules for a CLIENT span.
+    fn decide(&mut self, id: u64) {
+        let Some(c) = self.entries.get(&id) else {
+            return;
+        };
+        if c.parent.is_some() {
+            return;
+        }
+        let link = &c.link;
+        let encloses = |e: &Entry| e.link.start_ns <= link.start_ns && link.end_ns <= e.link.end_ns;
+        let on_thread = nearest(
+            self.served_by_thread.get(&(link.tgid, link.thread)),
+            link.start_ns,
+        )
+        .filter(|s| self.entries.get(s).is_some_and(encloses))
+        .collect::<Vec<u64>>();
+        let chosen = match on_thread.as_slice() {
+            [] => {
+                let in_process = nearest(self.served_by_process.get(&link.tgid), link.start_ns)
+                    .filter(|s| self.entries.get(s).is_some_and(encloses))
+                    .collect::<Vec<u64>>();
+                if in_process.is_empty() {
+                    None
+                } else {
+                    match self.by_evidence(c, &in_process) {
+                        Some(s) => Some((s, "process_evidence")),
+                        None => {
+                            count_unlinked("ambiguous");
+                            None
+                        }
+                    }
+                }
+            }
+            [one] => Some((*one, "thread")),
+            many => match self.by_evidence(c, many) {
+                Some(s) => Some((s, "thread_evidence")),
+                None => {
+                    count_unlinked("ambiguous");
+                    None
+                }
+            },
+        };
+        if let Some((parent, rule)) = chosen
+            && self.link(id, parent)
+        {
+            count_link(rule);
+        }
+    }
+
+    /// The one candidate that shares a request id, an incoming trace context or a target with
+    /// client span `c`, trying those in that order.
+    fn by_evidence(&self, c: &Entry, candidates: &[u64]) -> Option<u64> {
+        type Same = fn(&Entry, &Entry) -> bool;
+        let tests: [Same; 3] = [
+            |c, s| c.link.request_id.is_some() && c.link.request_id == s.link.request_id,
+            |c, s| c.from_header && s.from_header && c.trace_id == s.trace_id,
+            |c, s| c.link.target.is_some() && c.link.target == s.link.target,
+        ];
+        for same in tests {
+            let mut found = candidates
+                .iter()
+                .filter(|s| self.entries.get(s).is_some_and(|s| same(c, s)));
+            if let (Some(&one), None) = (found.next(), found.next()) {
+                return Some(one);
+            }
+        }
+        None
+    }
+
+    fn export(&mut self, id: u64, emit: &mut dyn FnMut(Span)) {
+        let top = self.top(id);
+        let trace_id = match self.entries.get_mut(&top) {
+            Some(t) => {
+                t.committed = true;
+                t.trace_id
+            }
+            None => return,
+        };
+        let parent_span_id = self
+            .entries
+            .get(&id)
+            .and_then(|e| e.parent)
+            .and_then(|p| self.entries.get(&p))
+            .map(|p| p.span_id);
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        e.trace_id = trace_id;
+        e.committed = true;
+        let Some(mut span) = e.span.take() else {
+            return;
+        };
+        span.trace_id = trace_id;
+        if parent_span_id.is_some() {
+            span.parent_span_id = parent_span_id;
+        }
+        count_root(&span);
+        emit(span);
+    }
+
+    fn forget(&mut self, id: u64) {
+        let Some(e) = self.entries.remove(&id) else {
+            return;
+        };
+        if let Some(pos) = e.link.position
+            && let Some(slot) = self.by_position.get_mut(&pos)
+        {
+            for side in slot.iter_mut() {
+                if *side == Some(id) {
+                    *side = None;
+                }
+            }
+            if slot.iter().all(Option::is_none) {
+                self.by_position.remove(&pos);
+            }
+        }
+        if e.kind == SpanKind::Server {
+            let key = (e.link.start_ns, id);
+            remove_served(
+                &mut self.served_by_thread,
+                (e.link.tgid, e.link.thread),
+                key,
+            );
+            remove_served(&mut self.served_by_process, e.link.tgid, key);
+        }
+    }
+}
+
+fn count_root(span: &Span) {
+    if span.parent_span_id.is_none() {
+        let kind = match span.kind {
+            SpanKind::Server => "server",
+            SpanKind::Client => "client",
+        };
+        metrics::add("spans_root_total", metrics::labels(&[("kind", kind)]), 1);
+    }
+}
+
+fn remove_served<K: std::hash::Hash + Eq>(
+    index: &mut HashMap<K, BTreeSet<(u64, u64)>>,
+    k: K,
+    key: (u64, u64),
+) {
+    if let Some(set) = index.get_mut(&k) {
+        set.remove(&key);
+        if set.is_empty() {
+            index.remove(&k);
+        }
+    }
+}
+
+/// Up to [`MAX_CANDIDATES`] served requests that started at or before `start_ns`, nearest first.
+fn nearest(set: Option<&BTreeSet<(u64, u64)>>, start_ns: u64) -> impl Iterator<Item = u64> + '_ {
+    set.into_iter()
+        .flat_map(move |s| s.range(..=(start_ns, u64::MAX)).rev())
+        .take(MAX_CANDIDATES)
+        .map(|&(_, id)| id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::span::{Resource, Status};
+    use std::sync::Arc;
+
+    const MS: u64 = 1_000_000;
+
+    fn span(kind: SpanKind, n: u8) -> Span {
+        Span {
+            trace_id: [n; 16],
+            span_id: [n; 8],
+            parent_span_id: None,
+            trace_state: String::new(),
+            name: format!("span {n}"),
+            kind,
+            start_unix_ns: 0,
+            end_unix_ns: 0,
+            attributes: Vec::new(),
+            status: Status::Unset,
+            resource: Arc::new(Resource {
+                service_name: "test".into(),
+                pid: 1,
+                attributes: Vec::new(),
+            }),
+        }
+    }
+
+    fn finished(
+        kind: SpanKind,
+        n: u8,
+        (tgid, thread): (u32, u32),
+        (start, end): (u64, u64),
+        position: Option<ConnPosition>,
+    ) -> Finished {
+        Finished {
+            span: span(kind, n),
+            link: LinkInfo {
+                tgid,
+                thread,
+                position,
+                start_ns: start * MS,
+                end_ns: end * MS,
+                ..LinkInfo::default()
+            },
+        }
+    }
+
+    fn pos(port: u16, seq: u32) -> Option<ConnPosition> {
+        Some(ConnPosition::TcpSeq {
+            client: SocketAddr::from(([127, 0, 0, 1], port)),
+            seq,
+        })
+    }
+
+    fn run(linker: &mut Linker, spans: Vec<Finished>) -> HashMap<u8, Span> {
+        let mut out = HashMap::new();
+        let mut emit = |s: Span| {
+            out.insert(s.span_id[0], s);
+        };
+        for (i, f) in spans.into_iter().enumerate() {
+            linker.submit(f, i as u64 * MS, &mut emit);
+        }
+        linker.flush(&mut emit);
+        assert!(linker.is_empty(), "flush forgets everything");
+        out
+    }
+
+    fn linker() -> Linker {
+        Linker::new(LinkConfig::default())
+    }
+
+    /// curl (pid 1) -> proxy server/client (pid 2, thread 20) -> backend (pid 3): arrival order is
+    /// innermost first, as on a real host.
+    #[test]
+    fn chain_across_processes_and_inside_one() {
+        let spans = vec![
+            finished(SpanKind::Server, 4, (3, 30), (3, 4), pos(5000, 900)),
+            finished(SpanKind::Client, 3, (2, 20), (2, 5), pos(5000, 900)),
+            finished(SpanKind::Server, 2, (2, 20), (1, 6), pos(4000, 100)),
+            finished(SpanKind::Client, 1, (1, 10), (0, 7), pos(4000, 100)),
+        ];
+        let out = run(&mut linker(), spans);
+        assert_eq!(out.len(), 4);
+        let trace = out[&1].trace_id;
+        assert!(out.values().all(|s| s.trace_id == trace));
+        assert_eq!(out[&1].parent_span_id, None);
+        assert_eq!(out[&2].parent_span_id, Some([1; 8]));
+        assert_eq!(out[&3].parent_span_id, Some([2; 8]));
+        assert_eq!(out[&4].parent_span_id, Some([3; 8]));
+    }
+
+    #[test]
+    fn other_positions_do_not_link() {
+        let spans = vec![
+            finished(SpanKind::Server, 2, (2, 20), (1, 6), pos(4000, 101)),
+            finished(SpanKind::Client, 1, (1, 10), (0, 7), pos(4000, 100)),
+            finished(SpanKind::Server, 4, (2, 20), (1, 6), pos(4001, 100)),
+        ];
+        let out = run(&mut linker(), spans);
+        assert!(out.values().all(|s| s.parent_span_id.is_none()));
+    }
+
+    /// Two requests open at once on one event-loop thread: the target decides, and without it
+    /// the client span stays a root.
+    #[test]
+    fn event_loop_needs_evidence() {
+        let mut a = finished(SpanKind::Server, 1, (2, 20), (0, 10), None);
+        let mut b = finished(SpanKind::Server, 2, (2, 20), (1, 10), None);
+        let mut c = finished(SpanKind::Client, 3, (2, 20), (2, 8), None);
+        let d = finished(SpanKind::Client, 4, (2, 20), (3, 8), None);
+        a.link.target = Some("GET /a".into());
+        b.link.target = Some("GET /b".into());
+        c.link.target = Some("GET /b".into());
+        let out = run(&mut linker(), vec![c, d, a, b]);
+        assert_eq!(out[&3].parent_span_id, Some([2; 8]));
+        assert_eq!(out[&3].trace_id, out[&2].trace_id);
+        assert_eq!(out[&4].parent_span_id, None, "ambiguous stays a root");
+    }
+
+    /// A client span outside every served request, or on another thread without evidence, stays
+    /// a root.
+    #[test]
+    fn no_enclosing_request_no_parent() {
+        let spans = vec![
+            finished(SpanKind::Client, 1, (2, 20), (0, 3), None),
+            finished(SpanKind::Client, 2, (2, 21), (5, 6), None),
+            finished(SpanKind::Server, 3, (2, 20), (4, 9), None),
+        ];
+        let out = run(&mut linker(), spans);
+        assert_eq!(out[&1].parent_span_id, None);
+        assert_eq!(out[&2].parent_span_id, None);
+    }
+
+    /// A header context is kept; a link into another trace than the header's is refused.
+    #[test]
+    fn header_trace_is_never_changed() {
+        let mut s = finished(SpanKind::Server, 2, (2, 20), (1, 6), pos(4000, 100));
+        s.span.trace_id = [9; 16];
+        s.span.parent_span_id = Some([9; 8]);
+        let mut c = finished(SpanKind::Client, 1, (1, 10), (0, 7), pos(4000, 100));
+        c.span.trace_id = [8; 16];
+        c.span.parent_span_id = Some([8; 8]);
+        let out = run(&mut linker(), vec![s, c]);
+        assert_eq!(out[&2].trace_id, [9; 16]);
+        assert_eq!(out[&2].parent_span_id, Some([9; 8]));
+        assert_eq!(out[&1].trace_id, [8; 16]);
+    }
+
+    /// The whole chain takes the trace id of a header at its top.
+    #[test]
+    fn chain_joins_the_header_trace() {
+        let s = finished(SpanKind::Server, 2, (2, 20), (1, 6), pos(4000, 100));
+        let mut c = finished(SpanKind::Client, 1, (1, 10), (0, 7), pos(4000, 100));
+        c.span.trace_id = [8; 16];
+        c.span.parent_span_id = Some([7; 8]);
+        let out = run(&mut linker(), vec![s, c]);
+        assert_eq!(out[&2].trace_id, [8; 16]);
+        assert_eq!(out[&2].parent_span_id, Some([1; 8]));
+        assert_eq!(out[&1].parent_span_id, Some([7; 8]));
+    }
+
+    #[test]
+    fn disabled_passes_spans_through() {
+        let mut l = Linker::new(LinkConfig {
+            enabled: false,
+            ..LinkConfig::default()
+        });
+        let mut n = 0;
+        l.submit(
+            finished(SpanKind::Server, 1, (1, 1), (0, 1), pos(1, 1)),
+            0,
+            &mut |_| n += 1,
+        );
+        assert_eq!((n, l.len()), (1, 0));
+    }
+
+    /// Spans leave one window after arrival and are forgotten after two; the bound is kept.
+    #[test]
+    fn window_timing_and_bound() {
+        let mut l = Linker::new(LinkConfig {
+            max_spans: 3,
+            ..LinkConfig::default()
+        });
+        let mut out = Vec::new();
+        for n in 0..3u8 {
+            l.submit(
+                finished(SpanKind::Client, n, (1, 1), (0, 1), None),
+                0,
+                &mut |s| out.push(s),
+            );
+        }
+        let w = 2_000 * MS;
+        l.advance(w - 1, &mut |s| out.push(s));
+        assert!(out.is_empty());
+        l.advance(w, &mut |s| out.push(s));
+        assert_eq!((out.len(), l.len()), (3, 3));
+        l.advance(2 * w, &mut |s| out.push(s));
+        assert_eq!(l.len(), 0);
+        for n in 0..5u8 {
+            l.submit(
+                finished(SpanKind::Client, n, (1, 1), (0, 1), None),
+                3 * w,
+                &mut |s| out.push(s),
+            );
+        }
+        assert!(l.len() <= 3, "held {}", l.len());
+        assert_eq!(out.len(), 3 + 2);
+    }
+}
