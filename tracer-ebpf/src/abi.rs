@@ -200,7 +200,6 @@ pub struct KernelOffsets {
     pub tcp_copied_seq: u32,
 }
 
-
 const _: () = assert!(HEADER_SIZE.is_multiple_of(8));
 const _: () = assert!(core::mem::size_of::<ConnState>().is_multiple_of(8));
 const _: () = assert!(core::mem::size_of::<KernelOffsets>().is_multiple_of(8));

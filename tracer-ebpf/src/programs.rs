@@ -58,7 +58,6 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_copied_seq: 0,
 };
 
-
 /// Events to userspace. Userspace resizes it at load time.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
