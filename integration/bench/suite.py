@@ -248,13 +248,13 @@ DROP_PREFIXES = (
 class Agent:
     """`tracer run` exporting to the counting receiver, with its metrics endpoint on."""
 
-    def __init__(self, ctx, tag):
+    def __init__(self, ctx, tag, extra=()):
         self.ctx = ctx
         self.log_path = ctx.work / f"agent-{tag}.log"
         metrics_port = free_port()
         args = [str(ctx.tracer), "run", "--otlp-endpoint", ctx.receiver_url,
                 "--otlp-protocol", "http/protobuf", "--metrics-addr", f"127.0.0.1:{metrics_port}"]
-        args += ctx.agent_args
+        args += ctx.agent_args + list(extra)
         self.proc = Proc("tracer", args, stderr=self.log_path)
         deadline = time.monotonic() + AGENT_READY_TIMEOUT
         while READY_LINE not in self.log_path.read_text(errors="replace"):
@@ -361,14 +361,22 @@ class Ctx:
     pass
 
 
-def nginx_start(ctx):
-    root = ctx.work / "nginx"
+def nginx_start(ctx, name="nginx", proxy_to=None):
+    """nginx serving a 200-byte static file, or with `proxy_to` a reverse proxy to that port with
+    a keep-alive upstream."""
+    root = ctx.work / name
     (root / "www").mkdir(parents=True, exist_ok=True)
     (root / "tmp").mkdir(exist_ok=True)
     # A small static response: 200 bytes of text.
     (root / "www" / "index.html").write_text("x" * 199 + "\n")
     port = free_port()
     conf = root / "nginx.conf"
+    if proxy_to is None:
+        upstream, location = "", f"root {root}/www;"
+    else:
+        upstream = f"upstream backend {{ server 127.0.0.1:{proxy_to}; keepalive 32; }}"
+        location = ("location / { proxy_pass http://backend; proxy_http_version 1.1; "
+                    'proxy_set_header Connection ""; }')
     conf.write_text(f"""
 worker_processes {ctx.nginx_workers};
 daemon off;
@@ -385,9 +393,10 @@ http {{
   fastcgi_temp_path {root}/tmp;
   uwsgi_temp_path {root}/tmp;
   scgi_temp_path {root}/tmp;
+  {upstream}
   server {{
     listen 127.0.0.1:{port};
-    root {root}/www;
+    {location}
   }}
 }}
 """)
@@ -430,13 +439,13 @@ def quiet_gate(ctx):
         time.sleep(2)
 
 
-def with_agent(ctx, tag, on, load):
+def with_agent(ctx, tag, on, load, extra=()):
     """Runs `load()` with or without a fresh agent; returns (load result, agent result or None).
     Other agents seen at the start or end of the run are recorded in the result's `others`."""
     busy = quiet_gate(ctx)
     others = set(other_agents())
     before = ctx.receiver.counts()
-    agent = Agent(ctx, tag) if on else None
+    agent = Agent(ctx, tag, extra) if on else None
     try:
         if agent:
             agent.begin()
@@ -499,6 +508,37 @@ def scenario_nginx(ctx):
     ratio = [on["rps"] / off["rps"] for off, on in zip(runs["off"], runs["on"])]
     spans = [min(1.0, x["server_spans"] / x["requests"]) for x in runs["on"]]
     return {"runs": runs, "ratio": ratio, "span_fraction": spans}
+
+
+def scenario_chain(ctx):
+    """wrk → nginx reverse proxy → nginx static server: without the agent, with it, and with it
+    but linking turned off. Each request makes 3 spans (2 SERVER, 1 CLIENT) and 2 links."""
+    back, back_port = nginx_start(ctx)
+    front, port = nginx_start(ctx, "nginx-proxy", proxy_to=back_port)
+    url = f"http://127.0.0.1:{port}/index.html"
+    configs = {"off": None, "linking": [], "no-linking": ["--no-linking"]}
+    try:
+        wrk(ctx, url, 2)  # warm-up, not measured
+        runs = {k: [] for k in configs}
+        for r, order in enumerate(orders(list(configs), ctx.rounds)):
+            for cfg in order:
+                res, a = with_agent(ctx, f"chain-{cfg}-{r}", configs[cfg] is not None,
+                                    lambda: wrk(ctx, url, ctx.duration), configs[cfg] or ())
+                res["agent"] = a
+                if a:
+                    res["server_spans"] = Receiver.delta(a["counts_before"], a["counts_after"], "nginx")
+                    res["links"] = sum(v for k, v in a["metrics"].items()
+                                       if k.startswith("tracer_spans_linked_total"))
+                runs[cfg].append(res)
+                log(f"chain round {r} {cfg}: {res['rps']:.0f} req/s"
+                    + (f", {res['server_spans']} server spans, {res['links']} links, "
+                       f"agent {a['millicores']:.0f} mcores" if a else ""))
+    finally:
+        front.stop(signal.SIGQUIT)
+        back.stop(signal.SIGQUIT)
+    ratio = {cfg: [on["rps"] / off["rps"] for off, on in zip(runs["off"], runs[cfg])]
+             for cfg in ("linking", "no-linking")}
+    return {"runs": runs, "ratio": ratio}
 
 
 def loadgen(ctx, port, rate, seconds, warmup=None):
@@ -809,6 +849,22 @@ def report(ctx, res, meta):
         targets.append(("requests exported as server spans (worst round)", "≥ 99 %", f"{100 * s:.2f} %",
                         s >= TARGETS["span_fraction"]))
 
+    if "chain" in res:
+        c = res["chain"]
+        runs = c["runs"]
+        L += [f"### 2b. Proxy chain, linking on and off (wrk -t{ctx.wrk_threads} -c{ctx.wrk_conns} → nginx "
+              "reverse proxy, keep-alive upstream → nginx static file; each request makes 3 spans and 2 links)", "",
+              "| | req/s | ÷ without agent | links made per request | SERVER spans ÷ (2 × requests) | agent CPU |",
+              "| --- | --- | --- | --- | --- | --- |",
+              f"| without agent | {fmt([x['rps'] for x in runs['off']])} | 1 | — | — | — |"]
+        for cfg in ("linking", "no-linking"):
+            xs = runs[cfg]
+            links = [x["links"] / max(1, x["requests"]) for x in xs]
+            spans = [min(1.0, x["server_spans"] / max(1, 2 * x["requests"])) for x in xs]
+            L.append(f"| agent, {cfg} | {fmt([x['rps'] for x in xs])} | {fmt(c['ratio'][cfg], 3)} | "
+                     f"{fmt(links, 2)} | {pct(spans, 2)} | {fmt([x['agent']['millicores'] for x in xs])} mcores |")
+        L.append("")
+
     if "latency" in res:
         L += [f"### 3. Fixed-rate latency (open loop, {ctx.loadgen_conns} keep-alive connections, latency from "
               "the scheduled send time)", "",
@@ -929,7 +985,7 @@ def main():
     ap.add_argument("--venv", required=True, type=Path)
     ap.add_argument("--results", required=True, type=Path)
     ap.add_argument("--command", default="sudo integration/bench/run.sh")
-    ap.add_argument("--only", default="syscall,nginx,latency,python,parsers")
+    ap.add_argument("--only", default="syscall,nginx,chain,latency,python,parsers")
     ap.add_argument("--soak", action="store_true")
     args = ap.parse_args()
 
@@ -962,7 +1018,8 @@ def main():
     ctx.work.mkdir(parents=True, exist_ok=True)
 
     only = [s for s in args.only.split(",") if s]
-    scenarios = {"syscall": scenario_syscall, "nginx": scenario_nginx, "latency": scenario_latency,
+    scenarios = {"syscall": scenario_syscall, "nginx": scenario_nginx, "chain": scenario_chain,
+                 "latency": scenario_latency,
                  "python": scenario_python, "parsers": scenario_parsers}
     scenarios["profile"] = scenario_profile
     if args.soak:
