@@ -82,7 +82,7 @@ pub const CNT_COPY_FAULT: u32 = 1;
 pub const CNT_INFLIGHT_FULL: u32 = 2;
 /// Connections that could not be added to the connection map.
 pub const CNT_CONN_FULL: u32 = 3;
-/// Data events emitted.
+/// Records emitted (data and control events).
 pub const CNT_EVENTS: u32 = 4;
 /// Syscalls whose payload was larger than the copy limit (event truncated, not lost).
 pub const CNT_TRUNCATED: u32 = 5;
@@ -223,7 +223,7 @@ pub struct ConnState {
 }
 
 /// [`ConnState::flags`]: userspace decided the connection's bytes on the wire carry nothing it
-/// parses; send its syscall data events without payload (byte counts only).
+/// parses; its syscall data events are no longer sent (close events still are).
 pub const CONN_F_NO_PAYLOAD: u8 = 1;
 /// [`ConnState::flags`]: as [`CONN_F_NO_PAYLOAD`], for the TLS plaintext events of the connection.
 pub const CONN_F_NO_TLS_PAYLOAD: u8 = 2;

@@ -4,9 +4,10 @@ use core::ffi::c_void;
 use core::ptr::read_volatile;
 
 use aya_ebpf::EbpfContext as _;
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::generated::{
     bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
-    bpf_probe_read_user, bpf_ringbuf_output,
+    bpf_probe_read_user, bpf_ringbuf_output, bpf_ringbuf_query,
 };
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
@@ -26,6 +27,10 @@ static AGENT_TGID: u32 = 0;
 /// Set by userspace before load: payload bytes copied per syscall (at most `MAX_CAPTURE`).
 #[unsafe(no_mangle)]
 static CAPTURE_LIMIT: u32 = DEFAULT_CAPTURE;
+/// Set by userspace before load: wake the reader only once this many bytes wait in the ring
+/// buffer (it also drains on a short timer); 0 wakes it for every record.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 0;
 /// Set by userspace before load: non-zero when only the processes in `PIDS` are traced.
 #[unsafe(no_mangle)]
 static FILTER_PIDS: u8 = 0;
@@ -537,6 +542,11 @@ fn exit_io<const IOVECS: usize>(
     let now = unsafe { bpf_ktime_get_ns() };
     let (conn, offset) = conn_advance(inf.sock, now, inf.direction, bytes);
     tls::socket_io(pid_tgid, inf.sock, inf.fd, conn.conn_id);
+    if conn.flags & CONN_F_NO_PAYLOAD != 0 {
+        // Userspace wants nothing of this connection's bytes (filtered out, TLS ciphertext,
+        // unknown protocol): no record at all. Its byte counts still advance above.
+        return 0;
+    }
 
     let h = &mut scratch.header;
     h.kind = KIND_DATA;
@@ -578,9 +588,6 @@ fn exit_io<const IOVECS: usize>(
     if limit > MAX_CAPTURE as u64 {
         limit = MAX_CAPTURE as u64;
     }
-    if conn.flags & CONN_F_NO_PAYLOAD != 0 {
-        limit = 0;
-    }
     let want = if bytes < limit { bytes } else { limit };
     let mut captured: usize = 0;
     if inf.buf_kind == BUF_PLAIN {
@@ -612,14 +619,32 @@ fn exit_io<const IOVECS: usize>(
         captured = MAX_CAPTURE;
     }
     scratch.header.captured = captured as u32;
-    let size = HEADER_SIZE + captured;
-    // SAFETY: `size` is at most the size of `Scratch`, which lives in a map value.
+    output(scratch, HEADER_SIZE + captured);
+    0
+}
+
+/// Sends the first `size` bytes of `scratch` (at most its size) to userspace, waking the reader
+/// only when enough has piled up (see `WAKEUP_BYTES`); counts the outcome.
+#[inline(always)]
+fn output(scratch: &mut Scratch, size: usize) {
+    let ring = &EVENTS as *const RingBuf as *mut c_void;
+    // SAFETY: plain read of a global set before load.
+    let watermark = unsafe { read_volatile(&WAKEUP_BYTES) };
+    let flags = if watermark == 0 {
+        0
+    // SAFETY: `ring` is the ring buffer map.
+    } else if unsafe { bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA as u64) } >= watermark {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    // SAFETY: the caller keeps `size` within `Scratch`, which lives in a map value.
     let rc = unsafe {
         bpf_ringbuf_output(
-            &EVENTS as *const RingBuf as *mut c_void,
+            ring,
             scratch as *mut Scratch as *mut c_void,
             size as u64,
-            0,
+            flags,
         )
     };
     if rc == 0 {
@@ -627,7 +652,6 @@ fn exit_io<const IOVECS: usize>(
     } else {
         count(CNT_RINGBUF_FULL)
     }
-    0
 }
 
 macro_rules! io_tracepoints {
@@ -844,18 +868,8 @@ fn emit_header(
     if sk != 0 {
         fill_tuple(h, sk);
     }
-    // SAFETY: header and `captured` < CONTROL_PAYLOAD bytes lie inside the map value.
-    let rc = unsafe {
-        bpf_ringbuf_output(
-            &EVENTS as *const RingBuf as *mut c_void,
-            scratch as *mut Scratch as *mut c_void,
-            (HEADER_SIZE + captured) as u64,
-            0,
-        )
-    };
-    if rc != 0 {
-        count(CNT_RINGBUF_FULL);
-    }
+    // Header and `captured` < CONTROL_PAYLOAD bytes lie inside the map value.
+    output(scratch, HEADER_SIZE + captured);
 }
 
 /// Longest payload of a control event (an exec's file name), a power of two.

@@ -9,21 +9,20 @@
 //! (node) make no syscall inside the call; their ciphertext was read from the socket just before
 //! the SSL_read that decrypts it, so the thread's most recent socket stands in.
 
-use core::ffi::c_void;
 use core::ptr::read_volatile;
 
-use aya_ebpf::helpers::generated::{bpf_ktime_get_ns, bpf_ringbuf_output};
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user as read_user,
 };
 use aya_ebpf::macros::{map, uprobe, uretprobe};
-use aya_ebpf::maps::{LruHashMap, RingBuf};
+use aya_ebpf::maps::LruHashMap;
 use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 use tracer_ebpf::abi::*;
 
 use super::{
-    CAPTURE_LIMIT, CONNS, EVENTS, Scratch, conn_advance, copy_user, count, fill_tuple, opaque,
-    scratch, traced,
+    CAPTURE_LIMIT, CONNS, conn_advance, copy_user, count, fill_tuple, opaque, output, scratch,
+    traced,
 };
 
 /// Per thread (pid_tgid): its SSL call in progress and the socket it last did I/O on.
@@ -321,21 +320,7 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
         captured = MAX_CAPTURE;
     }
     scratch.header.captured = captured as u32;
-    let size = HEADER_SIZE + captured;
-    // SAFETY: `size` is at most the size of `Scratch`, which lives in a map value.
-    let rc = unsafe {
-        bpf_ringbuf_output(
-            &EVENTS as *const RingBuf as *mut c_void,
-            scratch as *mut Scratch as *mut c_void,
-            size as u64,
-            0,
-        )
-    };
-    if rc == 0 {
-        count(CNT_EVENTS)
-    } else {
-        count(CNT_RINGBUF_FULL)
-    }
+    output(scratch, HEADER_SIZE + captured);
     0
 }
 

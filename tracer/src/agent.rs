@@ -24,6 +24,9 @@ use crate::spans::Clock;
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 /// How often idle connections are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often the ring buffer is drained without a wake-up from the kernel, which wakes the agent
+/// only when much is waiting (`WAKEUP_BYTES`): one wake-up per batch instead of one per event.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// How often the linking window releases the spans whose time has come.
 const LINK_TICK: Duration = Duration::from_millis(100);
 /// How often new processes are looked at for SSL libraries to probe.
@@ -106,6 +109,8 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     let mut report = tokio::time::interval(cfg.metrics_log_interval);
     let mut kernel_counters = tokio::time::interval(Duration::from_secs(1));
     let mut link_tick = tokio::time::interval(LINK_TICK);
+    let mut drain_tick = tokio::time::interval(DRAIN_EVERY);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut linker = Linker::new(cfg.linking);
     let mut tls_scan = tokio::time::interval(TLS_SCAN_EVERY);
     tls_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -124,15 +129,11 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll failed")?;
-                let mut execs = Vec::new();
-                let now = monotonic_ns();
-                let mut emit = |f: Finished| linker.submit(f, now, &mut export);
-                drain(guard.get_inner_mut(), &mut conns, &mut execs, &mut emit);
+                intake(guard.get_inner_mut(), &mut conns, &mut linker, &mut capture, &mut export);
                 guard.clear_ready();
-                apply_stop_payload(&mut capture, &mut conns);
-                if !execs.is_empty() {
-                    capture.scan_tls_execs(&execs);
-                }
+            }
+            _ = drain_tick.tick() => {
+                intake(ring.get_mut(), &mut conns, &mut linker, &mut capture, &mut export);
             }
             _ = sweep.tick() => {
                 let now = monotonic_ns();
@@ -165,6 +166,26 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     log_metrics();
     info!("tracer stopped");
     Ok(())
+}
+
+/// Takes everything queued in the ring buffer: events to the connection table, finished spans
+/// to the linking window, payload stops and exec'd processes to the kernel side.
+fn intake(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    conns: &mut Connections,
+    linker: &mut Linker,
+    capture: &mut Capture,
+    export: &mut dyn FnMut(crate::span::Span),
+) {
+    let mut execs = Vec::new();
+    let now = monotonic_ns();
+    drain(ring, conns, &mut execs, &mut |f: Finished| {
+        linker.submit(f, now, export)
+    });
+    apply_stop_payload(capture, conns);
+    if !execs.is_empty() {
+        capture.scan_tls_execs(&execs);
+    }
 }
 
 /// Hands every queued event to the connection table; the processes that executed a new program

@@ -126,6 +126,12 @@ fn fill_set<K: Pod>(ebpf: &mut Ebpf, name: &'static str, keys: &[K]) -> Result<(
 }
 
 /// Number of possible CPUs: the kernel programs index their staging area by CPU id.
+/// Bytes waiting in the ring buffer before the kernel wakes the agent: an eighth of the ring, so a
+/// burst wakes it long before the ring fills; below that the agent drains on its own timer.
+fn wakeup_bytes(ring_buffer_bytes: u32) -> u64 {
+    u64::from(ring_buffer_bytes / 8)
+}
+
 fn possible_cpus() -> Result<u32, CaptureError> {
     let n = aya::util::nr_cpus()
         .map_err(|(path, err)| CaptureError::Invalid(format!("cannot read {path}: {err}")))?;
@@ -175,6 +181,7 @@ impl Capture {
         let filter_ports = u8::from(!opts.ports.is_empty());
         let mut ebpf = EbpfLoader::new()
             .override_global("AGENT_TGID", &agent, true)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes(opts.ring_buffer_bytes), true)
             .override_global("CAPTURE_LIMIT", &opts.capture_bytes, true)
             .override_global("FILTER_PIDS", &filter_pids, true)
             .override_global("FILTER_PORTS", &filter_ports, true)
