@@ -134,10 +134,10 @@ fn check_curl_request(spans: &[ReceivedSpan], server: &Server<'_>, req: &CurlReq
         expect_str(span, "user_agent.original", &user_agent);
         expect_int(span, "http.request.body.size", req.request_body);
         expect_int(span, "http.response.body.size", run.body_bytes);
-        assert_eq!(span.parent_span_id, None, "curl sends no trace context");
         assert_within(span, run.started_ns, run.ended_ns);
     }
 
+    assert_servers_linked_to_clients(&[s.clone(), c.clone()]);
     expect_str(s, "url.path", req.path);
     match req.query {
         Some(q) => expect_str(s, "url.query", q),

@@ -290,6 +290,7 @@ async fn curl_to_nginx_over_tls() {
     assert_eq!(ok.body_bytes, i64::try_from(content.len()).expect("len"));
 
     let spans = collect(&receiver, &mut agent, 2, 2).await;
+    assert_servers_linked_to_clients(&spans);
     let worker = worker_pid(&spans, nginx.pid());
     for (run, path) in [(ok, "/static.txt"), (unavailable, "/unavailable")] {
         let req = TlsRequest {
@@ -337,6 +338,7 @@ async fn keep_alive_client_to_nginx(
         .unwrap_or_else(|| panic!("unexpected client output {port_line:?}"));
 
     let spans = collect(&receiver, &mut agent, n, n).await;
+    assert_servers_linked_to_clients(&spans);
     let worker = worker_pid(&spans, nginx.pid());
     for i in 0..n {
         let path = format!("/k/{i}");
@@ -454,6 +456,7 @@ async fn node_https_server_started_after_the_agent() {
     assert_eq!(post.body_bytes, body.len() as i64);
 
     let spans = collect(&receiver, &mut agent, 3, 3).await;
+    assert_servers_linked_to_clients(&spans);
     let requests = [
         (get, "GET", "/node/hello", 0),
         (post, "POST", "/submit", body.len() as i64),

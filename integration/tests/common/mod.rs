@@ -808,3 +808,38 @@ pub fn server_worker_pid(spans: &[ReceivedSpan], parent: u32) -> u32 {
     assert_eq!(parent_pid(pid), parent, "server spans come from a worker");
     pid
 }
+
+/// Both ends traced on this host, no trace context sent: every CLIENT span is a root, and every
+/// SERVER span is the child of a CLIENT span of the same name, in that span's trace, one SERVER
+/// span per CLIENT span (the agent links them by the TCP sequence number of the request).
+pub fn assert_servers_linked_to_clients(spans: &[ReceivedSpan]) {
+    let clients: std::collections::HashMap<&str, &ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Client)
+        .map(|s| (s.span_id.as_str(), s))
+        .collect();
+    let mut parents = std::collections::HashSet::new();
+    for s in spans {
+        let ctx = || format!("{}\nall spans:\n{}", describe(s), describe_all(spans));
+        match s.kind {
+            SpanKind::Client => {
+                assert_eq!(s.parent_span_id, None, "a CLIENT span is a root: {}", ctx());
+            }
+            SpanKind::Server => {
+                let parent = s.parent_span_id.as_deref();
+                let client = parent.and_then(|p| clients.get(p));
+                let Some(client) = client else {
+                    panic!("SERVER span not linked to a CLIENT span: {}", ctx());
+                };
+                assert_eq!(client.trace_id, s.trace_id, "one trace: {}", ctx());
+                assert_eq!(client.name, s.name, "parent sent this request: {}", ctx());
+                assert!(
+                    parents.insert(parent),
+                    "two SERVER spans under one CLIENT span: {}",
+                    ctx()
+                );
+            }
+            _ => {}
+        }
+    }
+}
