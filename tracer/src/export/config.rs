@@ -175,7 +175,9 @@ pub struct ExportConfig {
     pub schedule_delay: Duration,
     /// Spans per export request.
     pub max_export_batch_size: usize,
-    /// Spans buffered before new ones are dropped.
+    /// Spans buffered before new ones are dropped. The default, 16384, is eight times the SDKs'
+    /// 2048: one agent exports for every process of a node, and the linking window releases spans
+    /// in bursts.
     pub max_queue_size: usize,
 }
 
@@ -188,7 +190,7 @@ impl Default for ExportConfig {
             timeout: Duration::from_millis(10_000),
             schedule_delay: Duration::from_millis(5_000),
             max_export_batch_size: 512,
-            max_queue_size: 2048,
+            max_queue_size: 16_384,
         }
     }
 }
@@ -347,7 +349,7 @@ mod tests {
         assert_eq!(cfg.timeout, Duration::from_secs(10));
         assert_eq!(cfg.schedule_delay, Duration::from_secs(5));
         assert_eq!(cfg.max_export_batch_size, 512);
-        assert_eq!(cfg.max_queue_size, 2048);
+        assert_eq!(cfg.max_queue_size, 16_384);
     }
 
     #[test]
