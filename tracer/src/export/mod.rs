@@ -1,5 +1,6 @@
-//! Span export: a bounded queue feeding one batching task that sends OTLP (gRPC or HTTP/protobuf) or
-//! prints spans on stdout when no endpoint is configured.
+//! Span export: a bounded queue feeding one batching task that sends OTLP (gRPC or HTTP/protobuf),
+//! up to [`MAX_IN_FLIGHT`] batches at once, or prints spans on stdout when no endpoint is
+//! configured.
 //!
 //! Metrics: `spans_exported_total`, `spans_dropped_total{reason=queue_full|export_failed|rejected|shutdown}`,
 //! `export_failures_total{reason=...}` (per failed batch), `export_retries_total`, gauge `export_queue_spans`.
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 pub use config::{ConfigError, ExportConfig, Protocol};
@@ -24,6 +25,8 @@ use crate::span::Span;
 use stdout::LineWriter;
 use transport::{ExportError, Transport};
 
+/// OTLP batches sent at once: one slow round trip does not stall the queue behind it.
+const MAX_IN_FLIGHT: usize = 4;
 /// Minimum time between two export-failure warnings; failures in between are summed into the next.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -97,6 +100,7 @@ impl Exporter {
             stats: ExportStats::default(),
             queue_full: Arc::clone(&queue_full),
             warn: WarnLimiter::default(),
+            in_flight: JoinSet::new(),
         };
         let handle = tokio::spawn(task.run(spans_rx, shutdown_rx));
         (
@@ -147,6 +151,8 @@ struct Batcher {
     stats: ExportStats,
     queue_full: Arc<AtomicU64>,
     warn: WarnLimiter,
+    /// OTLP exports under way: each yields its span count and outcome.
+    in_flight: JoinSet<(u64, Result<transport::Accepted, ExportError>)>,
 }
 
 impl Batcher {
@@ -178,6 +184,9 @@ impl Batcher {
                     due = None;
                     self.send(&mut batch, &spans, Instant::now() + self.timeout).await;
                 }
+                Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
+                    self.finished(done);
+                }
             }
         };
 
@@ -190,6 +199,9 @@ impl Batcher {
             }
         }
         self.send(&mut batch, &spans, deadline).await;
+        while let Some(done) = self.in_flight.join_next().await {
+            self.finished(done);
+        }
         self.stats.dropped_queue_full = self.queue_full.load(Ordering::Relaxed);
         tracing::info!(stats = %self.stats, "span exporter stopped");
         if let Some(reply) = reply {
@@ -209,18 +221,43 @@ impl Batcher {
         }
         metrics::set_gauge("export_queue_spans", "", queue.len() as u64);
         let n = batch.len() as u64;
-        let result = match &mut self.sink {
-            Sink::Stdout(w) => w
-                .write_batch(batch)
-                .await
-                .map(|()| transport::Accepted::default())
-                .map_err(ExportError::from),
-            Sink::Otlp(t) => {
-                let req = otlp::build_request(std::mem::take(batch));
-                t.export(req, deadline).await
+        let transport = match &mut self.sink {
+            Sink::Stdout(w) => {
+                let result = w
+                    .write_batch(batch)
+                    .await
+                    .map(|()| transport::Accepted::default())
+                    .map_err(ExportError::from);
+                batch.clear();
+                return self.account(n, result);
             }
+            Sink::Otlp(t) => t.clone(),
         };
-        batch.clear();
+        while self.in_flight.len() >= MAX_IN_FLIGHT {
+            match self.in_flight.join_next().await {
+                Some(done) => self.finished(done),
+                None => break,
+            }
+        }
+        let req = otlp::build_request(std::mem::take(batch));
+        let mut transport = transport;
+        self.in_flight
+            .spawn(async move { (n, transport.export(req, deadline).await) });
+    }
+
+    /// Counts an export that ended.
+    fn finished(
+        &mut self,
+        done: Result<(u64, Result<transport::Accepted, ExportError>), JoinError>,
+    ) {
+        match done {
+            Ok((n, result)) => self.account(n, result),
+            Err(err) => tracing::error!(%err, "span export task failed"),
+        }
+    }
+
+    /// Counts the outcome of one batch of `n` spans.
+    fn account(&mut self, n: u64, result: Result<transport::Accepted, ExportError>) {
         match result {
             Ok(accepted) => {
                 let rejected = accepted.rejected.min(n);

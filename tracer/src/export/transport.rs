@@ -116,7 +116,8 @@ trait Attempt {
     ) -> Result<Accepted, Failure>;
 }
 
-/// A connected (lazily) OTLP client.
+/// A connected (lazily) OTLP client. Clones share the connection (pool).
+#[derive(Clone)]
 pub(crate) enum Transport {
     Grpc(Box<GrpcClient>),
     Http(Box<HttpClient>),
@@ -223,6 +224,7 @@ async fn with_retry<T: Attempt>(
 }
 
 /// OTLP/gRPC over a lazily connected tonic channel.
+#[derive(Clone)]
 pub(crate) struct GrpcClient {
     client: TraceServiceClient<Channel>,
     metadata: MetadataMap,
@@ -272,6 +274,7 @@ impl Attempt for GrpcClient {
 }
 
 /// OTLP/HTTP with protobuf bodies over hyper's pooled HTTP/1.1 client.
+#[derive(Clone)]
 pub(crate) struct HttpClient {
     client: Client<HttpConnector, Full<Bytes>>,
     uri: Uri,
