@@ -630,12 +630,22 @@ fn wait_until_gone(links: &[(u32, String)], programs: &BTreeSet<u32>) {
     }
 }
 
+/// How the Go test peer is built.
+#[derive(Clone, Copy)]
+enum GoBuild {
+    /// Dynamically linked, with its symbol table (cgo, as `go build` makes it on a Debian host).
+    Symbols,
+    /// Static, without symbol table or DWARF (`CGO_ENABLED=0 -ldflags=-s -w`, as container
+    /// images ship Go programs): its functions are found through `.gopclntab`.
+    Stripped,
+    /// Position-independent (`-buildmode=pie`): loaded at another address in every process.
+    Pie,
+}
+
 /// The Go test peer `integration/go/gotls` (HTTPS server and clients on Go's crypto/tls), built
-/// once per test run with the system's `go`: with `stripped`, a static program without symbol
-/// table or DWARF (`CGO_ENABLED=0 -ldflags=-s -w`, as container images ship them), else a
-/// dynamically linked one with its symbols (cgo, as `go build` makes them on a Debian host).
-fn go_program(stripped: bool) -> &'static Path {
-    static BUILT: OnceLock<[PathBuf; 2]> = OnceLock::new();
+/// once per test run with the system's `go`.
+fn go_program(build: GoBuild) -> &'static Path {
+    static BUILT: OnceLock<[PathBuf; 3]> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let out = root.join("..").join("target").join("gotls");
@@ -649,14 +659,16 @@ fn go_program(stripped: bool) -> &'static Path {
             "building the Go peer with {}",
             String::from_utf8_lossy(&version.stdout).trim()
         );
-        let build = |name: &str, cgo: &str, ldflags: &str| {
+        let build = |name: &str, cgo: &str, flags: &[&str]| {
             let exe = out.join(name);
             let status = Command::new(&go)
                 .current_dir(root.join("go"))
                 .env("CGO_ENABLED", cgo)
                 .env("GOCACHE", out.join("cache"))
                 .env("GOPATH", out.join("gopath"))
-                .args(["build", "-ldflags", ldflags, "-o"])
+                .arg("build")
+                .args(flags)
+                .arg("-o")
                 .arg(&exe)
                 .arg("./gotls")
                 .stdin(Stdio::null())
@@ -666,11 +678,12 @@ fn go_program(stripped: bool) -> &'static Path {
             std::fs::canonicalize(&exe).expect("resolve the Go peer")
         };
         [
-            build("gotls", "1", ""),
-            build("gotls-stripped", "0", "-s -w"),
+            build("gotls", "1", &[]),
+            build("gotls-stripped", "0", &["-ldflags", "-s -w"]),
+            build("gotls-pie", "1", &["-buildmode=pie"]),
         ]
     });
-    &built[usize::from(stripped)]
+    &built[build as usize]
 }
 
 /// The Go HTTPS server on 127.0.0.1:`port` (see `integration/go/gotls/main.go`).
@@ -723,7 +736,7 @@ fn hold_libssl() -> Proc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_to_go_server_over_tls() {
     require_root();
-    let exe = go_program(false);
+    let exe = go_program(GoBuild::Symbols);
     let dir = TempDir::new("tls-go-server");
     let port = free_port();
     let receiver = receiver().await;
@@ -765,7 +778,7 @@ async fn curl_to_go_server_over_tls() {
 /// A Go keep-alive client started after the agent (found when it executes) against nginx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_keep_alive_client_to_nginx_over_tls() {
-    let exe = go_program(false);
+    let exe = go_program(GoBuild::Symbols);
     keep_alive_client_to_nginx("tls-go-client", 5, Some(exe), |_, port, n| {
         let mut cmd = Command::new(exe);
         cmd.args([
@@ -779,15 +792,15 @@ async fn go_keep_alive_client_to_nginx_over_tls() {
     .await;
 }
 
-/// Many goroutines of a Go client (symbol table) send 200 requests over 8 keep-alive connections
-/// to a stripped Go server (functions found through `.gopclntab`) started after the agent, whose
-/// handlers grow their goroutine stacks: both programs keep working while probed, every request
-/// gives exactly one SERVER and one CLIENT span on the same connection, and after the agent stops
-/// its probes are gone and the server still serves.
+/// Many goroutines of a position-independent Go client send 200 requests over 8 keep-alive
+/// connections to a stripped Go server (functions found through `.gopclntab`) started after the
+/// agent, whose handlers grow their goroutine stacks: both programs keep working while probed,
+/// every request gives exactly one SERVER and one CLIENT span on the same connection, and after
+/// the agent stops its probes are gone and the server still serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_client_to_stripped_go_server_under_load() {
     require_root();
-    let (client_exe, server_exe) = (go_program(false), go_program(true));
+    let (client_exe, server_exe) = (go_program(GoBuild::Pie), go_program(GoBuild::Stripped));
     let dir = TempDir::new("tls-go-load");
     let port = free_port();
     let receiver = receiver().await;

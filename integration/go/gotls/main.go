@@ -23,6 +23,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"os"
@@ -114,6 +115,8 @@ func serve(port, cert, key string) {
 	})
 	srv := &http.Server{
 		Handler: handler,
+		// Quiet about the connections tests open only to see the port listening.
+		ErrorLog: log.New(io.Discard, "", 0),
 		// A non-nil empty map switches HTTP/2 off.
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 	}
