@@ -3,7 +3,7 @@
 set -euo pipefail
 
 need=()
-for p in nginx-light curl python3 nghttp2-client postgresql-15 postgresql-client-15; do
+for p in nginx-light curl python3 nghttp2-client postgresql-15 postgresql-client-15 golang-go; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

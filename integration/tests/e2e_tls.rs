@@ -1,7 +1,7 @@
 //! End-to-end tests of TLS plaintext capture: real TLS servers (nginx and python's client on the
-//! system's dynamic libssl.so.3; node, which links OpenSSL into its executable) and real clients,
-//! traced by the agent binary through its SSL uprobes, with the exact spans checked at an OTLP
-//! receiver.
+//! system's dynamic libssl.so.3; node, which links OpenSSL into its executable; a Go program on
+//! Go's own crypto/tls) and real clients, traced by the agent binary through its SSL and Go TLS
+//! uprobes, with the exact spans checked at an OTLP receiver.
 //!
 //! Every test runs the agent with `--port <its server's port>`, so every span received belongs to
 //! the test's requests. The ciphertext on the same connections must produce no span: the tests
@@ -10,8 +10,10 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -305,9 +307,12 @@ async fn curl_to_nginx_over_tls() {
 
 /// Runs a keep-alive client (`cmd(dir, port, n)`, which prints `port <local port>` when done)
 /// against an nginx over TLS that serves `/k/<i>`, and checks the n SERVER and n CLIENT spans.
+/// With `go_ahead`, the client is that executable and first prints `ready` and waits for a line on
+/// stdin, which it gets once the agent has probed it.
 async fn keep_alive_client_to_nginx(
     tag: &str,
     n: usize,
+    go_ahead: Option<&Path>,
     cmd: impl FnOnce(&TempDir, u16, usize) -> Command,
 ) {
     require_root();
@@ -321,13 +326,20 @@ async fn keep_alive_client_to_nginx(
     let mut agent = Agent::start_otlp(&dir, &receiver, port);
 
     let mut cmd = cmd(&dir, port, n);
-    cmd.stdin(Stdio::null())
+    let stdin = match go_ahead {
+        Some(_) => Stdio::piped(),
+        None => Stdio::null(),
+    };
+    cmd.stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let started_ns = now_unix_ns();
     // Started after the agent: found when it executes.
     let mut client = Proc::spawn(tag, cmd);
     let lines = Lines::new(client.take_stdout());
+    if let Some(exe) = go_ahead {
+        go_ahead_when_probed(&agent, &mut client, &lines, exe);
+    }
     let port_line = lines.next(tag);
     let status = client.wait(WAIT);
     let ended_ns = now_unix_ns();
@@ -376,7 +388,7 @@ async fn keep_alive_client_to_nginx(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_keep_alive_client_to_nginx_over_tls() {
-    keep_alive_client_to_nginx("tls-python", 5, |dir, port, n| {
+    keep_alive_client_to_nginx("tls-python", 5, None, |dir, port, n| {
         let script = dir.write("e2e_tls_client.py", TLS_CLIENT_PY);
         let mut cmd = Command::new(python());
         cmd.arg(&script)
@@ -389,7 +401,7 @@ async fn python_keep_alive_client_to_nginx_over_tls() {
 /// node links OpenSSL into its executable and feeds it through memory buffers, not the socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_keep_alive_client_to_nginx_over_tls() {
-    keep_alive_client_to_nginx("tls-node-client", 3, |dir, port, n| {
+    keep_alive_client_to_nginx("tls-node-client", 3, None, |dir, port, n| {
         let script = dir.write("e2e_tls_client.js", TLS_CLIENT_JS);
         let mut cmd = Command::new(which("node"));
         cmd.arg(&script).args([port.to_string(), n.to_string()]);
@@ -581,9 +593,23 @@ async fn uprobes_are_gone_after_sigterm_and_the_traced_server_keeps_working() {
         "no uprobe link on libssl among {links:?}"
     );
     agent.stop();
+    wait_until_gone(&links, &programs);
+    // aya attaches through perf_event_open, never through the tracefs probe list.
+    assert_eq!(
+        std::fs::read_to_string(uprobe_events).ok(),
+        events_before,
+        "uprobe_events changed"
+    );
+    // The probed server still serves TLS.
+    let after = curl(&["-k", &format!("https://127.0.0.1:{port}/a.txt")]);
+    assert_eq!((after.status, after.body_bytes), (200, 2));
+    nginx.assert_running();
+}
 
-    // A program stays loaded while any link or fd holds it, so once every program and link id of
-    // the agent is gone from the kernel, nothing of it is attached anywhere. Freeing is deferred.
+/// Waits until the kernel has freed every one of `links` and `programs` (ids the stopped agent
+/// held). A program stays loaded while any link or fd holds it, so once all are gone nothing of
+/// the agent is attached anywhere. Freeing is deferred.
+fn wait_until_gone(links: &[(u32, String)], programs: &BTreeSet<u32>) {
     let deadline = Instant::now() + STOP_TIMEOUT;
     loop {
         let left_links: Vec<u32> = links
@@ -605,14 +631,266 @@ async fn uprobes_are_gone_after_sigterm_and_the_traced_server_keeps_working() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // aya attaches through perf_event_open, never through the tracefs probe list.
+}
+
+/// How the Go test peer is built.
+#[derive(Clone, Copy)]
+enum GoBuild {
+    /// Dynamically linked, with its symbol table (cgo, as `go build` makes it on a Debian host).
+    Symbols,
+    /// Static, without symbol table or DWARF (`CGO_ENABLED=0 -ldflags=-s -w`, as container
+    /// images ship Go programs): its functions are found through `.gopclntab`.
+    Stripped,
+    /// Position-independent (`-buildmode=pie`): loaded at another address in every process.
+    Pie,
+}
+
+/// The Go test peer `integration/go/gotls` (HTTPS server and clients on Go's crypto/tls), built
+/// once per test run with the system's `go`.
+fn go_program(build: GoBuild) -> &'static Path {
+    static BUILT: OnceLock<[PathBuf; 3]> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = root.join("..").join("target").join("gotls");
+        std::fs::create_dir_all(&out).expect("create target/gotls");
+        let go = which("go");
+        let version = Command::new(&go)
+            .arg("version")
+            .output()
+            .expect("run go version");
+        eprintln!(
+            "building the Go peer with {}",
+            String::from_utf8_lossy(&version.stdout).trim()
+        );
+        let build = |name: &str, cgo: &str, flags: &[&str]| {
+            let exe = out.join(name);
+            let status = Command::new(&go)
+                .current_dir(root.join("go"))
+                .env("CGO_ENABLED", cgo)
+                .env("GOCACHE", out.join("cache"))
+                .env("GOPATH", out.join("gopath"))
+                .arg("build")
+                .args(flags)
+                .arg("-o")
+                .arg(&exe)
+                .arg("./gotls")
+                .stdin(Stdio::null())
+                .status()
+                .expect("run go build; run scripts/setup-test-peers.sh");
+            assert!(status.success(), "go build of {name} failed: {status}");
+            std::fs::canonicalize(&exe).expect("resolve the Go peer")
+        };
+        [
+            build("gotls", "1", &[]),
+            build("gotls-stripped", "0", &["-ldflags", "-s -w"]),
+            build("gotls-pie", "1", &["-buildmode=pie"]),
+        ]
+    });
+    &built[build as usize]
+}
+
+/// The Go HTTPS server on 127.0.0.1:`port` (see `integration/go/gotls/main.go`).
+fn start_go_server(dir: &TempDir, exe: &Path, port: u16) -> Proc {
+    let (cert, key) = tls_material(dir);
+    let mut cmd = Command::new(exe);
+    cmd.arg("server")
+        .arg(port.to_string())
+        .arg(&cert)
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut server = Proc::spawn("gotls server", cmd);
+    wait_for_port(&mut server, port);
+    server
+}
+
+/// Lets a Go client that printed `ready` start its requests once the agent has probed `exe`:
+/// a Go program makes its first request within milliseconds of exec, sooner than the agent
+/// attaches probes to a program it just saw executed.
+fn go_ahead_when_probed(agent: &Agent, client: &mut Proc, lines: &Lines, exe: &Path) {
+    assert_eq!(lines.next("Go client"), "ready");
+    wait_for_attach(agent, exe);
+    writeln!(client.stdin(), "go").expect("write to the Go client");
+}
+
+/// A process that maps libssl for the whole test, so the agent probes libssl before it is ready
+/// and curl, which lives a few milliseconds, is traced from its first request.
+fn hold_libssl() -> Proc {
+    let mut cmd = Command::new(python());
+    cmd.args([
+        "-c",
+        "import ssl, sys; print('ready', flush=True); sys.stdin.read()",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let mut holder = Proc::spawn("python3 holding libssl", cmd);
     assert_eq!(
-        std::fs::read_to_string(uprobe_events).ok(),
-        events_before,
-        "uprobe_events changed"
+        Lines::new(holder.take_stdout()).next("libssl holder"),
+        "ready"
     );
-    // The probed server still serves TLS.
-    let after = curl(&["-k", &format!("https://127.0.0.1:{port}/a.txt")]);
-    assert_eq!((after.status, after.body_bytes), (200, 2));
-    nginx.assert_running();
+    holder
+}
+
+/// curl against a Go server that was running before the agent (found by its first scan, through
+/// the symbol table): GET, POST and a 404, with exact SERVER spans from the Go server and CLIENT
+/// spans from curl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_to_go_server_over_tls() {
+    require_root();
+    let exe = go_program(GoBuild::Symbols);
+    let dir = TempDir::new("tls-go-server");
+    let port = free_port();
+    let receiver = receiver().await;
+    let _libssl = hold_libssl();
+    let mut server = start_go_server(&dir, exe, port);
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+    wait_for_attach(&agent, exe);
+
+    let base = format!("https://127.0.0.1:{port}");
+    let get = curl(&["-k", &format!("{base}/go/hello")]);
+    let body = "name=tracer&n=42";
+    let post = curl(&["-k", "--data", body, &format!("{base}/submit")]);
+    let missing = curl(&["-k", &format!("{base}/missing/x")]);
+    assert_eq!((get.status, post.status, missing.status), (200, 200, 404));
+    assert_eq!(get.body_bytes, "path=/go/hello".len() as i64);
+    assert_eq!(post.body_bytes, body.len() as i64);
+
+    let spans = collect(&receiver, &mut agent, 3, 3).await;
+    assert_servers_linked_to_clients(&spans);
+    let requests = [
+        (get, "GET", "/go/hello", 0),
+        (post, "POST", "/submit", body.len() as i64),
+        (missing, "GET", "/missing/x", 0),
+    ];
+    for (run, method, path, request_body) in requests {
+        let req = TlsRequest {
+            run,
+            method,
+            path,
+            request_body,
+        };
+        check_tls_request(&spans, port, server.pid(), &req);
+    }
+    // Detached, the server goes on serving.
+    let after = curl(&["-k", &format!("{base}/after")]);
+    assert_eq!(after.status, 200);
+    server.assert_running();
+}
+
+/// A Go keep-alive client started after the agent (found when it executes) against nginx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_keep_alive_client_to_nginx_over_tls() {
+    let exe = go_program(GoBuild::Symbols);
+    keep_alive_client_to_nginx("tls-go-client", 5, Some(exe), |_, port, n| {
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "get".to_owned(),
+            format!("https://127.0.0.1:{port}"),
+            "/k".to_owned(),
+            n.to_string(),
+        ]);
+        cmd
+    })
+    .await;
+}
+
+/// Many goroutines of a position-independent Go client send 200 requests over 8 keep-alive
+/// connections to a stripped Go server (functions found through `.gopclntab`) started after the
+/// agent, whose handlers grow their goroutine stacks: both programs keep working while probed,
+/// every request gives exactly one SERVER and one CLIENT span on the same connection, and after
+/// the agent stops its probes are gone and the server still serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_client_to_stripped_go_server_under_load() {
+    require_root();
+    let (client_exe, server_exe) = (go_program(GoBuild::Pie), go_program(GoBuild::Stripped));
+    let dir = TempDir::new("tls-go-load");
+    let port = free_port();
+    let receiver = receiver().await;
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+    let mut server = start_go_server(&dir, server_exe, port);
+    wait_for_attach(&agent, server_exe);
+    let (links, programs) = bpf_objects(agent_pid());
+    let shown = server_exe.display().to_string();
+    assert!(
+        links.iter().any(|(_, file)| file.contains(&shown)),
+        "no uprobe link on {shown} among {links:?}"
+    );
+
+    let (n, workers) = (200usize, 8usize);
+    let base = format!("https://127.0.0.1:{port}");
+    let mut cmd = Command::new(client_exe);
+    cmd.args([
+        "load".to_owned(),
+        base.clone(),
+        n.to_string(),
+        workers.to_string(),
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let started_ns = now_unix_ns();
+    let mut client = Proc::spawn("gotls load", cmd);
+    let lines = Lines::new(client.take_stdout());
+    go_ahead_when_probed(&agent, &mut client, &lines, client_exe);
+    assert_eq!(lines.next("Go client"), format!("done {n}"));
+    let status = client.wait(WAIT);
+    let ended_ns = now_unix_ns();
+    assert!(status.success(), "Go client failed: {status}");
+    server.assert_running();
+
+    let spans = collect(&receiver, &mut agent, n, n).await;
+    assert_servers_linked_to_clients(&spans);
+    let mut client_ports = BTreeSet::new();
+    for i in 0..n {
+        let (method, path, request_body, response_body) = if i % 2 == 0 {
+            let path = format!("/load/{i}");
+            let len = format!("path={path}").len();
+            ("GET", path, 0, len)
+        } else {
+            let len = format!("payload {i}").len();
+            ("POST", format!("/echo/{i}"), len, len)
+        };
+        let s = one(&spans, SpanKind::Server, &path, |s| {
+            s.attr_str("url.path") == Some(path.as_str())
+        });
+        let c = one(&spans, SpanKind::Client, &path, |s| {
+            s.attr_str("url.full") == Some(format!("{base}{path}").as_str())
+        });
+        for span in [s, c] {
+            assert_eq!(span.name, method, "name of {}", describe(span));
+            expect_str(span, "http.request.method", method);
+            expect_str(span, "url.scheme", "https");
+            expect_int(span, "http.response.status_code", 200);
+            expect_str(span, "server.address", "127.0.0.1");
+            expect_int(span, "server.port", i64::from(port));
+            expect_int(span, "http.request.body.size", request_body as i64);
+            expect_int(span, "http.response.body.size", response_body as i64);
+            assert_within(span, started_ns, ended_ns);
+        }
+        // Both ends of the same connection.
+        let local = c.attr_int("network.local.port");
+        assert!(local.is_some(), "no local port on {}", describe(c));
+        assert_eq!(
+            s.attr_int("client.port"),
+            local,
+            "{}\n{}",
+            describe(s),
+            describe(c)
+        );
+        client_ports.insert(local);
+        assert_eq!(s.resource_int("process.pid"), Some(i64::from(server.pid())));
+        assert_eq!(c.resource_int("process.pid"), Some(i64::from(client.pid())));
+    }
+    assert!(
+        client_ports.len() <= workers,
+        "{} connections for {workers} keep-alive workers",
+        client_ports.len()
+    );
+
+    wait_until_gone(&links, &programs);
+    let after = curl(&["-k", &format!("{base}/after")]);
+    assert_eq!(after.status, 200);
+    server.assert_running();
 }

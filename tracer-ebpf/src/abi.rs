@@ -2,7 +2,7 @@
 //! `#[repr(C)]`, 8-byte aligned, and read by userspace with an unaligned copy of the ring-buffer record.
 
 /// Bumped on any layout change of the types in this module.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Compile-time ceiling of payload bytes copied per syscall. The runtime limit (`CAPTURE_LIMIT`) is
 /// at most this.
@@ -73,6 +73,12 @@ pub const SRC_SSL_READ: u8 = 14;
 pub const SRC_SSL_WRITE: u8 = 15;
 /// sched_process_exec
 pub const SRC_EXEC: u8 = 16;
+/// Return of Go's `crypto/tls.(*Conn).Read`: TLS plaintext a Go program read. Its `stream_offset`
+/// counts the connection's plaintext, as for [`SRC_SSL_READ`].
+pub const SRC_GO_TLS_READ: u8 = 17;
+/// Return of Go's `crypto/tls.(*Conn).Write`: TLS plaintext a Go program wrote (see
+/// [`SRC_GO_TLS_READ`]).
+pub const SRC_GO_TLS_WRITE: u8 = 18;
 
 /// Index into the `COUNTERS` per-CPU array: events lost because the ring buffer was full.
 pub const CNT_RINGBUF_FULL: u32 = 0;
@@ -88,8 +94,11 @@ pub const CNT_EVENTS: u32 = 4;
 pub const CNT_TRUNCATED: u32 = 5;
 /// TLS plaintext events dropped because no socket was known for the SSL object.
 pub const CNT_TLS_UNATTRIBUTED: u32 = 6;
+/// Go TLS calls on a `tls.Conn` whose socket could not be found (not over a `*net.TCPConn`, or
+/// not a TCP socket).
+pub const CNT_GO_TLS_NO_SOCKET: u32 = 7;
 /// Number of counters.
-pub const NUM_COUNTERS: u32 = 7;
+pub const NUM_COUNTERS: u32 = 8;
 
 /// Header of every ring-buffer record. A data event is followed by `captured` payload bytes.
 #[repr(C)]
@@ -227,3 +236,42 @@ pub struct ConnState {
 pub const CONN_F_NO_PAYLOAD: u8 = 1;
 /// [`ConnState::flags`]: as [`CONN_F_NO_PAYLOAD`], for the TLS plaintext events of the connection.
 pub const CONN_F_NO_TLS_PAYLOAD: u8 = 2;
+
+/// Where a Go program keeps the socket of a `crypto/tls.Conn`, and how to check that the
+/// connection is a TCP one. Userspace chooses it per executable (by its Go version) and passes it
+/// as the BPF cookie of the entry probes of `crypto/tls.(*Conn).Read` and `Write`; the kernel
+/// follows `tls.Conn.conn` (a `net.Conn` interface: itab, data) -> `*net.TCPConn` -> `conn.fd`
+/// (`*net.netFD`) -> `pfd.Sysfd` (an `int`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoTlsLayout {
+    /// Offset of `conn` (the `net.Conn` interface) in `crypto/tls.Conn`.
+    pub conn: u16,
+    /// Offset of `conn.fd` (a `*net.netFD`) in `net.TCPConn`.
+    pub tcp_conn_fd: u8,
+    /// Offset of `pfd.Sysfd` in `net.netFD`.
+    pub netfd_sysfd: u8,
+    /// Address of the itab of `*net.TCPConn` as a `net.Conn` minus the address of the probed
+    /// function (the same in every process, position-independent or not); 0 when unknown, and
+    /// then the interface's type is not checked.
+    pub itab_delta: i32,
+}
+
+impl GoTlsLayout {
+    /// The 64-bit cookie that carries this layout.
+    pub const fn cookie(self) -> u64 {
+        (self.conn as u64)
+            | (self.tcp_conn_fd as u64) << 16
+            | (self.netfd_sysfd as u64) << 24
+            | (self.itab_delta as u32 as u64) << 32
+    }
+
+    /// The layout a cookie carries.
+    pub const fn from_cookie(cookie: u64) -> GoTlsLayout {
+        GoTlsLayout {
+            conn: cookie as u16,
+            tcp_conn_fd: (cookie >> 16) as u8,
+            netfd_sysfd: (cookie >> 24) as u8,
+            itab_delta: (cookie >> 32) as u32 as i32,
+        }
+    }
+}

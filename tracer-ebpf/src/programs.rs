@@ -18,6 +18,8 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 use tracer_ebpf::abi::*;
 
+#[path = "gotls.rs"]
+mod gotls;
 #[path = "tls.rs"]
 mod tls;
 

@@ -154,9 +154,9 @@ fn ssl_enter(ctx: &ProbeContext, direction: u8, ex: u8) -> u32 {
 }
 
 /// The position of `bytes` plaintext bytes in `direction` of connection `conn_id` on `sk`;
-/// advances the count.
+/// advances the count. Shared with the Go TLS probes.
 #[inline(always)]
-fn tls_advance(sk: u64, conn_id: u64, direction: u8, bytes: u64) -> u64 {
+pub(super) fn tls_advance(sk: u64, conn_id: u64, direction: u8, bytes: u64) -> u64 {
     if let Some(s) = TLS_STREAMS.get_ptr_mut(sk) {
         // SAFETY: pointer from a successful lookup. Concurrent writers of one connection may race
         // on the counter; userspace then sees a bogus gap, never a crash.

@@ -46,8 +46,8 @@ enum ProtoState {
 struct Connection {
     state: ProtoState,
     streams: [Assembler; 2],
-    /// The TLS plaintext from the SSL library probes: streams of their own, parsed apart from the
-    /// ciphertext the syscalls carry.
+    /// The TLS plaintext from the SSL library and Go crypto/tls probes: streams of their own,
+    /// parsed apart from the ciphertext the syscalls carry.
     tls_state: ProtoState,
     tls_streams: [Assembler; 2],
     addrs: ConnAddrs,
@@ -263,7 +263,10 @@ impl Connections {
         };
         let conn = &mut *guard;
         conn.last_seen_ns = h.exit_ns;
-        let tls = matches!(h.source, abi::SRC_SSL_READ | abi::SRC_SSL_WRITE);
+        let tls = matches!(
+            h.source,
+            abi::SRC_SSL_READ | abi::SRC_SSL_WRITE | abi::SRC_GO_TLS_READ | abi::SRC_GO_TLS_WRITE
+        );
         let d = if h.direction == abi::DIR_SEND { 0 } else { 1 };
         conn.link.role_known |= h.role != abi::ROLE_UNKNOWN;
         if !tls && h.flags & abi::EV_F_TCP_SEQ != 0 {

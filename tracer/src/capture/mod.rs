@@ -2,6 +2,7 @@
 
 pub mod btf;
 pub mod events;
+mod gotls;
 pub mod tls;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
@@ -64,6 +65,7 @@ pub const COUNTER_NAMES: [&str; abi::NUM_COUNTERS as usize] = [
     "events",
     "truncated",
     "tls_unattributed",
+    "go_tls_no_socket",
 ];
 
 /// What the capture needs from the configuration.

@@ -1,6 +1,7 @@
 //! TLS library discovery: finds every mapped file that defines `SSL_read` and `SSL_write` (libssl,
 //! or an executable with OpenSSL/BoringSSL linked in, such as node) in the processes of the host,
-//! and attaches the kernel's SSL uprobes to each file once.
+//! and attaches the kernel's SSL uprobes to each file once. Go programs, whose `crypto/tls` is no
+//! SSL library, are recognised among the same files and probed by [`super::gotls`].
 //!
 //! Files are told apart by the (device, inode) their mapping shows, so one library shared by many
 //! processes, or seen through several mount namespaces, is probed once. A process in another mount
@@ -20,6 +21,7 @@ use aya::programs::{ProgramError, UProbe};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+use super::gotls::{self, GoError};
 use crate::metrics;
 
 /// The SSL functions probed, with their entry program; every one also gets [`RETURN_PROGRAM`].
@@ -46,7 +48,7 @@ const MAX_SYMTAB_BYTES: u64 = 32 << 20;
 
 /// Why a file's symbols could not be read.
 #[derive(Debug, Error)]
-enum ElfError {
+pub(super) enum ElfError {
     /// Reading the file failed.
     #[error("cannot read: {0}")]
     Io(#[from] std::io::Error),
@@ -60,16 +62,18 @@ enum ElfError {
 
 /// A section header, the fields used here.
 #[derive(Debug, Clone, Copy)]
-struct Section {
-    kind: u32,
-    addr: u64,
-    offset: u64,
-    size: u64,
-    link: u32,
-    entsize: u64,
+pub(super) struct Section {
+    /// Offset of the name in the section name table.
+    pub(super) name: u32,
+    pub(super) kind: u32,
+    pub(super) addr: u64,
+    pub(super) offset: u64,
+    pub(super) size: u64,
+    pub(super) link: u32,
+    pub(super) entsize: u64,
 }
 
-const SHT_SYMTAB: u32 = 2;
+pub(super) const SHT_SYMTAB: u32 = 2;
 const SHT_HASH: u32 = 5;
 const SHT_DYNSYM: u32 = 11;
 const SHT_GNU_HASH: u32 = 0x6fff_fff6;
@@ -78,29 +82,29 @@ const PT_INTERP: u32 = 3;
 const STT_FUNC: u8 = 2;
 const SHN_UNDEF: u16 = 0;
 const SHN_LORESERVE: u16 = 0xff00;
-const SYM_SIZE: u64 = 24;
+pub(super) const SYM_SIZE: u64 = 24;
 const SHDR_SIZE: u64 = 64;
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+pub(super) fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_le_bytes(
         b.get(at..at.checked_add(2)?)?.try_into().ok()?,
     ))
 }
 
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+pub(super) fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(
         b.get(at..at.checked_add(4)?)?.try_into().ok()?,
     ))
 }
 
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+pub(super) fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(
         b.get(at..at.checked_add(8)?)?.try_into().ok()?,
     ))
 }
 
 /// Reads `len` bytes at `offset`, refusing tables larger than [`MAX_TABLE_BYTES`].
-fn read_range(file: &File, offset: u64, len: u64) -> Result<Vec<u8>, ElfError> {
+pub(super) fn read_range(file: &File, offset: u64, len: u64) -> Result<Vec<u8>, ElfError> {
     if len > MAX_TABLE_BYTES {
         return Err(ElfError::Malformed("table too large"));
     }
@@ -110,15 +114,19 @@ fn read_range(file: &File, offset: u64, len: u64) -> Result<Vec<u8>, ElfError> {
 }
 
 /// The parts of an ELF file that symbol lookup needs.
-struct Elf {
-    file: File,
-    sections: Vec<Section>,
+pub(super) struct Elf {
+    pub(super) file: File,
+    pub(super) sections: Vec<Section>,
     /// A program (`ET_EXEC`, or `ET_DYN` with an interpreter), not a shared library.
-    executable: bool,
+    pub(super) executable: bool,
+    /// `e_machine`.
+    pub(super) machine: u16,
+    /// Index of the section name table.
+    shstrndx: u16,
 }
 
 impl Elf {
-    fn open(path: &Path) -> Result<Elf, ElfError> {
+    pub(super) fn open(path: &Path) -> Result<Elf, ElfError> {
         let file = File::open(path)?;
         let mut ehdr = [0u8; 64];
         match file.read_exact_at(&mut ehdr, 0) {
@@ -133,15 +141,32 @@ impl Elf {
         let bad = || ElfError::Malformed("ELF header");
         let kind = u16_at(&ehdr, 0x10).ok_or_else(bad)?;
         let executable = kind == ET_EXEC || has_interpreter(&file, &ehdr)?;
+        let machine = u16_at(&ehdr, 0x12).ok_or_else(bad)?;
+        let shstrndx = u16_at(&ehdr, 0x3e).ok_or_else(bad)?;
         let sections = section_headers(&file, &ehdr)?;
         Ok(Elf {
             file,
             sections,
             executable,
+            machine,
+            shstrndx,
         })
     }
 
-    fn section(&self, index: u32) -> Result<&Section, ElfError> {
+    /// The first section called `name`.
+    pub(super) fn section_named(&self, name: &str) -> Result<Option<Section>, ElfError> {
+        let Some(names) = self.sections.get(usize::from(self.shstrndx)) else {
+            return Ok(None);
+        };
+        let names = read_range(&self.file, names.offset, names.size)?;
+        Ok(self
+            .sections
+            .iter()
+            .find(|s| name_at(&names, s.name) == Some(name.as_bytes()))
+            .copied())
+    }
+
+    pub(super) fn section(&self, index: u32) -> Result<&Section, ElfError> {
         self.sections
             .get(index as usize)
             .ok_or(ElfError::Malformed("section index"))
@@ -322,6 +347,7 @@ fn section_headers(file: &File, ehdr: &[u8]) -> Result<Vec<Section>, ElfError> {
         .chunks_exact(SHDR_SIZE as usize)
         .map(|h| {
             Some(Section {
+                name: u32_at(h, 0)?,
                 kind: u32_at(h, 4)?,
                 addr: u64_at(h, 16)?,
                 offset: u64_at(h, 24)?,
@@ -351,7 +377,7 @@ fn sysv_hash(name: &[u8]) -> u32 {
 }
 
 /// The NUL-terminated name at `at` in a string table.
-fn name_at(strtab: &[u8], at: u32) -> Option<&[u8]> {
+pub(super) fn name_at(strtab: &[u8], at: u32) -> Option<&[u8]> {
     let rest = strtab.get(usize::try_from(at).ok()?..)?;
     let end = rest.iter().position(|&b| b == 0)?;
     Some(&rest[..end])
@@ -606,7 +632,7 @@ impl TlsProbes {
     fn examine(&mut self, path: &Path, shown: &str, pid: u32, ebpf: &mut Ebpf) -> Option<Examined> {
         let gone = || !self.proc_root.join(pid.to_string()).exists();
         let functions = match ssl_functions(path) {
-            Ok(f) if f.is_empty() => return Some(Examined::Skip),
+            Ok(f) if f.is_empty() => return self.examine_go(path, shown, pid, ebpf),
             Ok(f) => f,
             Err(ElfError::NotElf) => return Some(Examined::Skip),
             Err(_) if gone() => return None,
@@ -642,6 +668,64 @@ impl TlsProbes {
     }
 }
 
+impl TlsProbes {
+    /// [`TlsProbes::examine`] for a file that is no SSL library: a Go program using crypto/tls?
+    fn examine_go(
+        &mut self,
+        path: &Path,
+        shown: &str,
+        pid: u32,
+        ebpf: &mut Ebpf,
+    ) -> Option<Examined> {
+        let gone = || !self.proc_root.join(pid.to_string()).exists();
+        let program = match gotls::go_tls_program(path) {
+            Ok(Some(program)) => program,
+            Ok(None) => return Some(Examined::Skip),
+            Err(GoError::Unsupported(reason)) => {
+                metrics::add(
+                    "go_tls_unsupported_total",
+                    metrics::labels(&[("reason", reason)]),
+                    1,
+                );
+                info!(
+                    path = shown,
+                    pid, reason, "a Go program uses crypto/tls but cannot be probed"
+                );
+                return Some(Examined::Skip);
+            }
+            Err(GoError::Elf(_)) if gone() => return None,
+            Err(GoError::Elf(err)) => {
+                count_failure(match err {
+                    ElfError::Malformed(_) => "malformed_elf",
+                    _ => "unreadable",
+                });
+                debug!(path = %path.display(), %err, "cannot read a Go program");
+                return Some(Examined::Skip);
+            }
+        };
+        match gotls::attach(ebpf, path, &program) {
+            Ok(links) => {
+                info!(
+                    path = shown,
+                    pid,
+                    go = %program.version,
+                    symbols = program.symbols,
+                    probes = links.len(),
+                    "Go TLS probes attached"
+                );
+                self.links.extend(links);
+                Some(Examined::Attached)
+            }
+            Err(_) if gone() => None,
+            Err(err) => {
+                count_failure("attach");
+                warn!(path = shown, pid, ?err, "cannot attach Go TLS probes");
+                Some(Examined::Skip)
+            }
+        }
+    }
+}
+
 fn count_failure(reason: &'static str) {
     metrics::add(
         "tls_attach_failures_total",
@@ -650,7 +734,7 @@ fn count_failure(reason: &'static str) {
     );
 }
 
-fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe, ProgramError> {
+pub(super) fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe, ProgramError> {
     ebpf.program_mut(name)
         .ok_or(ProgramError::UnexpectedProgramType)?
         .try_into()
@@ -683,7 +767,11 @@ fn attach_all(
 
 /// Loads the SSL programs into the kernel (the verifier checks them); attaching comes later.
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), (&'static str, ProgramError)> {
-    let names = FUNCTIONS.iter().map(|(_, p)| *p).chain([RETURN_PROGRAM]);
+    let names = FUNCTIONS
+        .iter()
+        .map(|(_, p)| *p)
+        .chain([RETURN_PROGRAM])
+        .chain(gotls::PROGRAMS);
     for name in names {
         uprobe(ebpf, name)
             .and_then(|p| p.load())

@@ -1,0 +1,3 @@
+module tracer.invalid/integration
+
+go 1.17
