@@ -693,7 +693,6 @@ pub fn resolve_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         tcp_write_seq: btf.member_offset("tcp_sock", &["write_seq"])?,
         tcp_copied_seq: btf.member_offset("tcp_sock", &["copied_seq"])?,
     })
-
 }
 
 #[cfg(test)]
