@@ -64,6 +64,9 @@ pub const COUNTER_NAMES: [&str; abi::NUM_COUNTERS as usize] = [
     "events",
     "truncated",
     "tls_unattributed",
+    "tcp_option_written",
+    "tcp_option_read",
+    "tcp_option_no_room",
 ];
 
 /// What the capture needs from the configuration.
