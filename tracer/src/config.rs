@@ -67,6 +67,8 @@ pub struct FileConfig {
     pub metrics_log_interval_secs: Option<u64>,
     /// See [`Config::sanitize_query_text`].
     pub sanitize_query_text: Option<bool>,
+    /// See [`Config::tcp_option`].
+    pub tcp_option: Option<bool>,
     /// Standard OpenTelemetry variables (`OTEL_EXPORTER_OTLP_ENDPOINT` = "...", ...), used when
     /// the environment does not set them.
     #[serde(default)]
@@ -96,6 +98,8 @@ pub struct Overrides {
     pub otlp_protocol: Option<String>,
     /// `--raw-query-text`.
     pub raw_query_text: bool,
+    /// `--no-tcp-option`.
+    pub no_tcp_option: bool,
 }
 
 /// The agent's configuration.
@@ -121,6 +125,9 @@ pub struct Config {
     pub metrics_log_interval: Duration,
     /// Replace literals in database query text (`db.query.text`) by `?` (default true).
     pub sanitize_query_text: bool,
+    /// Carry trace ids to other hosts in a TCP header option and read theirs (default true, where
+    /// the kernel can).
+    pub tcp_option: bool,
     /// Span export.
     pub export: ExportConfig,
 }
@@ -178,6 +185,7 @@ impl Config {
             metrics_addr: o.metrics_addr.or(file.metrics_addr),
             metrics_log_interval: Duration::from_secs(file.metrics_log_interval_secs.unwrap_or(60)),
             sanitize_query_text: !o.raw_query_text && file.sanitize_query_text.unwrap_or(true),
+            tcp_option: !o.no_tcp_option && file.tcp_option.unwrap_or(true),
             export,
         };
         cfg.validate()?;
@@ -278,6 +286,28 @@ mod tests {
         };
         let off = Config::build(FileConfig::default(), &o, &|_| None).expect("config");
         assert!(!off.sanitize_query_text);
+    }
+
+    #[test]
+    fn tcp_option_is_on_unless_turned_off() {
+        let on = Config::build(FileConfig::default(), &Overrides::default(), &|_| None);
+        assert!(on.expect("config").tcp_option);
+        let file: FileConfig = toml::from_str("tcp_option = false").expect("toml");
+        assert!(
+            !Config::build(file, &Overrides::default(), &|_| None)
+                .expect("config")
+                .tcp_option
+        );
+        let o = Overrides {
+            no_tcp_option: true,
+            ..Default::default()
+        };
+        let file: FileConfig = toml::from_str("tcp_option = true").expect("toml");
+        assert!(
+            !Config::build(file, &o, &|_| None)
+                .expect("config")
+                .tcp_option
+        );
     }
 
     #[test]

@@ -71,6 +71,9 @@ struct RunArgs {
     /// Export database query text as captured, literals included (default: literals become `?`).
     #[arg(long)]
     raw_query_text: bool,
+    /// Do not carry trace ids to other hosts in a TCP header option (nor read them).
+    #[arg(long)]
+    no_tcp_option: bool,
 }
 
 impl RunArgs {
@@ -86,6 +89,7 @@ impl RunArgs {
             otlp_endpoint: self.otlp_endpoint,
             otlp_protocol: self.otlp_protocol,
             raw_query_text: self.raw_query_text,
+            no_tcp_option: self.no_tcp_option,
         }
     }
 }
