@@ -1,7 +1,8 @@
 //! The agent on other kernels: boots Debian's 6.1 and 6.12 cloud kernels under qemu (software
 //! emulation) with the agent in a busybox initramfs, and checks that the programs pass those
 //! kernels' verifiers, `tracer check` reports their features, and busybox httpd/wget traffic
-//! inside the guest becomes spans. The host kernel is covered by the other end-to-end tests.
+//! inside the guest becomes spans, with the trace-context TCP option written and read. The host
+//! kernel is covered by the other end-to-end tests.
 
 mod common;
 
@@ -76,10 +77,30 @@ fn check_kernel(meta: &str, version_prefix: &str) {
         check.contains("capture mode: syscall tracepoints"),
         "{check}"
     );
+    // Both kernels have the TCP header option callbacks (5.10+); the guest has no cgroup2 mount,
+    // so this also covers mounting one.
+    let option = check
+        .lines()
+        .find(|l| l.starts_with("trace TCP option"))
+        .unwrap_or("");
+    assert!(
+        option.contains(" yes "),
+        "trace TCP option on {meta}:\n{check}"
+    );
     assert!(
         console.contains("== agent rc=0"),
         "agent did not exit cleanly:\n{console}"
     );
+    // The sock_ops program passed this verifier, attached, and carried wget's trace id to httpd:
+    // the kernel counters (logged at exit when non-zero) saw the option written and read.
+    let log = section(&console, "agent log").join("\n");
+    assert!(log.contains("tcp_option=true"), "{log}");
+    for what in ["tcp_option_written", "tcp_option_read"] {
+        assert!(
+            log.contains(&format!("{{what=\"{what}\"}}=")),
+            "no {what} on {meta}:\n{log}"
+        );
+    }
 
     let spans = section(&console, "spans");
     let ok = span_line(&spans, "SERVER", "path=/index.html", &console);

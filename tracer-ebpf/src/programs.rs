@@ -6,8 +6,8 @@ use core::ptr::read_volatile;
 use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
-    bpf_probe_read_user, bpf_ringbuf_output, bpf_ringbuf_query,
+    bpf_get_current_task, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+    bpf_probe_read_kernel, bpf_probe_read_user, bpf_ringbuf_output, bpf_ringbuf_query,
 };
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
@@ -20,6 +20,8 @@ use tracer_ebpf::abi::*;
 
 #[path = "gotls.rs"]
 mod gotls;
+#[path = "tcp_option.rs"]
+mod tcp_option;
 #[path = "tls.rs"]
 mod tls;
 
@@ -40,6 +42,10 @@ static FILTER_PIDS: u8 = 0;
 /// `PORTS` are traced.
 #[unsafe(no_mangle)]
 static FILTER_PORTS: u8 = 0;
+/// Set by userspace before load: non-zero when the trace context runs, that is when the sock_ops
+/// program carrying trace ids in TCP options (`tcp_option.rs`) is attached.
+#[unsafe(no_mangle)]
+static TRACE_CONTEXT: u8 = 0;
 /// Set by userspace before load: struct offsets of the running kernel, from BTF.
 #[unsafe(no_mangle)]
 static OFFSETS: KernelOffsets = KernelOffsets {
@@ -89,6 +95,19 @@ static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 #[map]
 static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
+/// The request each thread serves, keyed by pid_tgid (see `serve_read`).
+#[map]
+static SERVING: LruHashMap<u64, Serving> = LruHashMap::with_max_entries(65536, 0);
+
+/// The trace id the sock_ops program writes into the TCP option of a client socket's data
+/// segments, keyed by the socket's tuple.
+#[map]
+static OUT_CTX: LruHashMap<TupleKey, OutCtx> = LruHashMap::with_max_entries(65536, 0);
+
+/// The trace id the sock_ops program last read from a TCP option on a socket, keyed by its tuple.
+#[map]
+static IN_CTX: LruHashMap<TupleKey, InCtx> = LruHashMap::with_max_entries(65536, 0);
+
 /// Drop and activity counters, indexed by `CNT_*`.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
@@ -132,11 +151,81 @@ struct Inflight {
     len: u64,
     /// For sendmmsg/recvmmsg: the `struct mmsghdr *` whose `msg_len` holds the first message's size.
     mmsg: u64,
+    /// A write on a client socket: the trace id chosen at entry for the TCP option.
+    trace_id: TraceId,
     fd: i32,
     source: u8,
     direction: u8,
     buf_kind: u8,
-    _pad: u8,
+    /// `EV_F_TRACE | EV_F_TRACE_*` when `trace_id` is set, else 0.
+    trace_flags: u8,
+}
+
+/// A trace id as the programs keep it; its bytes in memory order are the id.
+type TraceId = [u64; 2];
+
+/// A socket's tuple, built alike from `sock_common` in the syscall programs ([`tuple_of`]) and from
+/// the `bpf_sock_ops` context in the sock_ops program: the key that joins the two. No implicit
+/// padding, so every byte of the key is defined.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TupleKey {
+    /// AF_INET or AF_INET6, as the socket's family (a dual-stack socket is AF_INET6 with
+    /// IPv4-mapped addresses on both sides).
+    family: u16,
+    /// Host order.
+    local_port: u16,
+    /// Host order.
+    remote_port: u16,
+    _pad: u16,
+    /// Network order; IPv4 in the first 4 bytes.
+    local_addr: [u8; 16],
+    /// Network order; IPv4 in the first 4 bytes.
+    remote_addr: [u8; 16],
+}
+
+/// The request a thread serves: started by its first read on a server socket, answered by its
+/// first write back on that socket.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Serving {
+    sock: u64,
+    trace_id: TraceId,
+    /// `EV_F_TRACE_IN_BAND` or `EV_F_TRACE_GENERATED`.
+    origin: u8,
+    /// `SERVING_*` bits.
+    state: u8,
+    _pad: [u8; 6],
+}
+
+/// [`Serving::state`]: the thread began writing the response.
+const SERVING_ANSWERED: u8 = 1;
+/// [`Serving::state`]: the thread started reading this request while another one, on another
+/// socket, was unanswered (an event loop): its outgoing calls cannot be attributed.
+const SERVING_AMBIGUOUS: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct OutCtx {
+    trace_id: TraceId,
+    /// `conn_id` of the connection that chose it: a later connection on the same tuple never
+    /// reuses it.
+    conn_id: u64,
+    /// `EV_F_TRACE_IN_BAND` or `EV_F_TRACE_GENERATED`.
+    origin: u8,
+    /// Non-zero once a byte of the response was read: the next write is a new request.
+    responded: u8,
+    _pad: [u8; 6],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InCtx {
+    trace_id: TraceId,
+    /// Sequence numbers of the first byte and after the last byte of the segments that carried
+    /// this id, so a read is attributed to it only when its bytes arrived with the option.
+    seq_first: u32,
+    seq_end: u32,
 }
 
 const AF_INET: u16 = 2;
@@ -313,6 +402,35 @@ fn conn_open(sk: u64, role: u8) {
     }
 }
 
+/// The tuple of `sk`, read from its `sock_common`.
+#[inline(always)]
+fn tuple_of(sk: u64) -> TupleKey {
+    let o = offsets();
+    let family: u16 = kread(sk + o.sk_family as u64).unwrap_or(0);
+    let dport: u16 = kread(sk + o.sk_dport as u64).unwrap_or(0);
+    let mut t = TupleKey {
+        family,
+        local_port: kread(sk + o.sk_num as u64).unwrap_or(0),
+        remote_port: u16::from_be(dport),
+        _pad: 0,
+        local_addr: [0; 16],
+        remote_addr: [0; 16],
+    };
+    if family == AF_INET6 {
+        t.local_addr = kread(sk + o.sk_v6_rcv_saddr as u64).unwrap_or([0; 16]);
+        t.remote_addr = kread(sk + o.sk_v6_daddr as u64).unwrap_or([0; 16]);
+    } else {
+        let l: [u8; 4] = kread(sk + o.sk_rcv_saddr as u64).unwrap_or([0; 4]);
+        let r: [u8; 4] = kread(sk + o.sk_daddr as u64).unwrap_or([0; 4]);
+        t.local_addr[..4].copy_from_slice(&l);
+        t.remote_addr[..4].copy_from_slice(&r);
+    }
+    t
+}
+
+/// Writes the tuple of `sk` into the header: the reads of [`tuple_of`], stored straight into the
+/// header, because the exit programs' copy loop is near the verifier's limit and a key kept on
+/// their stack is one more value it tracks through every iteration.
 #[inline(always)]
 fn fill_tuple(h: &mut EventHeader, sk: u64) {
     let o = offsets();
@@ -334,6 +452,136 @@ fn fill_tuple(h: &mut EventHeader, sk: u64) {
     }
 }
 
+/// Whether the trace context runs (see `TRACE_CONTEXT`).
+#[inline(always)]
+fn trace_context() -> bool {
+    // SAFETY: plain read of a global set before load.
+    unsafe { read_volatile(&TRACE_CONTEXT) != 0 }
+}
+
+/// 16 random bytes, never all zero (an invalid W3C trace id).
+#[inline(always)]
+fn random_trace_id() -> TraceId {
+    // SAFETY: the helper has no preconditions.
+    let r = || unsafe { bpf_get_prandom_u32() } as u64;
+    let a = r() | r() << 32;
+    let b = r() | r() << 32;
+    [a, if a | b == 0 { 1 } else { b }]
+}
+
+/// The bytes of a trace id as events and the TCP option carry them.
+#[inline(always)]
+fn trace_bytes(id: TraceId) -> [u8; 16] {
+    // SAFETY: two u64 are 16 plain bytes.
+    unsafe { core::mem::transmute::<TraceId, [u8; 16]>(id) }
+}
+
+/// The trace id received in band on the socket with tuple `key`, when the bytes read from
+/// sequence number `seq` on arrived with it (without a sequence number, the last one received).
+#[inline(always)]
+fn in_band(key: &TupleKey, seq: Option<u32>) -> Option<TraceId> {
+    // SAFETY: copied out of the map.
+    let c = unsafe { IN_CTX.get(key) }.copied()?;
+    match seq {
+        Some(s) if s.wrapping_sub(c.seq_first) >= c.seq_end.wrapping_sub(c.seq_first) => None,
+        _ => Some(c.trace_id),
+    }
+}
+
+/// A read of request bytes on server socket `sock` by the current thread: the trace id of the
+/// request and its origin (`EV_F_TRACE_IN_BAND` or `EV_F_TRACE_GENERATED`). Further reads of an
+/// unanswered request on the same socket belong to it; any other read starts a new request,
+/// ambiguous when the thread still owes another socket an answer.
+#[inline(always)]
+fn serve_read(pid_tgid: u64, sock: u64, key: &TupleKey, seq: Option<u32>) -> (TraceId, u8) {
+    // SAFETY: copied out of the map; only this thread writes its own key.
+    let prev = unsafe { SERVING.get(pid_tgid) }.copied();
+    let mut state = 0;
+    if let Some(p) = prev
+        && p.state & SERVING_ANSWERED == 0
+    {
+        if p.sock == sock {
+            return (p.trace_id, p.origin);
+        }
+        state = SERVING_AMBIGUOUS;
+    }
+    let (trace_id, origin) = match in_band(key, seq) {
+        Some(id) => (id, EV_F_TRACE_IN_BAND),
+        None => (random_trace_id(), EV_F_TRACE_GENERATED),
+    };
+    let entry = Serving {
+        sock,
+        trace_id,
+        origin,
+        state,
+        _pad: [0; 6],
+    };
+    let _ = SERVING.insert(pid_tgid, entry, 0);
+    (trace_id, origin)
+}
+
+/// A write on server socket `sock`: the thread's request on it is being answered.
+#[inline(always)]
+fn serve_write(pid_tgid: u64, sock: u64) {
+    if let Some(p) = SERVING.get_ptr_mut(pid_tgid) {
+        // SAFETY: pointer from a successful lookup; only this thread writes its own key.
+        unsafe {
+            if (*p).sock == sock {
+                (*p).state |= SERVING_ANSWERED;
+            }
+        }
+    }
+}
+
+/// A write on client socket `key` (connection `conn_id`) by the current thread, before the kernel
+/// sends anything: picks the trace id for the TCP option of its segments and stores it in
+/// `OUT_CTX` for the sock_ops program. The request the thread serves gives it; a thread that
+/// serves none starts a trace (later writes of the same request, before a response byte is read,
+/// keep it); an ambiguous thread sends none.
+#[inline(always)]
+fn client_write(pid_tgid: u64, key: &TupleKey, conn_id: u64) -> Option<(TraceId, u8)> {
+    // SAFETY: copied out of the maps.
+    let serving = unsafe { SERVING.get(pid_tgid) }.copied();
+    let chosen = match serving {
+        Some(s) if s.state & SERVING_ANSWERED == 0 => {
+            if s.state & SERVING_AMBIGUOUS != 0 {
+                None
+            } else {
+                Some((s.trace_id, s.origin))
+            }
+        }
+        _ => match unsafe { OUT_CTX.get(key) }.copied() {
+            Some(o) if o.conn_id == conn_id && o.responded == 0 => Some((o.trace_id, o.origin)),
+            _ => Some((random_trace_id(), EV_F_TRACE_GENERATED)),
+        },
+    };
+    match chosen {
+        Some((trace_id, origin)) => {
+            let out = OutCtx {
+                trace_id,
+                conn_id,
+                origin,
+                responded: 0,
+                _pad: [0; 6],
+            };
+            let _ = OUT_CTX.insert(key, out, 0);
+        }
+        None => {
+            let _ = OUT_CTX.remove(key);
+        }
+    }
+    chosen
+}
+
+/// A read of response bytes on client socket `key`: its next write is a new request.
+#[inline(always)]
+fn client_read(key: &TupleKey) {
+    if let Some(o) = OUT_CTX.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup.
+        unsafe { (*o).responded = 1 };
+    }
+}
+
 /// Records a data syscall's entry when its fd is a TCP socket.
 #[inline(always)]
 fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) -> u32 {
@@ -344,9 +592,25 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
     let args = [arg(ctx, 0), arg(ctx, 1), arg(ctx, 2)];
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(inflight) = inflight_of(args, now, source, direction, buf_kind)
-        && INFLIGHT.insert(pid_tgid, inflight, 0).is_err()
-    {
+    let Some(mut inflight) = inflight_of(args, now, source, direction, buf_kind) else {
+        return 0;
+    };
+    // At entry, before the kernel sends a byte, so the option goes out with the request.
+    if direction == DIR_SEND && trace_context() {
+        // SAFETY: copied out of the map.
+        if let Some(conn) = unsafe { CONNS.get(inflight.sock) }.copied() {
+            if conn.role == ROLE_SERVER {
+                serve_write(pid_tgid, inflight.sock);
+            } else if conn.role == ROLE_CLIENT {
+                let key = tuple_of(inflight.sock);
+                if let Some((id, origin)) = client_write(pid_tgid, &key, conn.conn_id) {
+                    inflight.trace_id = id;
+                    inflight.trace_flags = EV_F_TRACE | origin;
+                }
+            }
+        }
+    }
+    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
         count(CNT_INFLIGHT_FULL);
     }
     0
@@ -391,6 +655,7 @@ fn inflight_of(
         buf,
         len,
         mmsg,
+        trace_id: [0; 2],
         fd: fd as i32,
         source,
         direction,
@@ -399,7 +664,7 @@ fn inflight_of(
         } else {
             buf_kind
         },
-        _pad: 0,
+        trace_flags: 0,
     })
 }
 
@@ -582,6 +847,11 @@ fn exit_io<const IOVECS: usize>(
     }
     h.stream_offset = offset;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // The trace context chosen at entry (client write) or by `read_context` (read): zero
+    // otherwise. Copied without a branch: every path into the copy loop below multiplies the
+    // verifier's work on it, which is why reads get theirs from a program of their own.
+    h.trace_id = trace_bytes(inf.trace_id);
+    h.flags |= inf.trace_flags;
 
     fill_tuple(h, inf.sock);
 
@@ -634,11 +904,16 @@ fn output(scratch: &mut Scratch, size: usize) {
     let watermark = unsafe { read_volatile(&WAKEUP_BYTES) };
     let flags = if watermark == 0 {
         0
-    // SAFETY: `ring` is the ring buffer map.
-    } else if unsafe { bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA as u64) } >= watermark {
-        BPF_RB_FORCE_WAKEUP as u64
     } else {
-        BPF_RB_NO_WAKEUP as u64
+        // SAFETY: `ring` is the ring buffer map.
+        let waiting = unsafe { bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA as u64) };
+        // One wake-up when this record crosses the mark; above it the reader is already busy or
+        // its timer will come, and a wake-up per record would cost every traced syscall.
+        if waiting < watermark && waiting + size as u64 >= watermark {
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        }
     };
     // SAFETY: the caller keeps `size` within `Scratch`, which lives in a map value.
     let rc = unsafe {
@@ -667,6 +942,70 @@ macro_rules! io_tracepoints {
             exit_io::<{ $iovecs }>(&ctx, $src, $dir, $kind)
         }
     )*};
+}
+
+/// The trace context of a read that returned bytes, stored in the thread's in-flight record for
+/// the exit program that emits the event: the request a server socket's read belongs to, or the
+/// end of a client socket's request. A program of its own, attached to the same tracepoints
+/// before the exit programs (programs on one tracepoint run in attach order), so the verifier
+/// checks it apart from their copy loops.
+#[inline(always)]
+fn read_context(ctx: &TracePointContext) -> u32 {
+    if !trace_context() {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inf) = INFLIGHT.get_ptr_mut(pid_tgid) else {
+        return 0;
+    };
+    let rc = ret(ctx);
+    if rc <= 0 {
+        return 0;
+    }
+    // SAFETY: pointer from a successful lookup; only this thread writes its own key.
+    let (sock, mmsg) = unsafe { ((*inf).sock, (*inf).mmsg) };
+    // SAFETY: copied out of the map.
+    let Some(conn) = (unsafe { CONNS.get(sock) }).copied() else {
+        return 0;
+    };
+    let key = tuple_of(sock);
+    if conn.role == ROLE_SERVER {
+        // The sequence number of the first byte read, as the exit program computes it; recvmmsg
+        // returns a message count, not bytes.
+        let member = offsets().tcp_copied_seq;
+        let seq = if mmsg == 0 && member != 0 {
+            kread::<u32>(sock + member as u64).map(|after| after.wrapping_sub(rc as u32))
+        } else {
+            None
+        };
+        let (id, origin) = serve_read(pid_tgid, sock, &key, seq);
+        // SAFETY: as above.
+        unsafe {
+            (*inf).trace_id = id;
+            (*inf).trace_flags = EV_F_TRACE | origin;
+        }
+    } else if conn.role == ROLE_CLIENT {
+        client_read(&key);
+    }
+    0
+}
+
+macro_rules! read_context_tracepoints {
+    ($($name:ident;)*) => {$(
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            read_context(&ctx)
+        }
+    )*};
+}
+
+// Named `<exit program>_trace`; userspace attaches each to its exit program's tracepoint.
+read_context_tracepoints! {
+    sys_exit_read_trace;
+    sys_exit_readv_trace;
+    sys_exit_recvfrom_trace;
+    sys_exit_recvmsg_trace;
+    sys_exit_recvmmsg_trace;
 }
 
 /// Exit programs for the iovec syscalls that copy at most `SMALL_IOVECS` iovecs: older verifiers
@@ -718,11 +1057,12 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         buf: 0,
         len: 0,
         mmsg: 0,
+        trace_id: [0; 2],
         fd: arg(&ctx, 0) as i32,
         source: 0,
         direction: 0,
         buf_kind: BUF_KERNEL,
-        _pad: 0,
+        trace_flags: 0,
     };
     if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
         count(CNT_INFLIGHT_FULL);
@@ -867,6 +1207,7 @@ fn emit_header(
 
     h.stream_offset = 0;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    h.trace_id = [0; 16];
     if sk != 0 {
         fill_tuple(h, sk);
     }

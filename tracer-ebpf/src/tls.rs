@@ -300,6 +300,7 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
 
     h.stream_offset = offset;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    h.trace_id = [0; 16];
     fill_tuple(h, sock);
 
     // SAFETY: plain read of a global set before load.

@@ -72,6 +72,7 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         ring_buffer_bytes: cfg.ring_buffer_bytes,
         pids: cfg.pids.clone(),
         ports: cfg.ports.clone(),
+        tcp_option: cfg.tcp_option,
     };
     let mut capture = Capture::start(&opts, offsets)?;
     // Probe the SSL libraries of the processes already running before saying ready.
@@ -117,6 +118,7 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     info!(
         programs = capture.attached(),
         tls_probes,
+        tcp_option = capture.tcp_option(),
         endpoint = %cfg.export.describe(),
         capture_bytes = cfg.capture_bytes,
         linking = cfg.linking.enabled,
@@ -205,7 +207,10 @@ fn drain(
                 conns.exec(&ev);
             }
 
-            Ok(ev) => conns.handle(&ev, emit),
+            Ok(ev) => {
+                log_trace_context(&ev);
+                conns.handle(&ev, emit);
+            }
             Err(err) => {
                 metrics::add(
                     "events_dropped_total",
@@ -217,6 +222,39 @@ fn drain(
         }
     }
     metrics::add("events_received_total", "", n);
+}
+
+/// One debug line (target `tracer::trace_context`) per event that carries a trace context, until
+/// span linking uses them.
+fn log_trace_context(ev: &Event<'_>) {
+    let Some(trace) = ev.trace() else { return };
+    let h = &ev.header;
+    let role = match h.role {
+        tracer_ebpf::abi::ROLE_CLIENT => "client",
+        tracer_ebpf::abi::ROLE_SERVER => "server",
+        _ => "unknown",
+    };
+    let direction = if h.direction == tracer_ebpf::abi::DIR_SEND {
+        "send"
+    } else {
+        "recv"
+    };
+    tracing::debug!(
+        target: "tracer::trace_context",
+        pid = h.tgid,
+        tid = h.tid,
+        fd = h.fd,
+        role,
+        direction,
+        local = %ev.local(),
+        remote = %ev.remote(),
+        bytes = h.bytes,
+        stream_offset = h.stream_offset,
+        trace_id = %trace,
+        in_band = trace.in_band,
+        generated = trace.generated,
+        "trace context"
+    );
 }
 
 fn apply_stop_payload(capture: &mut Capture, conns: &mut Connections) {

@@ -14,6 +14,8 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 pub const DEBUG_TRACEFS: &str = "/sys/kernel/debug/tracing";
 /// Where bpffs is mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// Where the agent mounts cgroup v2 when no cgroup2 file system is mounted.
+pub const CGROUP2_FALLBACK: &str = "/run/tracer/cgroup2";
 
 const PMU_DIR: &str = "/sys/bus/event_source/devices";
 /// Kernel function whose BTF id the fentry probe attaches to.
@@ -25,7 +27,13 @@ const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
 const BPF_PROG_TYPE_TRACING: u32 = 26;
+const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_TRACE_FENTRY: u32 = 24;
+/// `bpf_reserve_hdr_opt`, a helper of the TCP header option callbacks (Linux 5.10).
+const BPF_FUNC_RESERVE_HDR_OPT: u8 = 144;
+
+/// `r0 = 0; exit`.
+const RETURN_ZERO: [[u8; 8]; 2] = [[0xb7, 0, 0, 0, 0, 0, 0, 0], [0x95, 0, 0, 0, 0, 0, 0, 0]];
 
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
@@ -91,6 +99,17 @@ pub enum MountError {
         path: &'static str,
         /// Error of the mount.
         errno: Errno,
+    },
+    /// /proc/self/mountinfo could not be read.
+    #[error("cannot read /proc/self/mountinfo: {0}")]
+    MountInfo(#[source] std::io::Error),
+    /// No cgroup v2 file system is mounted and mounting one failed.
+    #[error("no cgroup2 file system is mounted and mounting one at {path} failed: {reason}")]
+    Cgroup2 {
+        /// Where it was tried.
+        path: &'static str,
+        /// What failed.
+        reason: String,
     },
 }
 
@@ -177,11 +196,14 @@ pub struct Report {
     pub kprobes: Feature,
     /// An fentry program attached to a kernel function loads.
     pub fentry: Feature,
+    /// The trace-context TCP option can run: sock_ops programs with the header option helpers
+    /// load and a cgroup v2 hierarchy is mounted to attach them to.
+    pub tcp_option: Feature,
 }
 
 impl Report {
     /// The rows of the table, in display order.
-    fn rows(&self) -> [(&'static str, &Feature); 9] {
+    fn rows(&self) -> [(&'static str, &Feature); 10] {
         [
             ("privileges", &self.privileges),
             ("BTF + offsets", &self.btf),
@@ -192,6 +214,7 @@ impl Report {
             ("uprobes", &self.uprobes),
             ("kprobes", &self.kprobes),
             ("fentry", &self.fentry),
+            ("trace TCP option", &self.tcp_option),
         ]
     }
 
@@ -248,7 +271,7 @@ pub fn probe() -> Report {
     };
     let fentry = match &parsed {
         Ok(b) => match b.type_id_by_name(BtfKind::Func, FENTRY_PROBE_TARGET) {
-            Some(id) => load_program(BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, id)
+            Some(id) => load_program(BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, id, &RETURN_ZERO)
                 .map(|()| format!("fentry on {FENTRY_PROBE_TARGET} loads")),
             None => Err(format!("{FENTRY_PROBE_TARGET} not in kernel BTF")),
         },
@@ -264,12 +287,38 @@ pub fn probe() -> Report {
         ),
         syscall_tracepoints: feature(syscall_tracepoints()),
         tracepoint_prog: feature(
-            load_program(BPF_PROG_TYPE_TRACEPOINT, 0, 0).map(|()| "tracepoint program loads"),
+            load_program(BPF_PROG_TYPE_TRACEPOINT, 0, 0, &RETURN_ZERO)
+                .map(|()| "tracepoint program loads"),
         ),
         uprobes: feature(pmu_type("uprobe")),
         kprobes: feature(pmu_type("kprobe")),
         fentry: feature(fentry),
+        tcp_option: feature(tcp_option()),
     }
+}
+
+/// Whether the trace-context TCP option can run here: where cgroup v2 is, or why not.
+fn tcp_option() -> Result<String, String> {
+    tcp_header_options()?;
+    let cgroup = ensure_cgroup2().map_err(|e| e.to_string())?;
+    Ok(format!(
+        "sock_ops header option helpers load; cgroup2 at {}",
+        cgroup.display()
+    ))
+}
+
+/// Probes the TCP header option callbacks for BPF (Linux 5.10) by loading a sock_ops program that
+/// calls `bpf_reserve_hdr_opt`; older verifiers reject the unknown helper.
+pub fn tcp_header_options() -> Result<(), String> {
+    // r2 = 0; r3 = 0; call bpf_reserve_hdr_opt (r1 is still the context); r0 = 1; exit
+    let insns = [
+        [0xb7, 0x02, 0, 0, 0, 0, 0, 0],
+        [0xb7, 0x03, 0, 0, 0, 0, 0, 0],
+        [0x85, 0, 0, 0, BPF_FUNC_RESERVE_HDR_OPT, 0, 0, 0],
+        [0xb7, 0, 0, 0, 1, 0, 0, 0],
+        [0x95, 0, 0, 0, 0, 0, 0, 0],
+    ];
+    load_program(BPF_PROG_TYPE_SOCK_OPS, 0, 0, &insns)
 }
 
 fn feature<T: Into<String>>(result: Result<T, String>) -> Feature {
@@ -386,15 +435,14 @@ fn create_map(
         .map_err(|e| e.to_string())
 }
 
-/// Loads `r0 = 0; exit` as a program of `prog_type`; on failure returns the errno and, when the
-/// verifier said something, its last line.
+/// Loads `insns` as a program of `prog_type`; on failure returns the errno and, when the verifier
+/// said something, its last line.
 fn load_program(
     prog_type: u32,
     expected_attach_type: u32,
     attach_btf_id: u32,
+    insns: &[[u8; 8]],
 ) -> Result<(), String> {
-    // mov64 r0, 0 ; exit
-    let insns: [[u8; 8]; 2] = [[0xb7, 0, 0, 0, 0, 0, 0, 0], [0x95, 0, 0, 0, 0, 0, 0, 0]];
     let license = b"GPL\0";
     let attr = |log: &mut [u8]| ProgLoadAttr {
         prog_type,
@@ -567,6 +615,47 @@ pub fn ensure_bpffs() -> Result<(), MountError> {
     mount("bpf", BPFFS, "mode=700").map_err(|errno| MountError::Bpffs { path: BPFFS, errno })
 }
 
+/// Mount point of the cgroup v2 hierarchy root in /proc/self/mountinfo text: a cgroup2 mount of
+/// its root (`/`) if there is one, else the first cgroup2 mount.
+fn cgroup2_mount(mountinfo: &str) -> Option<String> {
+    let mut any = None;
+    for line in mountinfo.lines() {
+        // id parent major:minor root mount-point options [optional fields] - fstype source ...
+        let Some((before, after)) = line.split_once(" - ") else {
+            continue;
+        };
+        if after.split_ascii_whitespace().next() != Some("cgroup2") {
+            continue;
+        }
+        let mut fields = before.split_ascii_whitespace().skip(3);
+        let (Some(root), Some(point)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let point = unescape_mount_path(point);
+        if root == "/" {
+            return Some(point);
+        }
+        any.get_or_insert(point);
+    }
+    any
+}
+
+/// The mount point of the cgroup v2 hierarchy, mounting it at [`CGROUP2_FALLBACK`] if none is
+/// mounted (hybrid systems mount it at /sys/fs/cgroup/unified, unified ones at /sys/fs/cgroup).
+pub fn ensure_cgroup2() -> Result<PathBuf, MountError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountInfo)?;
+    if let Some(point) = cgroup2_mount(&text) {
+        return Ok(PathBuf::from(point));
+    }
+    let failed = |reason: String| MountError::Cgroup2 {
+        path: CGROUP2_FALLBACK,
+        reason,
+    };
+    std::fs::create_dir_all(CGROUP2_FALLBACK).map_err(|e| failed(e.to_string()))?;
+    mount("cgroup2", CGROUP2_FALLBACK, "").map_err(|errno| failed(errno.to_string()))?;
+    Ok(PathBuf::from(CGROUP2_FALLBACK))
+}
+
 /// Makes sure tracefs and bpffs are mounted, mounting them if needed; both are attempted and the
 /// first failure is returned.
 pub fn ensure_mounts() -> Result<(), MountError> {
@@ -689,6 +778,24 @@ mod tests {
     }
 
     #[test]
+    fn finds_cgroup2_in_mountinfo() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(hybrid).as_deref(),
+            Some("/sys/fs/cgroup/unified")
+        );
+        // A bind mount of a sub-cgroup is used only when the root is mounted nowhere.
+        let nested = "50 1 0:38 /system.slice /mnt/sub rw - cgroup2 cgroup2 rw\n\
+                      51 1 0:38 / /mnt/with\\040space rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount(nested).as_deref(), Some("/mnt/with space"));
+        let only_sub = "50 1 0:38 /system.slice /mnt/sub rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount(only_sub).as_deref(), Some("/mnt/sub"));
+        assert_eq!(cgroup2_mount("garbage\n1 2 3 - tmpfs x rw\n"), None);
+    }
+
+    #[test]
     fn kernel_versions() {
         assert_eq!(kernel_version("6.18.44-fc-v657"), Some((6, 18)));
         assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
@@ -746,6 +853,14 @@ mod tests {
             let d = &report.fentry.detail;
             assert!(d.starts_with('E') || d.contains(FENTRY_PROBE_TARGET), "{d}");
         }
+        // TCP header option callbacks exist since Linux 5.10; CI runs newer kernels.
+        assert!(report.tcp_option.available, "{report}");
+        assert!(
+            ensure_cgroup2()
+                .expect("cgroup2")
+                .join("cgroup.procs")
+                .is_file()
+        );
         let shown = report.to_string();
         for (name, feature) in report.rows() {
             let line = shown
@@ -778,6 +893,7 @@ mod tests {
             uprobes: Feature::no("x"),
             kprobes: Feature::no("x"),
             fentry: Feature::no("x"),
+            tcp_option: Feature::no("x"),
         };
         assert_eq!(report.capture_mode(), CaptureMode::SyscallTracepoints);
         report.ringbuf = Feature::no("EPERM");

@@ -74,6 +74,8 @@ pub struct FileConfig {
     pub link_window_ms: Option<u64>,
     /// See [`LinkConfig::max_spans`].
     pub link_max_spans: Option<usize>,
+    /// See [`Config::tcp_option`].
+    pub tcp_option: Option<bool>,
     /// Standard OpenTelemetry variables (`OTEL_EXPORTER_OTLP_ENDPOINT` = "...", ...), used when
     /// the environment does not set them.
     #[serde(default)]
@@ -107,6 +109,8 @@ pub struct Overrides {
     pub no_linking: bool,
     /// `--link-window-ms`.
     pub link_window_ms: Option<u64>,
+    /// `--no-tcp-option`.
+    pub no_tcp_option: bool,
 }
 
 /// The agent's configuration.
@@ -134,6 +138,9 @@ pub struct Config {
     pub sanitize_query_text: bool,
     /// Span linking (default on, 2 s window, 100000 spans).
     pub linking: LinkConfig,
+    /// Carry trace ids to other hosts in a TCP header option and read theirs (default true, where
+    /// the kernel can).
+    pub tcp_option: bool,
     /// Span export.
     pub export: ExportConfig,
 }
@@ -202,6 +209,7 @@ impl Config {
                     max_spans: file.link_max_spans.unwrap_or(d.max_spans),
                 }
             },
+            tcp_option: !o.no_tcp_option && file.tcp_option.unwrap_or(true),
             export,
         };
         cfg.validate()?;
@@ -330,6 +338,28 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::build(FileConfig::default(), &o, &|_| None).is_err());
+    }
+
+    #[test]
+    fn tcp_option_is_on_unless_turned_off() {
+        let on = Config::build(FileConfig::default(), &Overrides::default(), &|_| None);
+        assert!(on.expect("config").tcp_option);
+        let file: FileConfig = toml::from_str("tcp_option = false").expect("toml");
+        assert!(
+            !Config::build(file, &Overrides::default(), &|_| None)
+                .expect("config")
+                .tcp_option
+        );
+        let o = Overrides {
+            no_tcp_option: true,
+            ..Default::default()
+        };
+        let file: FileConfig = toml::from_str("tcp_option = true").expect("toml");
+        assert!(
+            !Config::build(file, &o, &|_| None)
+                .expect("config")
+                .tcp_option
+        );
     }
 
     #[test]

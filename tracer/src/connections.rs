@@ -9,7 +9,7 @@ use dashmap::DashMap;
 use protocols::{ConnectionParser, Detail, Detection, Direction, Exchange, Output, Role, Timing};
 use tracer_ebpf::abi;
 
-use crate::capture::events::Event;
+use crate::capture::events::{Event, TraceContext};
 use crate::linking::{ConnPosition, Finished, LinkInfo};
 use crate::metrics;
 use crate::process::ProcessTable;
@@ -70,6 +70,31 @@ struct LinkCtx {
     seq_delta: [Option<u32>; 2],
     /// The kernel saw the connection open: plaintext offsets at both ends count from its start.
     role_known: bool,
+    /// Per direction, the kernel's trace contexts (TCP option) of the last events that carried
+    /// one: (first stream offset, end offset, context); slot `traces_next[d]` is written next.
+    traces: [[Option<(u64, u64, TraceContext)>; TRACE_HISTORY]; 2],
+    traces_next: [usize; 2],
+}
+
+/// Events with a trace context remembered per direction of a connection: enough for the requests
+/// a parser may still hold unanswered when the next ones are read.
+const TRACE_HISTORY: usize = 4;
+
+impl LinkCtx {
+    fn note_trace(&mut self, d: usize, offset: u64, bytes: u64, trace: TraceContext) {
+        let slot = self.traces_next[d];
+        self.traces[d][slot] = Some((offset, offset.saturating_add(bytes), trace));
+        self.traces_next[d] = (slot + 1) % TRACE_HISTORY;
+    }
+
+    /// The trace context of the event that moved stream offset `at` in direction `d`.
+    fn trace_at(&self, d: usize, at: u64) -> Option<TraceContext> {
+        self.traces[d]
+            .iter()
+            .flatten()
+            .find(|(start, end, _)| *start <= at && at < *end)
+            .map(|(_, _, t)| *t)
+    }
 }
 
 /// What the table should do to the kernel's view of connections.
@@ -271,6 +296,9 @@ impl Connections {
         conn.link.role_known |= h.role != abi::ROLE_UNKNOWN;
         if !tls && h.flags & abi::EV_F_TCP_SEQ != 0 {
             conn.link.seq_delta[d] = Some(h.tcp_seq.wrapping_sub(h.stream_offset as u32));
+        }
+        if !tls && let Some(trace) = ev.trace() {
+            conn.link.note_trace(d, h.stream_offset, h.bytes, trace);
         }
         let (state, streams, flags) = if tls {
             (
@@ -544,10 +572,22 @@ fn link_info(ex: &Exchange, ctx: &LinkCtx, addrs: &ConnAddrs) -> LinkInfo {
         ),
         Detail::Postgres(_) => (None, None),
     };
+    let d = match ex.role {
+        Role::Client => 0,
+        Role::Server => 1,
+    };
+    let kernel_trace = if addrs.tls {
+        None
+    } else {
+        ctx.base[0][d]
+            .and_then(|base| base.checked_add(ex.request_offset))
+            .and_then(|at| ctx.trace_at(d, at))
+    };
     LinkInfo {
         tgid: ctx.tgid,
         thread: ex.request_thread,
         position: position(ex, ctx, addrs),
+        kernel_trace,
         start_ns: ex.start_ns,
         end_ns: ex.end_ns,
         target,

@@ -27,6 +27,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::capture::events::TraceContext;
 use crate::metrics;
 use crate::span::{Span, SpanKind};
 
@@ -74,6 +75,9 @@ pub struct LinkInfo {
     pub target: Option<Box<str>>,
     /// `X-Request-ID` of the request.
     pub request_id: Option<Box<str>>,
+    /// The trace id the kernel sent with the request in a TCP option (CLIENT), or read with it
+    /// (SERVER): see [`Linker::submit`].
+    pub kernel_trace: Option<TraceContext>,
 }
 
 /// A finished span and what linking needs to know of it.
@@ -106,6 +110,13 @@ impl Default for LinkConfig {
     }
 }
 
+impl Entry {
+    /// Its trace id can no longer change.
+    fn fixed(&self) -> bool {
+        self.from_header || self.pinned || self.committed
+    }
+}
+
 struct Entry {
     /// The span, until it is exported.
     span: Option<Span>,
@@ -115,6 +126,12 @@ struct Entry {
     trace_id: [u8; 16],
     /// The request carried a trace context (the span's trace id came from it).
     from_header: bool,
+    /// The trace id travelled to or came from another process in a TCP option: it can no longer
+    /// change.
+    pinned: bool,
+    /// The sender's CLIENT span id, known from the TCP option and the request's position, used
+    /// when no local CLIENT span is found (the sender is on another host).
+    remote_parent: Option<[u8; 8]>,
     /// Some exported span used this entry's trace id: it can no longer change.
     committed: bool,
     /// Parent found by a rule.
@@ -134,8 +151,8 @@ pub struct Linker {
     /// Client and server entry of each request position.
     by_position: HashMap<ConnPosition, [Option<u64>; 2]>,
     /// Served requests per (process, thread) and per process, by request start.
-    served_by_thread: HashMap<(u32, u32), BTreeSet<(u64, u64)>>,
-    served_by_process: HashMap<u32, BTreeSet<(u64, u64)>>,
+    served_by_thread: HashMap<(u32, u32), Served>,
+    served_by_process: HashMap<u32, Served>,
 }
 
 fn count_link(rule: &'static str) {
@@ -183,6 +200,12 @@ impl Linker {
     }
 
     /// Takes a finished span at monotonic time `now_ns`; spans due for export go to `emit`.
+    ///
+    /// Without a trace context from headers, a span whose request carried the kernel's TCP option
+    /// takes that option's trace id, fixed from then on: a CLIENT span also takes the span id
+    /// both ends derive from the request's position ([`wire_span_id`]), and a SERVER span whose
+    /// request brought the option from elsewhere gets that id as its parent unless a local
+    /// CLIENT span is found.
     pub fn submit(&mut self, f: Finished, now_ns: u64, emit: &mut dyn FnMut(Span)) {
         if !self.cfg.enabled {
             count_root(&f.span);
@@ -191,16 +214,38 @@ impl Linker {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let kind = f.span.kind;
+        let Finished { mut span, link } = f;
+        let kind = span.kind;
+        let from_header = span.parent_span_id.is_some();
+        let (mut pinned, mut remote_parent) = (false, None);
+        if let Some(kt) = link.kernel_trace.filter(|_| !from_header) {
+            let wire_id = link.position.and_then(wire_span_id);
+            match kind {
+                SpanKind::Client => {
+                    span.trace_id = kt.trace_id;
+                    pinned = true;
+                    if let Some(w) = wire_id {
+                        span.span_id = w;
+                    }
+                }
+                SpanKind::Server => {
+                    span.trace_id = kt.trace_id;
+                    pinned = kt.in_band;
+                    remote_parent = wire_id.filter(|_| kt.in_band);
+                }
+            }
+        }
         let entry = Entry {
             kind,
-            span_id: f.span.span_id,
-            trace_id: f.span.trace_id,
-            from_header: f.span.parent_span_id.is_some(),
+            span_id: span.span_id,
+            trace_id: span.trace_id,
+            from_header,
+            pinned,
+            remote_parent,
             committed: false,
             parent: None,
-            link: f.link,
-            span: Some(f.span),
+            link,
+            span: Some(span),
         };
         let position = entry.link.position;
         let start = entry.link.start_ns;
@@ -217,6 +262,13 @@ impl Linker {
                 } else {
                     (other, id)
                 };
+                // The option's trace id went from one traced process of this host to another:
+                // no other host depends on it, and the linker sees both ends.
+                for end in [child, parent] {
+                    if let Some(e) = self.entries.get_mut(&end) {
+                        e.pinned = false;
+                    }
+                }
                 if self.link(child, parent) {
                     count_link("connection");
                 }
@@ -224,14 +276,15 @@ impl Linker {
         }
         let half = self.window_ns() / 2;
         if kind == SpanKind::Server {
+            let took = self.entries[&id].link.end_ns.saturating_sub(start);
             self.served_by_thread
                 .entry((tgid, thread))
                 .or_default()
-                .insert((start, id));
+                .insert(start, id, took);
             self.served_by_process
                 .entry(tgid)
                 .or_default()
-                .insert((start, id));
+                .insert(start, id, took);
         } else {
             self.to_decide.push_back((now_ns.saturating_add(half), id));
         }
@@ -322,8 +375,8 @@ impl Linker {
         if c.parent.is_some() {
             return false;
         }
-        let (child_trace, child_fixed) = (c.trace_id, c.from_header || c.committed);
-        let (top_trace, top_fixed) = (t.trace_id, t.from_header || t.committed);
+        let (child_trace, child_fixed) = (c.trace_id, c.fixed());
+        let (top_trace, top_fixed) = (t.trace_id, t.fixed());
         if child_trace != top_trace && child_fixed {
             if top_fixed {
                 count_unlinked("conflicting_trace");
@@ -351,7 +404,7 @@ impl Linker {
         }
         let link = &c.link;
         let encloses = |e: &Entry| e.link.start_ns <= link.start_ns && link.end_ns <= e.link.end_ns;
-        let on_thread = nearest(
+        let on_thread = Served::enclosing(
             self.served_by_thread.get(&(link.tgid, link.thread)),
             link.start_ns,
         )
@@ -359,9 +412,10 @@ impl Linker {
         .collect::<Vec<u64>>();
         let chosen = match on_thread.as_slice() {
             [] => {
-                let in_process = nearest(self.served_by_process.get(&link.tgid), link.start_ns)
-                    .filter(|s| self.entries.get(s).is_some_and(encloses))
-                    .collect::<Vec<u64>>();
+                let in_process =
+                    Served::enclosing(self.served_by_process.get(&link.tgid), link.start_ns)
+                        .filter(|s| self.entries.get(s).is_some_and(encloses))
+                        .collect::<Vec<u64>>();
                 if in_process.is_empty() {
                     None
                 } else {
@@ -419,12 +473,17 @@ impl Linker {
             }
             None => return,
         };
-        let parent_span_id = self
+        let local_parent = self
             .entries
             .get(&id)
             .and_then(|e| e.parent)
             .and_then(|p| self.entries.get(&p))
             .map(|p| p.span_id);
+        let remote_parent = self.entries.get(&id).and_then(|e| e.remote_parent);
+        if local_parent.is_none() && remote_parent.is_some() {
+            count_link("tcp_option");
+        }
+        let parent_span_id = local_parent.or(remote_parent);
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
@@ -469,6 +528,34 @@ impl Linker {
     }
 }
 
+/// The CLIENT span id both ends of a request derive from its position in the connection (the
+/// client's address and port and the TCP sequence number of the request's first byte), so an
+/// agent on the receiving host names the sender's span without asking the sender's agent. A fixed
+/// function (FNV-1a, then a 64-bit finaliser): every agent version must compute the same.
+pub fn wire_span_id(pos: ConnPosition) -> Option<[u8; 8]> {
+    let ConnPosition::TcpSeq { client, seq } = pos else {
+        return None;
+    };
+    let ip = match client.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in ip
+        .into_iter()
+        .chain(client.port().to_be_bytes())
+        .chain(seq.to_be_bytes())
+    {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    Some(if h == 0 { 1 } else { h }.to_be_bytes())
+}
+
 fn count_root(span: &Span) {
     if span.parent_span_id.is_none() {
         let kind = match span.kind {
@@ -479,25 +566,43 @@ fn count_root(span: &Span) {
     }
 }
 
-fn remove_served<K: std::hash::Hash + Eq>(
-    index: &mut HashMap<K, BTreeSet<(u64, u64)>>,
-    k: K,
-    key: (u64, u64),
-) {
-    if let Some(set) = index.get_mut(&k) {
-        set.remove(&key);
-        if set.is_empty() {
+fn remove_served<K: std::hash::Hash + Eq>(index: &mut HashMap<K, Served>, k: K, key: (u64, u64)) {
+    if let Some(served) = index.get_mut(&k) {
+        served.starts.remove(&key);
+        if served.starts.is_empty() {
             index.remove(&k);
         }
     }
 }
 
-/// Up to [`MAX_CANDIDATES`] served requests that started at or before `start_ns`, nearest first.
-fn nearest(set: Option<&BTreeSet<(u64, u64)>>, start_ns: u64) -> impl Iterator<Item = u64> + '_ {
-    set.into_iter()
-        .flat_map(move |s| s.range(..=(start_ns, u64::MAX)).rev())
-        .take(MAX_CANDIDATES)
-        .map(|&(_, id)| id)
+/// Served requests held for one thread or process, by (start, entry), with the longest duration
+/// among them, which bounds how far back one that still encloses a given instant can have started.
+#[derive(Default)]
+struct Served {
+    starts: BTreeSet<(u64, u64)>,
+    longest: u64,
+}
+
+impl Served {
+    fn insert(&mut self, start_ns: u64, id: u64, took_ns: u64) {
+        self.starts.insert((start_ns, id));
+        self.longest = self.longest.max(took_ns);
+    }
+
+    /// Up to [`MAX_CANDIDATES`] served requests that started at or before `start_ns` and may still
+    /// have been open then, nearest first.
+    fn enclosing(served: Option<&Served>, start_ns: u64) -> impl Iterator<Item = u64> + '_ {
+        served
+            .into_iter()
+            .flat_map(move |s| {
+                s.starts
+                    .range(..=(start_ns, u64::MAX))
+                    .rev()
+                    .take_while(move |&&(started, _)| start_ns - started <= s.longest)
+            })
+            .take(MAX_CANDIDATES)
+            .map(|&(_, id)| id)
+    }
 }
 
 #[cfg(test)]
@@ -660,6 +765,49 @@ mod tests {
         assert_eq!(out[&2].trace_id, [8; 16]);
         assert_eq!(out[&2].parent_span_id, Some([1; 8]));
         assert_eq!(out[&1].parent_span_id, Some([7; 8]));
+    }
+
+    /// Two agents, one per host, each seeing one end: the client's agent names its span after
+    /// the request's position, the server's agent names the same id as parent, both in the trace
+    /// the TCP option carried.
+    #[test]
+    fn across_hosts_by_tcp_option() {
+        let kt = |in_band| TraceContext {
+            trace_id: [7; 16],
+            in_band,
+            generated: !in_band,
+        };
+        let mut c = finished(SpanKind::Client, 1, (1, 10), (0, 7), pos(4000, 100));
+        c.link.kernel_trace = Some(kt(false));
+        let mut s = finished(SpanKind::Server, 2, (2, 20), (1, 6), pos(4000, 100));
+        s.link.kernel_trace = Some(kt(true));
+        let only = |out: HashMap<u8, Span>| out.into_values().next().expect("one span");
+        let sender = only(run(&mut linker(), vec![c]));
+        let receiver = only(run(&mut linker(), vec![s]));
+        let wire = wire_span_id(pos(4000, 100).expect("position")).expect("wire id");
+        assert_eq!(sender.span_id, wire);
+        assert_eq!(sender.trace_id, [7; 16]);
+        assert_eq!(receiver.parent_span_id, Some(wire));
+        assert_eq!(receiver.trace_id, [7; 16]);
+        assert_ne!(wire_span_id(pos(4000, 101).expect("position")), Some(wire));
+    }
+
+    /// A header context wins over the kernel's trace id.
+    #[test]
+    fn header_context_wins_over_tcp_option() {
+        let mut s = finished(SpanKind::Server, 2, (2, 20), (1, 6), pos(4000, 100));
+        s.span.trace_id = [9; 16];
+        s.span.parent_span_id = Some([9; 8]);
+        s.link.kernel_trace = Some(TraceContext {
+            trace_id: [7; 16],
+            in_band: true,
+            generated: false,
+        });
+        let out = run(&mut linker(), vec![s]);
+        assert_eq!(
+            (out[&2].trace_id, out[&2].parent_span_id),
+            ([9; 16], Some([9; 8]))
+        );
     }
 
     #[test]

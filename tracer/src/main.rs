@@ -79,6 +79,9 @@ struct RunArgs {
     /// How long finished spans wait for their parents and children before export (default 2000).
     #[arg(long, env = "TRACER_LINK_WINDOW_MS", value_name = "MS")]
     link_window_ms: Option<u64>,
+    /// Do not carry trace ids to other hosts in a TCP header option (nor read them).
+    #[arg(long)]
+    no_tcp_option: bool,
 }
 
 impl RunArgs {
@@ -96,6 +99,7 @@ impl RunArgs {
             raw_query_text: self.raw_query_text,
             no_linking: self.no_linking,
             link_window_ms: self.link_window_ms,
+            no_tcp_option: self.no_tcp_option,
         }
     }
 }

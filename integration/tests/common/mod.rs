@@ -503,6 +503,11 @@ pub struct Agent {
 impl Agent {
     /// Starts `tracer run <args>` (batch delay shortened) and waits until its probes are attached.
     pub fn start(dir: &TempDir, args: &[String]) -> Agent {
+        Agent::start_with_env(dir, args, &[])
+    }
+
+    /// As [`Agent::start`], with `env` added to the agent's environment (e.g. `TRACER_LOG`).
+    pub fn start_with_env(dir: &TempDir, args: &[String], env: &[(&str, &str)]) -> Agent {
         let stdout = dir.path().join("agent.stdout");
         let stderr = dir.path().join("agent.stderr");
         let mut cmd = Command::new(tracer_bin());
@@ -511,11 +516,9 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(File::create(&stdout).expect("create agent stdout file"))
             .stderr(File::create(&stderr).expect("create agent stderr file"));
-        let proc = Proc::spawn_with_env(
-            "tracer",
-            cmd,
-            &[("OTEL_BSP_SCHEDULE_DELAY", SCHEDULE_DELAY_MS)],
-        );
+        let mut vars = vec![("OTEL_BSP_SCHEDULE_DELAY", SCHEDULE_DELAY_MS)];
+        vars.extend_from_slice(env);
+        let proc = Proc::spawn_with_env("tracer", cmd, &vars);
         let mut agent = Agent {
             proc,
             stdout,

@@ -1,5 +1,6 @@
 //! Decoding ring-buffer records into typed events.
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use thiserror::Error;
@@ -12,6 +13,26 @@ pub struct Event<'a> {
     pub header: EventHeader,
     /// The captured payload (empty for close events).
     pub payload: &'a [u8],
+}
+
+/// The trace context the kernel attached to a data event (`abi::EV_F_TRACE`): on a read from a
+/// server socket, the trace of the request read; on a write to a client socket, the trace id sent
+/// in the TCP option with those bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    /// The trace id (never all zero).
+    pub trace_id: [u8; 16],
+    /// It arrived in the TCP option of the request this thread serves (`abi::EV_F_TRACE_IN_BAND`).
+    pub in_band: bool,
+    /// The kernel generated it on this host (`abi::EV_F_TRACE_GENERATED`).
+    pub generated: bool,
+}
+
+impl fmt::Display for TraceContext {
+    /// The trace id in lowercase hex, as W3C `traceparent` writes it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.trace_id.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
 }
 
 /// Why a record could not be decoded.
@@ -56,6 +77,18 @@ impl<'a> Event<'a> {
                 held: rest.len(),
             })?;
         Ok(Event { header, payload })
+    }
+
+    /// The trace context of a data event, if the kernel attached one.
+    pub fn trace(&self) -> Option<TraceContext> {
+        let flags = self.header.flags;
+        (self.header.kind == abi::KIND_DATA && flags & abi::EV_F_TRACE != 0).then_some(
+            TraceContext {
+                trace_id: self.header.trace_id,
+                in_band: flags & abi::EV_F_TRACE_IN_BAND != 0,
+                generated: flags & abi::EV_F_TRACE_GENERATED != 0,
+            },
+        )
     }
 
     /// Local end of the connection.
@@ -135,6 +168,45 @@ mod tests {
         assert_eq!(
             Event::decode(&rec).expect("decodes").remote(),
             "192.0.2.1:5".parse().expect("a")
+        );
+    }
+
+    #[test]
+    fn decodes_trace_context() {
+        let mut h = EventHeader {
+            kind: abi::KIND_DATA,
+            flags: abi::EV_F_TCP_SEQ | abi::EV_F_TRACE | abi::EV_F_TRACE_IN_BAND,
+            ..Default::default()
+        };
+        h.trace_id[0] = 0x0a;
+        h.trace_id[15] = 0xff;
+        let rec = record(h, b"");
+        let t = Event::decode(&rec)
+            .expect("decodes")
+            .trace()
+            .expect("trace");
+        assert!(t.in_band && !t.generated);
+        assert_eq!(t.to_string(), "0a0000000000000000000000000000ff");
+
+        h.flags = abi::EV_F_TRACE | abi::EV_F_TRACE_GENERATED;
+        let rec = record(h, b"");
+        let t = Event::decode(&rec)
+            .expect("decodes")
+            .trace()
+            .expect("trace");
+        assert!(!t.in_band && t.generated);
+
+        h.flags = abi::EV_F_TCP_SEQ;
+        assert_eq!(
+            Event::decode(&record(h, b"")).expect("decodes").trace(),
+            None
+        );
+        // Only data events carry one.
+        h.kind = abi::KIND_CLOSE;
+        h.flags = abi::EV_F_TRACE;
+        assert_eq!(
+            Event::decode(&record(h, b"")).expect("decodes").trace(),
+            None
         );
     }
 

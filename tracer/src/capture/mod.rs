@@ -3,6 +3,7 @@
 pub mod btf;
 pub mod events;
 mod gotls;
+pub mod tcp_option;
 pub mod tls;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
@@ -46,6 +47,17 @@ const SYSCALL_TRACEPOINTS: &[&str] = &[
     "sys_enter_close",
 ];
 
+/// Read exits whose trace context (`<name>_trace`) is attached before them when the TCP option
+/// runs: programs on one tracepoint run in attach order, and the exit program emits the context
+/// the other one stored.
+const READ_CONTEXT: &[&str] = &[
+    "sys_exit_read",
+    "sys_exit_readv",
+    "sys_exit_recvfrom",
+    "sys_exit_recvmsg",
+    "sys_exit_recvmmsg",
+];
+
 /// Exit programs that have a `<name>_small` variant with a shorter iovec loop.
 const SMALL_VARIANTS: &[&str] = &[
     "sys_exit_readv",
@@ -66,6 +78,9 @@ pub const COUNTER_NAMES: [&str; abi::NUM_COUNTERS as usize] = [
     "truncated",
     "tls_unattributed",
     "go_tls_no_socket",
+    "tcp_option_written",
+    "tcp_option_read",
+    "tcp_option_no_room",
 ];
 
 /// What the capture needs from the configuration.
@@ -79,6 +94,8 @@ pub struct CaptureOptions {
     pub pids: Vec<u32>,
     /// When non-empty, only connections with one of these local or remote ports are traced.
     pub ports: Vec<u16>,
+    /// Carry trace ids between hosts in a TCP header option, where the kernel can.
+    pub tcp_option: bool,
 }
 
 /// Why the capture could not start.
@@ -158,6 +175,68 @@ pub struct Capture {
     ebpf: Ebpf,
     attached: usize,
     tls: tls::TlsProbes,
+    tcp_option: bool,
+}
+
+/// Creates the maps and relocates the programs (loading each program into the kernel comes later).
+fn load_object(
+    opts: &CaptureOptions,
+    offsets: KernelOffsets,
+    trace_context: bool,
+) -> Result<Ebpf, CaptureError> {
+    let agent = std::process::id();
+    let offsets = OffsetsPod(offsets);
+    let filter_pids = u8::from(!opts.pids.is_empty());
+    let filter_ports = u8::from(!opts.ports.is_empty());
+    let trace_context = u8::from(trace_context);
+    let mut ebpf = EbpfLoader::new()
+        .override_global("AGENT_TGID", &agent, true)
+        .override_global("WAKEUP_BYTES", &wakeup_bytes(opts.ring_buffer_bytes), true)
+        .override_global("CAPTURE_LIMIT", &opts.capture_bytes, true)
+        .override_global("FILTER_PIDS", &filter_pids, true)
+        .override_global("FILTER_PORTS", &filter_ports, true)
+        .override_global("TRACE_CONTEXT", &trace_context, true)
+        .override_global("OFFSETS", &offsets, true)
+        .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+        .map_max_entries("SCRATCH", possible_cpus()?)
+        .load(EBPF_OBJECT)
+        .map_err(CaptureError::Load)?;
+    fill_set(&mut ebpf, "PIDS", &opts.pids)?;
+    fill_set(&mut ebpf, "PORTS", &opts.ports)?;
+    Ok(ebpf)
+}
+
+/// The object with the trace-context TCP option attached when `opts` asks for it and the kernel
+/// allows; otherwise (said once, in the log) the object without it. The syscall programs choose
+/// trace ids only when the option runs, so the object is made again if attaching fails.
+fn load_with_tcp_option(
+    opts: &CaptureOptions,
+    offsets: KernelOffsets,
+) -> Result<(Ebpf, bool), CaptureError> {
+    if !opts.tcp_option {
+        tracing::info!("trace-context TCP option turned off by configuration");
+        return Ok((load_object(opts, offsets, false)?, false));
+    }
+    let without = |err: tcp_option::TcpOptionError| {
+        tracing::warn!(%err, "running without the trace-context TCP option");
+        Ok((load_object(opts, offsets, false)?, false))
+    };
+    let cgroup = match tcp_option::prepare() {
+        Ok(cgroup) => cgroup,
+        Err(err) => return without(err),
+    };
+    let mut ebpf = load_object(opts, offsets, true)?;
+    if let Err(err) = tcp_option::attach(&mut ebpf, &cgroup) {
+        drop(ebpf);
+        return without(err);
+    }
+    tracing::info!(
+        cgroup = %cgroup.path().display(),
+        "trace ids travel in a TCP header option (kind {}, experiment id {:#06x})",
+        abi::TCP_OPT_KIND,
+        abi::TCP_OPT_EXID
+    );
+    Ok((ebpf, true))
 }
 
 impl Capture {
@@ -177,24 +256,7 @@ impl Capture {
                 opts.ring_buffer_bytes
             )));
         }
-        let agent = std::process::id();
-        let offsets = OffsetsPod(offsets);
-        let filter_pids = u8::from(!opts.pids.is_empty());
-        let filter_ports = u8::from(!opts.ports.is_empty());
-        let mut ebpf = EbpfLoader::new()
-            .override_global("AGENT_TGID", &agent, true)
-            .override_global("WAKEUP_BYTES", &wakeup_bytes(opts.ring_buffer_bytes), true)
-            .override_global("CAPTURE_LIMIT", &opts.capture_bytes, true)
-            .override_global("FILTER_PIDS", &filter_pids, true)
-            .override_global("FILTER_PORTS", &filter_ports, true)
-            .override_global("OFFSETS", &offsets, true)
-            .map_max_entries("EVENTS", opts.ring_buffer_bytes)
-            .map_max_entries("SCRATCH", possible_cpus()?)
-            .load(EBPF_OBJECT)
-            .map_err(CaptureError::Load)?;
-
-        fill_set(&mut ebpf, "PIDS", &opts.pids)?;
-        fill_set(&mut ebpf, "PORTS", &opts.ports)?;
+        let (mut ebpf, tcp_option) = load_with_tcp_option(opts, offsets)?;
 
         let tracepoints = SYSCALL_TRACEPOINTS
             .iter()
@@ -219,6 +281,11 @@ impl Capture {
                 prog.attach(category, name)?;
                 Ok(())
             };
+            if tcp_option && READ_CONTEXT.contains(&name) {
+                attach(&mut ebpf, &format!("{name}_trace"))
+                    .map_err(|source| CaptureError::Attach { name, source })?;
+                attached += 1;
+            }
             let first = if SMALL_VARIANTS.contains(&name) && !long_iovec_loop {
                 format!("{name}_small")
             } else {
@@ -252,7 +319,13 @@ impl Capture {
             ebpf,
             attached,
             tls,
+            tcp_option,
         })
+    }
+
+    /// Whether the trace-context TCP option runs (see `abi::TCP_OPT_KIND`).
+    pub fn tcp_option(&self) -> bool {
+        self.tcp_option
     }
 
     /// Attaches the TLS probes to SSL libraries in processes not looked at yet (see

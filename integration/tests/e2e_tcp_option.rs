@@ -1,0 +1,688 @@
+//! End-to-end test of the trace-context TCP option: two "hosts" (network namespaces joined by a
+//! veth pair), each with its own agent that only traces its own processes, so the agents share
+//! nothing but what travels in the TCP segments between them.
+//!
+//! Namespace A runs a python client and a python backend server; namespace B a python "middle"
+//! server that calls the backend for each request. A request therefore crosses the boundary
+//! twice: client (A) → middle (B) → backend (A). Each agent logs the trace context of every event
+//! (`TRACER_LOG=tracer::trace_context=debug`); the test joins the two logs by the connections'
+//! addresses and checks that the trace id each sending kernel wrote is the one the receiving
+//! kernel read in band, that the middle's onward call carries its request's trace, that requests
+//! get different trace ids, and that nothing arrives in band when the sender's option is off.
+//! It also checks that each agent attaches one sock_ops program to the cgroup v2 root while it
+//! runs and detaches it on shutdown.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use common::*;
+use integration::{OtlpReceiver, ReceivedSpan, SpanKind};
+
+const ADDR_A: &str = "10.199.0.1";
+const ADDR_B: &str = "10.199.0.2";
+const BACKEND_PORT: u16 = 8081;
+const MIDDLE_PORT: u16 = 8080;
+const REQUESTS: usize = 5;
+
+/// `backend.py HOST PORT`: answers GET with `backend <path>`.
+const BACKEND_PY: &str = r#"
+import http.server, sys
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("backend " + self.path).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Handler)
+print("listening", flush=True)
+server.serve_forever()
+"#;
+
+/// `middle.py HOST PORT BACKEND_HOST BACKEND_PORT`: for each GET, GETs the same path from the
+/// backend on a new connection and answers `middle <backend's body>`.
+const MIDDLE_PY: &str = r#"
+import http.client, http.server, sys
+
+host, port, backend_host, backend_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        upstream = http.client.HTTPConnection(backend_host, backend_port, timeout=10)
+        upstream.request("GET", self.path)
+        answer = upstream.getresponse()
+        body = b"middle " + answer.read()
+        upstream.close()
+        self.send_response(answer.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer((host, port), Handler)
+print("listening", flush=True)
+server.serve_forever()
+"#;
+
+/// `client.py HOST PORT N`: prints `waiting`, waits for a line on stdin, then GETs `/req/0..N`,
+/// each on a new connection, printing `port <local port>` per request and `done` at the end.
+const CLIENT_PY: &str = r#"
+import http.client, sys
+
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print("waiting", flush=True)
+sys.stdin.readline()
+for i in range(n):
+    path = "/req/%d" % i
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", path)
+    local_port = conn.sock.getsockname()[1]
+    answer = conn.getresponse()
+    body = answer.read()
+    if answer.status != 200 or body != ("middle backend " + path).encode():
+        sys.exit("unexpected answer to %s: %d %r" % (path, answer.status, body))
+    print("port %d" % local_port, flush=True)
+    conn.close()
+print("done", flush=True)
+"#;
+
+/// Runs `ip <args>`, failing the test if it fails.
+fn ip(args: &[&str]) {
+    let out = Command::new(which("ip"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run ip {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two network namespaces joined by a veth pair (A: 10.199.0.1, B: 10.199.0.2); deleted on drop,
+/// also when the test fails half-way through setting them up.
+struct Namespaces {
+    a: String,
+    b: String,
+}
+
+impl Namespaces {
+    /// `tag` (a few letters) keeps the namespaces of different tests apart.
+    fn create(tag: &str) -> Namespaces {
+        let id = std::process::id();
+        let ns = Namespaces {
+            a: format!("{tag}-a-{id}"),
+            b: format!("{tag}-b-{id}"),
+        };
+        let (veth_a, veth_b) = (format!("{tag}a{id}"), format!("{tag}b{id}"));
+        ip(&["netns", "add", &ns.a]);
+        ip(&["netns", "add", &ns.b]);
+        ip(&[
+            "link", "add", &veth_a, "netns", &ns.a, "type", "veth", "peer", "name", &veth_b,
+            "netns", &ns.b,
+        ]);
+        for (name, veth, addr) in [(&ns.a, &veth_a, ADDR_A), (&ns.b, &veth_b, ADDR_B)] {
+            ip(&[
+                "-n",
+                name,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                veth,
+            ]);
+            ip(&["-n", name, "link", "set", veth, "up"]);
+            ip(&["-n", name, "link", "set", "lo", "up"]);
+        }
+        ns
+    }
+
+    /// `command args` run inside namespace `name` (`ip netns exec` execs it: same pid).
+    fn command(name: &str, program: &std::path::Path, args: &[String]) -> Command {
+        let mut cmd = Command::new(which("ip"));
+        cmd.args(["netns", "exec", name]).arg(program).args(args);
+        cmd
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its end of the veth pair, and with it the other end.
+        for name in [&self.a, &self.b] {
+            let _ = Command::new(which("ip"))
+                .args(["netns", "del", name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A python script from `dir` run in namespace `ns`, stdout piped (and stdin when `stdin`).
+fn spawn_python(
+    dir: &TempDir,
+    ns: &str,
+    name: &str,
+    script: &str,
+    args: &[String],
+    stdin: bool,
+) -> (Proc, Lines) {
+    let path = dir.write(name, script);
+    let mut all = vec![path.display().to_string()];
+    all.extend_from_slice(args);
+    let mut cmd = Namespaces::command(ns, python(), &all);
+    cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut proc = Proc::spawn(name, cmd);
+    let lines = Lines::new(proc.take_stdout());
+    (proc, lines)
+}
+
+/// One `trace context` debug line of an agent.
+#[derive(Debug, Clone)]
+struct TraceEvent {
+    pid: u32,
+    role: String,
+    direction: String,
+    local: String,
+    remote: String,
+    trace_id: String,
+    in_band: bool,
+    generated: bool,
+}
+
+/// The `trace context` lines of an agent's log.
+fn trace_events(stderr: &str) -> Vec<TraceEvent> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("tracer::trace_context: trace context "))
+        .map(|line| {
+            let fields: BTreeMap<&str, &str> = line
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k, v.trim_matches('"')))
+                .collect();
+            let get = |k: &str| {
+                fields
+                    .get(k)
+                    .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+                    .to_string()
+            };
+            TraceEvent {
+                pid: get("pid").parse().expect("pid"),
+                role: get("role"),
+                direction: get("direction"),
+                local: get("local"),
+                remote: get("remote"),
+                trace_id: get("trace_id"),
+                in_band: get("in_band") == "true",
+                generated: get("generated") == "true",
+            }
+        })
+        .collect()
+}
+
+/// The events of `pid` with this role and direction.
+fn pick<'a>(
+    events: &'a [TraceEvent],
+    pid: u32,
+    role: &str,
+    direction: &str,
+) -> Vec<&'a TraceEvent> {
+    events
+        .iter()
+        .filter(|e| e.pid == pid && e.role == role && e.direction == direction)
+        .collect()
+}
+
+/// The one event whose connection is `local` → `remote`; fails listing `all` otherwise.
+fn on_connection<'a>(
+    events: &[&'a TraceEvent],
+    local: &str,
+    remote: &str,
+    all: &str,
+) -> &'a TraceEvent {
+    let found: Vec<&&TraceEvent> = events
+        .iter()
+        .filter(|e| e.local == local && e.remote == remote)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one event on {local} -> {remote}; agent logs:\n{all}"
+    );
+    found[0]
+}
+
+/// The cgroup v2 root the agents attach to (as the agent finds it: the cgroup2 mount of `/`).
+fn cgroup2_root() -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    text.lines()
+        .filter_map(|l| {
+            let (before, after) = l.split_once(" - ")?;
+            let mut f = before.split_whitespace().skip(3);
+            let (root, point) = (f.next()?, f.next()?);
+            (after.starts_with("cgroup2 ") && root == "/").then(|| PathBuf::from(point))
+        })
+        .next()
+        .expect("a cgroup2 mount (the agent mounts one if none: run `tracer check` first)")
+}
+
+/// How many sock_ops programs are attached to the cgroup at `path` itself (BPF_PROG_QUERY).
+fn sock_ops_programs(path: &std::path::Path) -> u32 {
+    #[repr(C)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_CGROUP_SOCK_OPS: u32 = 3;
+    let dir = std::fs::File::open(path).expect("open the cgroup");
+    let mut attr = QueryAttr {
+        target_fd: u32::try_from(dir.as_raw_fd()).expect("fd"),
+        attach_type: BPF_CGROUP_SOCK_OPS,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: 0,
+        prog_cnt: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_PROG_QUERY attribute block of the size passed; with no id
+    // buffer the kernel only writes the count into it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<QueryAttr>(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_PROG_QUERY failed: {}",
+        std::io::Error::last_os_error()
+    );
+    attr.prog_cnt
+}
+
+/// Both agents, started together: A traces `pids_a` (with `extra_a` flags), B traces `pid_b`.
+fn start_agents(
+    dir_a: &TempDir,
+    dir_b: &TempDir,
+    pids_a: &[u32],
+    pid_b: u32,
+    extra_a: &[&str],
+) -> (Agent, Agent) {
+    let env = [("TRACER_LOG", "info,tracer::trace_context=debug")];
+    let mut args_a: Vec<String> = pids_a
+        .iter()
+        .flat_map(|p| ["--pid".to_owned(), p.to_string()])
+        .collect();
+    args_a.extend(extra_a.iter().map(|s| (*s).to_owned()));
+    let a = Agent::start_with_env(dir_a, &args_a, &env);
+    let b = Agent::start_with_env(dir_b, &["--pid".to_owned(), pid_b.to_string()], &env);
+    (a, b)
+}
+
+/// Lets `client` run its requests; returns the local port of each.
+fn run_client(client: &mut Proc, lines: &Lines) -> Vec<u16> {
+    client.stdin().write_all(b"go\n").expect("start the client");
+    let mut ports = Vec::new();
+    loop {
+        let line = lines.next("client");
+        if line == "done" {
+            break;
+        }
+        let port = line
+            .strip_prefix("port ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected client output {line:?}"));
+        ports.push(port);
+    }
+    assert!(client.wait(WAIT).success(), "client failed");
+    assert_eq!(ports.len(), REQUESTS);
+    ports
+}
+
+#[test]
+fn trace_ids_cross_hosts_in_tcp_options() {
+    require_root();
+    let cgroup = cgroup2_root();
+    let attached_before = sock_ops_programs(&cgroup);
+    let dir = TempDir::new("tcpopt");
+    let ns = Namespaces::create("to");
+
+    let (mut backend, backend_out) = spawn_python(
+        &dir,
+        &ns.a,
+        "backend.py",
+        BACKEND_PY,
+        &[ADDR_A.to_owned(), BACKEND_PORT.to_string()],
+        false,
+    );
+    let (mut middle, middle_out) = spawn_python(
+        &dir,
+        &ns.b,
+        "middle.py",
+        MIDDLE_PY,
+        &[
+            ADDR_B.to_owned(),
+            MIDDLE_PORT.to_string(),
+            ADDR_A.to_owned(),
+            BACKEND_PORT.to_string(),
+        ],
+        false,
+    );
+    assert_eq!(backend_out.next("backend"), "listening");
+    assert_eq!(middle_out.next("middle"), "listening");
+    let client_args = [
+        ADDR_B.to_owned(),
+        MIDDLE_PORT.to_string(),
+        REQUESTS.to_string(),
+    ];
+
+    // Phase 1: both agents carry trace ids.
+    let (mut client, client_out) =
+        spawn_python(&dir, &ns.a, "client.py", CLIENT_PY, &client_args, true);
+    assert_eq!(client_out.next("client"), "waiting");
+    let (dir_a, dir_b) = (
+        TempDir::new("tcpopt-agent-a"),
+        TempDir::new("tcpopt-agent-b"),
+    );
+    let (mut agent_a, mut agent_b) = start_agents(
+        &dir_a,
+        &dir_b,
+        &[client.pid(), backend.pid()],
+        middle.pid(),
+        &[],
+    );
+    for agent in [&agent_a, &agent_b] {
+        assert!(
+            agent.stderr().contains("tcp_option=true"),
+            "the option should run on this kernel:\n{}",
+            agent.stderr()
+        );
+    }
+    assert_eq!(
+        sock_ops_programs(&cgroup),
+        attached_before + 2,
+        "each agent attaches one sock_ops program to {}",
+        cgroup.display()
+    );
+    let ports = run_client(&mut client, &client_out);
+    agent_a.stop();
+    agent_b.stop();
+    assert_eq!(
+        sock_ops_programs(&cgroup),
+        attached_before,
+        "the agents detach their sock_ops programs on shutdown"
+    );
+    backend.assert_running();
+    middle.assert_running();
+
+    let (log_a, log_b) = (agent_a.stderr(), agent_b.stderr());
+    let all = format!("== agent A\n{log_a}\n== agent B\n{log_b}");
+    let (events_a, events_b) = (trace_events(&log_a), trace_events(&log_b));
+    let client_writes = pick(&events_a, client.pid(), "client", "send");
+    let middle_reads = pick(&events_b, middle.pid(), "server", "recv");
+    let middle_calls = pick(&events_b, middle.pid(), "client", "send");
+    let backend_reads = pick(&events_a, backend.pid(), "server", "recv");
+    for (what, events) in [
+        ("client writes", &client_writes),
+        ("middle reads", &middle_reads),
+        ("middle calls", &middle_calls),
+        ("backend reads", &backend_reads),
+    ] {
+        assert_eq!(events.len(), REQUESTS, "{what}; agent logs:\n{all}");
+    }
+    let middle_addr = format!("{ADDR_B}:{MIDDLE_PORT}");
+    let backend_addr = format!("{ADDR_A}:{BACKEND_PORT}");
+    let mut traces = BTreeSet::new();
+    for port in ports {
+        let client_end = format!("{ADDR_A}:{port}");
+        // The client starts the trace: its kernel generated the id it wrote.
+        let sent = on_connection(&client_writes, &client_end, &middle_addr, &all);
+        assert!(sent.generated && !sent.in_band, "{sent:?}");
+        // The middle's kernel read exactly that id, in band, on the other end of the connection.
+        let read = on_connection(&middle_reads, &middle_addr, &client_end, &all);
+        assert_eq!(read.trace_id, sent.trace_id, "client → middle\n{all}");
+        assert!(read.in_band && !read.generated, "{read:?}");
+        // The middle's call to the backend, made while serving that request, carries its trace...
+        let call = middle_calls
+            .iter()
+            .find(|e| e.trace_id == sent.trace_id)
+            .unwrap_or_else(|| panic!("no middle call with trace {}\n{all}", sent.trace_id));
+        assert_eq!(call.remote, backend_addr);
+        assert!(call.in_band && !call.generated, "{call:?}");
+        // ...and the backend's kernel read it in band on that connection.
+        let served = on_connection(&backend_reads, &backend_addr, &call.local, &all);
+        assert_eq!(served.trace_id, sent.trace_id, "middle → backend\n{all}");
+        assert!(served.in_band && !served.generated, "{served:?}");
+        traces.insert(sent.trace_id.clone());
+    }
+    assert_eq!(traces.len(), REQUESTS, "each request has its own trace");
+
+    // Phase 2: the sender's option is off: nothing arrives in band at the middle.
+    let (mut client, client_out) =
+        spawn_python(&dir, &ns.a, "client.py", CLIENT_PY, &client_args, true);
+    assert_eq!(client_out.next("client"), "waiting");
+    let (dir_a, dir_b) = (
+        TempDir::new("tcpopt-agent-a"),
+        TempDir::new("tcpopt-agent-b"),
+    );
+    let (mut agent_a, mut agent_b) = start_agents(
+        &dir_a,
+        &dir_b,
+        &[client.pid(), backend.pid()],
+        middle.pid(),
+        &["--no-tcp-option"],
+    );
+    assert!(agent_a.stderr().contains("tcp_option=false"));
+    assert_eq!(sock_ops_programs(&cgroup), attached_before + 1);
+    run_client(&mut client, &client_out);
+    agent_a.stop();
+    agent_b.stop();
+    let (log_a, log_b) = (agent_a.stderr(), agent_b.stderr());
+    let all = format!("== agent A\n{log_a}\n== agent B\n{log_b}");
+    assert!(
+        trace_events(&log_a).is_empty(),
+        "an agent without the option reports no trace context:\n{all}"
+    );
+    let events_b = trace_events(&log_b);
+    let middle_reads = pick(&events_b, middle.pid(), "server", "recv");
+    assert_eq!(middle_reads.len(), REQUESTS, "{all}");
+    for read in &middle_reads {
+        assert!(
+            read.generated && !read.in_band,
+            "received in band from a sender without the option: {read:?}\n{all}"
+        );
+        assert!(
+            !traces.contains(&read.trace_id),
+            "a trace id of phase 1 came back: {read:?}"
+        );
+    }
+    let ids: BTreeSet<&String> = middle_reads.iter().map(|e| &e.trace_id).collect();
+    assert_eq!(ids.len(), REQUESTS, "each request has its own trace");
+    // The middle (option on) still starts its calls with the trace it generated.
+    let calls = pick(&events_b, middle.pid(), "client", "send");
+    let call_ids: BTreeSet<&String> = calls.iter().map(|e| &e.trace_id).collect();
+    assert_eq!(call_ids, ids, "{all}");
+}
+
+/// The whole point of the option: the two agents' spans form one trace per request, in order,
+/// across both host boundaries (client in A → middle in B → backend in A), although each agent
+/// sees only its own host's processes and the agents never talk to each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_link_across_hosts() {
+    require_root();
+    let dir = TempDir::new("xhost");
+    let ns = Namespaces::create("xh");
+    let (_backend, backend_out) = spawn_python(
+        &dir,
+        &ns.a,
+        "backend.py",
+        BACKEND_PY,
+        &[ADDR_A.to_owned(), BACKEND_PORT.to_string()],
+        false,
+    );
+    let (middle, middle_out) = spawn_python(
+        &dir,
+        &ns.b,
+        "middle.py",
+        MIDDLE_PY,
+        &[
+            ADDR_B.to_owned(),
+            MIDDLE_PORT.to_string(),
+            ADDR_A.to_owned(),
+            BACKEND_PORT.to_string(),
+        ],
+        false,
+    );
+    assert_eq!(backend_out.next("backend"), "listening");
+    assert_eq!(middle_out.next("middle"), "listening");
+    let (mut client, client_out) = spawn_python(
+        &dir,
+        &ns.a,
+        "client.py",
+        CLIENT_PY,
+        &[
+            ADDR_B.to_owned(),
+            MIDDLE_PORT.to_string(),
+            REQUESTS.to_string(),
+        ],
+        true,
+    );
+    assert_eq!(client_out.next("client"), "waiting");
+
+    let receiver = OtlpReceiver::start_grpc().await.expect("OTLP receiver");
+    let export = |pids: &[u32]| {
+        let mut args = vec![
+            "--otlp-endpoint".to_owned(),
+            receiver.endpoint(),
+            "--otlp-protocol".to_owned(),
+            "grpc".to_owned(),
+        ];
+        args.extend(
+            pids.iter()
+                .flat_map(|p| ["--pid".to_owned(), p.to_string()]),
+        );
+        args
+    };
+    let (dir_a, dir_b) = (TempDir::new("xhost-agent-a"), TempDir::new("xhost-agent-b"));
+    let mut agent_a = Agent::start(&dir_a, &export(&[client.pid(), _backend.pid()]));
+    let mut agent_b = Agent::start(&dir_b, &export(&[middle.pid()]));
+    run_client(&mut client, &client_out);
+
+    let want = 2 * REQUESTS;
+    let waited = receiver
+        .wait_for(
+            |s| count(s, SpanKind::Server) >= want && count(s, SpanKind::Client) >= want,
+            WAIT,
+        )
+        .await;
+    agent_a.stop();
+    agent_b.stop();
+    let logs = format!(
+        "== agent A\n{}\n== agent B\n{}",
+        agent_a.stderr(),
+        agent_b.stderr()
+    );
+    let spans = waited.unwrap_or_else(|spans| {
+        panic!(
+            "expected {want} SERVER and {want} CLIENT spans; got:\n{}\n{logs}",
+            describe_all(&spans)
+        )
+    });
+    assert_eq!(spans.len(), 2 * want, "{}", describe_all(&spans));
+
+    let pid = |s: &ReceivedSpan| s.resource_int("process.pid").unwrap_or(0) as u32;
+    // SERVER spans carry url.path, CLIENT spans url.full.
+    let path_of = |s: &ReceivedSpan| -> Option<String> {
+        s.attr_str("url.path").map(str::to_owned).or_else(|| {
+            let full = s.attr_str("url.full")?;
+            let rest = full.split_once("://")?.1;
+            Some(rest[rest.find('/')?..].to_owned())
+        })
+    };
+    let hop = |kind: SpanKind, who: u32, path: &str| -> &ReceivedSpan {
+        let path = Some(path.to_owned());
+        let path = &path;
+        let found: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| s.kind == kind && pid(s) == who && &path_of(s) == path)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "{kind:?} of pid {who} for {path:?}:\n{}",
+            describe_all(&spans)
+        );
+        found[0]
+    };
+    let mut traces = BTreeSet::new();
+    for i in 0..REQUESTS {
+        let path = format!("/req/{i}");
+        let first = hop(SpanKind::Client, client.pid(), &path);
+        let at_middle = hop(SpanKind::Server, middle.pid(), &path);
+        let onward = hop(SpanKind::Client, middle.pid(), &path);
+        let at_backend = spans
+            .iter()
+            .find(|s| {
+                s.kind == SpanKind::Server
+                    && s.attr_str("url.path") == Some(path.as_str())
+                    && pid(s) != middle.pid()
+            })
+            .unwrap_or_else(|| panic!("backend SERVER span for {path}"));
+        let chain = [first, at_middle, onward, at_backend];
+        let ctx = || {
+            format!(
+                "{path}:\n{}\n{logs}",
+                describe_all(&chain.iter().map(|s| (*s).clone()).collect::<Vec<_>>())
+            )
+        };
+        assert!(
+            chain.iter().all(|s| s.trace_id == first.trace_id),
+            "one trace across both hosts: {}",
+            ctx()
+        );
+        assert_eq!(first.parent_span_id, None, "{}", ctx());
+        assert_eq!(
+            at_middle.parent_span_id.as_deref(),
+            Some(first.span_id.as_str()),
+            "host A → host B: {}",
+            ctx()
+        );
+        assert_eq!(
+            onward.parent_span_id.as_deref(),
+            Some(at_middle.span_id.as_str()),
+            "inside the middle: {}",
+            ctx()
+        );
+        assert_eq!(
+            at_backend.parent_span_id.as_deref(),
+            Some(onward.span_id.as_str()),
+            "host B → host A: {}",
+            ctx()
+        );
+        traces.insert(first.trace_id.clone());
+    }
+    assert_eq!(traces.len(), REQUESTS, "one trace per request");
+}
