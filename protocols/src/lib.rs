@@ -16,6 +16,7 @@ pub mod detect;
 pub mod http1;
 pub mod http2;
 pub mod postgres;
+pub mod tls;
 
 pub use detect::{Detection, detect, new_parser};
 
@@ -208,4 +209,9 @@ pub trait ConnectionParser: Send {
     fn gap(&mut self, dir: Direction, len: u64, timing: Timing, out: &mut Vec<Output>);
     /// The connection closed: flush what is pending.
     fn close(&mut self, ts_ns: u64, out: &mut Vec<Output>);
+    /// The protocol switched the connection to TLS (PostgreSQL's SSLRequest answered `S`): the
+    /// bytes that follow are TLS records, which the parser ignores.
+    fn tls_follows(&self) -> bool {
+        false
+    }
 }

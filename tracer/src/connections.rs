@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use protocols::tls::{HelloWatcher, TlsError, TlsVersion};
 use protocols::{ConnectionParser, Detail, Detection, Direction, Exchange, Output, Role, Timing};
 use tracer_ebpf::abi;
 
@@ -39,6 +40,9 @@ enum ProtoState {
     Detecting { stash: [Vec<u8>; 2], attempts: u32 },
     /// A parser owns the connection.
     Parsing(Box<dyn ConnectionParser>),
+    /// TLS records on the syscall path: read, per direction, until a ServerHello names the
+    /// version (a direction that cannot give one is `None`), then ignored.
+    Handshake([Option<Box<HelloWatcher>>; 2]),
     /// Nothing to parse here (filtered out, TLS ciphertext, unknown protocol).
     Ignored,
 }
@@ -50,6 +54,8 @@ struct Connection {
     /// parsed apart from the ciphertext the syscalls carry.
     tls_state: ProtoState,
     tls_streams: [Assembler; 2],
+    /// The TLS version the syscall path saw negotiated, for the plaintext's spans.
+    tls_version: Option<TlsVersion>,
     addrs: ConnAddrs,
     /// Where request positions are measured from: see [`LinkCtx`].
     link: LinkCtx,
@@ -195,11 +201,17 @@ impl Connections {
             tls: true,
             ..conn.addrs
         };
-        self.flush(&conn.resource, &tls_addrs, &conn.link, emit);
+        self.flush(
+            &conn.resource,
+            &tls_addrs,
+            &conn.link,
+            conn.tls_version,
+            emit,
+        );
         if let ProtoState::Parsing(parser) = &mut conn.state {
             parser.close(ts_ns, &mut self.outputs);
         }
-        self.flush(&conn.resource, &conn.addrs, &conn.link, emit);
+        self.flush(&conn.resource, &conn.addrs, &conn.link, None, emit);
         metrics::add(
             "connections_closed_total",
             metrics::labels(&[("reason", why)]),
@@ -270,6 +282,7 @@ impl Connections {
                 streams: Default::default(),
                 tls_state: initial(),
                 tls_streams: Default::default(),
+                tls_version: None,
                 addrs,
                 link: LinkCtx {
                     tgid: h.tgid,
@@ -361,7 +374,7 @@ impl Connections {
                 Piece::Data(data) => data.len() as u64,
                 Piece::Gap(n) => n,
             };
-            feed(
+            if let Some(version) = feed(
                 stop_as,
                 state,
                 dir,
@@ -369,14 +382,17 @@ impl Connections {
                 timing,
                 &mut self.outputs,
                 &mut self.stop_payload,
-            );
+            ) {
+                conn.tls_version = Some(version);
+            }
             at += len;
         }
         let addrs = ConnAddrs { tls, ..conn.addrs };
         let resource = Arc::clone(&conn.resource);
         let link = conn.link;
+        let tls_version = conn.tls_version.filter(|_| tls);
         drop(guard);
-        self.flush(&resource, &addrs, &link, emit);
+        self.flush(&resource, &addrs, &link, tls_version, emit);
     }
 
     fn wanted(&self, tgid: u32, addrs: &ConnAddrs) -> bool {
@@ -397,12 +413,14 @@ impl Connections {
         true
     }
 
-    /// Turns the parser outputs collected so far into spans.
+    /// Turns the parser outputs collected so far into spans; `tls_version` is the negotiated
+    /// version of the TLS plaintext they were read from.
     fn flush(
         &mut self,
         resource: &Arc<Resource>,
         addrs: &ConnAddrs,
         link: &LinkCtx,
+        tls_version: Option<TlsVersion>,
         emit: &mut dyn FnMut(Finished),
     ) {
         for out in self.outputs.drain(..) {
@@ -427,7 +445,7 @@ impl Connections {
                         continue;
                     }
                     let resource = Arc::clone(resource);
-                    let span = match &ex.detail {
+                    let mut span = match &ex.detail {
                         Detail::Http(http) => {
                             http_span(&ex, http, Some(addrs), resource, &self.clock)
                         }
@@ -443,6 +461,9 @@ impl Connections {
                             self.sanitize_query_text,
                         ),
                     };
+                    if let Some(version) = tls_version {
+                        spans::tls_attributes(version, &mut span.attributes);
+                    }
                     let kind = match span.kind {
                         crate::span::SpanKind::Server => "server",
                         crate::span::SpanKind::Client => "client",
@@ -482,6 +503,7 @@ fn comm(raw: &[u8; 16]) -> &str {
 /// in the kernel when the stream turns out to be of no interest.
 /// `at` is the piece's offset in its stream; `base` the stream offset of the parser's first byte
 /// in this direction, set when the parser first takes bytes in it.
+/// Returns the TLS version once a handshake on the stream names it.
 fn feed(
     stop_as: StopPayload,
     state: &mut ProtoState,
@@ -490,13 +512,29 @@ fn feed(
     timing: Timing,
     outputs: &mut Vec<Output>,
     stop: &mut Vec<StopPayload>,
-) {
+) -> Option<TlsVersion> {
     if matches!(state, ProtoState::Parsing(_)) {
         base.get_or_insert(at);
     }
     match (&mut *state, piece) {
-        (ProtoState::Parsing(parser), Piece::Data(data)) => parser.feed(dir, data, timing, outputs),
+        (ProtoState::Parsing(parser), Piece::Data(data)) => {
+            parser.feed(dir, data, timing, outputs);
+            if parser.tls_follows() {
+                // What follows is a TLS handshake (PostgreSQL's SSLRequest): its ServerHello
+                // gives the version, then the ciphertext is of no use.
+                metrics::add(
+                    "connections_detected_total",
+                    metrics::labels(&[("protocol", "tls")]),
+                    1,
+                );
+                *state = ProtoState::Handshake(new_watchers());
+            }
+        }
         (ProtoState::Parsing(parser), Piece::Gap(n)) => parser.gap(dir, n, timing, outputs),
+        (ProtoState::Handshake(watchers), piece) => {
+            let watched = watch(watchers, dir, piece);
+            return settle(watched, state, stop_as, stop);
+        }
         (ProtoState::Ignored, _) => {}
         (ProtoState::Detecting { stash, .. }, Piece::Gap(_)) => stash[dir_index(dir)].clear(),
         (ProtoState::Detecting { stash, attempts }, Piece::Data(data)) => {
@@ -528,7 +566,10 @@ fn feed(
                         metrics::labels(&[("protocol", "tls")]),
                         1,
                     );
-                    ignore(state, stop_as, stop);
+                    let mut watchers = new_watchers();
+                    let watched = watch(&mut watchers, dir, Piece::Data(bytes));
+                    *state = ProtoState::Handshake(watchers);
+                    return settle(watched, state, stop_as, stop);
                 }
                 Detection::NeedMore | Detection::Unknown => {
                     stash.clear();
@@ -543,6 +584,83 @@ fn feed(
                     }
                 }
             }
+        }
+    }
+    None
+}
+
+fn new_watchers() -> [Option<Box<HelloWatcher>>; 2] {
+    [Some(Box::default()), Some(Box::default())]
+}
+
+/// What the ServerHello watchers of a connection know after a piece.
+enum Watched {
+    /// Still reading.
+    More,
+    /// The ServerHello named this version.
+    Version(TlsVersion),
+    /// Neither direction can give a version.
+    GaveUp,
+}
+
+/// Gives one piece of TLS records to its direction's ServerHello watcher.
+fn watch(
+    watchers: &mut [Option<Box<HelloWatcher>>; 2],
+    dir: Direction,
+    piece: Piece<'_>,
+) -> Watched {
+    let slot = &mut watchers[dir_index(dir)];
+    let Some(watcher) = slot else {
+        return Watched::More;
+    };
+    let result = match piece {
+        Piece::Data(data) => watcher.feed(data),
+        Piece::Gap(_) => Err(TlsError::Gap),
+    };
+    match result {
+        Ok(None) => Watched::More,
+        Ok(Some(version)) => {
+            metrics::add(
+                "tls_handshakes_total",
+                metrics::labels(&[("result", "version_seen")]),
+                1,
+            );
+            Watched::Version(version)
+        }
+        Err(e) => {
+            // Counted per direction: the other one may still carry the ServerHello.
+            metrics::add(
+                "tls_handshakes_total",
+                metrics::labels(&[("result", e.as_str())]),
+                1,
+            );
+            *slot = None;
+            if watchers.iter().all(Option::is_none) {
+                Watched::GaveUp
+            } else {
+                Watched::More
+            }
+        }
+    }
+}
+
+/// Acts on what the watchers know: once the version is known or cannot be, the connection's
+/// ciphertext stops being copied.
+fn settle(
+    watched: Watched,
+    state: &mut ProtoState,
+    stop_as: StopPayload,
+    stop: &mut Vec<StopPayload>,
+) -> Option<TlsVersion> {
+    match watched {
+        Watched::More => None,
+        Watched::Version(version) => {
+            ignore(state, stop_as, stop);
+            Some(version)
+        }
+        Watched::GaveUp => {
+            ignore(state, stop_as, stop);
+            None
         }
     }
 }

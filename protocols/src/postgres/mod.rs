@@ -146,6 +146,8 @@ pub struct PgParser {
     session: Session,
     /// Encryption started, a cancel request, or closed: all input is ignored.
     stopped: bool,
+    /// Stopped because the server accepted an SSLRequest: TLS records follow.
+    tls_follows: bool,
 }
 
 /// Framing state of one direction.
@@ -477,8 +479,9 @@ impl PgParser {
     fn on_answer(&mut self, dir: Direction, data: &[u8], out: &mut Vec<Output>) -> usize {
         match data.first() {
             // TLS or GSSAPI encryption follows: nothing more to read here.
-            Some(b'S' | b'G') => {
+            Some(&answer @ (b'S' | b'G')) => {
                 self.stop();
+                self.tls_follows = answer == b'S';
                 1
             }
             Some(b'N') => {
@@ -597,6 +600,10 @@ impl ConnectionParser for PgParser {
             self.session.close(out);
         }
         self.stop();
+    }
+
+    fn tls_follows(&self) -> bool {
+        self.tls_follows
     }
 }
 

@@ -881,7 +881,9 @@ fn copy_in_and_out_are_one_exchange_each() {
 fn ssl_accepted_stops_parsing() {
     let mut c = Conn::new();
     c.front(&ssl_request());
+    assert!(!c.parser.tls_follows());
     c.back(b"S");
+    assert!(c.parser.tls_follows());
     c.front(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]);
     c.back(&[0x16, 0x03, 0x03, 0x00, 0x7a, 0x02]);
     c.front(&query("SELECT 1"));
@@ -896,6 +898,7 @@ fn gssapi_encryption_stops_parsing_and_refusal_continues() {
     let mut c = Conn::new();
     c.front(&untyped_msg(wire::GSSENC_REQUEST, &[]));
     c.back(b"G");
+    assert!(!c.parser.tls_follows());
     c.front(&query("SELECT 1"));
     c.back(&cat(&[complete("SELECT 1"), ready(b'I')]));
     assert!(c.out.is_empty());

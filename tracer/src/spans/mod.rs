@@ -404,6 +404,16 @@ fn redact_query(query: &str) -> String {
         .join("&")
 }
 
+/// `tls.protocol.name` and `tls.protocol.version` of a span read from TLS plaintext whose
+/// handshake was seen.
+pub fn tls_attributes(version: protocols::tls::TlsVersion, attrs: &mut Vec<KeyValue>) {
+    attrs.push(KeyValue::str("tls.protocol.name", version.protocol_name()));
+    attrs.push(KeyValue::str(
+        "tls.protocol.version",
+        version.protocol_version(),
+    ));
+}
+
 /// `https` for an exchange read from TLS plaintext, else `http`.
 fn transport_scheme(addrs: Option<&ConnAddrs>) -> &'static str {
     if addrs.is_some_and(|a| a.tls) {
