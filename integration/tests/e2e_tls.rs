@@ -330,7 +330,7 @@ async fn keep_alive_client_to_nginx(
     }
     let port = free_port();
     let receiver = receiver().await;
-    let nginx = start_nginx_tls(&dir, port);
+    let nginx = start_nginx_tls_protocols(&dir, port, TLS_1_2_AND_1_3);
     let mut agent = Agent::start_otlp(&dir, &receiver, port);
 
     let mut cmd = cmd(&dir, port, n);
@@ -359,7 +359,7 @@ async fn keep_alive_client_to_nginx(
 
     let spans = collect(&receiver, &mut agent, n, n).await;
     assert_servers_linked_to_clients(&spans);
-    expect_tls_version(&spans, "1.2");
+    expect_tls_version(&spans, "1.3");
     let worker = worker_pid(&spans, nginx.pid());
     for i in 0..n {
         let path = format!("/k/{i}");
@@ -904,12 +904,9 @@ async fn go_client_to_stripped_go_server_under_load() {
     server.assert_running();
 }
 
-/// `ssl_protocols` that let nginx negotiate TLS 1.3.
-///
-/// Only single-request curl runs against it: with TLS 1.3 a keep-alive client's first request can
-/// reach nginx in the read that ends the handshake (not probed), and the kernel then cannot tell
-/// which socket nginx's first `SSL_read` belongs to (`tls_unattributed`): that request's SERVER
-/// span is lost now and then (issue 4).
+/// `ssl_protocols` that let nginx negotiate TLS 1.3. With TLS 1.3 a keep-alive client's first
+/// request can reach nginx in the read that ends the handshake, so nginx's first `SSL_read` makes
+/// no socket call: the socket is known from the `SSL_do_handshake` probe.
 const TLS_1_2_AND_1_3: &str = "TLSv1.2 TLSv1.3";
 
 /// Every span carries the TLS version its connection's handshake negotiated.
@@ -1267,7 +1264,7 @@ async fn boringssl_keep_alive_client_to_nginx() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    keep_alive_client_to_nginx("tls-boringssl", 4, move |_, port, n| {
+    keep_alive_client_to_nginx("tls-boringssl", 4, None, move |_, port, n| {
         let mut cmd = Command::new(&exe);
         cmd.args([port.to_string(), n.to_string()]);
         cmd

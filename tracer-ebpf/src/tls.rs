@@ -106,6 +106,9 @@ pub(super) fn socket_io(pid_tgid: u64, sock: u64, fd: i32, conn_id: u64) {
     }
 }
 
+/// [`SslThread::direction`] of an `SSL_do_handshake` call.
+const HANDSHAKE: u8 = 2;
+
 /// Records an SSL read or write call on entry.
 #[inline(always)]
 fn ssl_enter(ctx: &ProbeContext, direction: u8, ex: u8) -> u32 {
@@ -239,6 +242,24 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
     }
     // SAFETY: as above.
     unsafe { (*t).active = 0 };
+    let tgid = (pid_tgid >> 32) as u32;
+    let key = [call.ssl, tgid as u64];
+    if call.direction == HANDSHAKE {
+        // Remember the socket the handshake used as the SSL object's.
+        if call.during_sock != 0 {
+            // SAFETY: copied out of the map.
+            if let Some(conn) = unsafe { CONNS.get(call.during_sock) }.copied() {
+                let s = SslSock {
+                    sock: call.during_sock,
+                    conn_id: conn.conn_id,
+                    fd: call.during_fd,
+                    _pad: 0,
+                };
+                let _ = SSL_SOCKS.insert(key, s, 0);
+            }
+        }
+        return 0;
+    }
     let rc: i32 = ctx.ret();
     let bytes = if call.ex != 0 {
         if rc != 1 {
@@ -254,8 +275,6 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
     if bytes == 0 {
         return 0;
     }
-    let tgid = (pid_tgid >> 32) as u32;
-    let key = [call.ssl, tgid as u64];
     let Some(Target { sock, fd, pin }) = socket_of(&call, key) else {
         count(CNT_TLS_UNATTRIBUTED);
         return 0;
@@ -349,7 +368,16 @@ pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
     ssl_enter(&ctx, DIR_SEND, 1)
 }
 
-/// Return of any of the four calls: the entry recorded which one it was.
+/// `int SSL_do_handshake(SSL *ssl)` entry (SSL_accept and SSL_connect call it): moves no
+/// plaintext, but the socket it reads and writes is the SSL object's. With TLS 1.3 the first
+/// request can arrive in the handshake's last read, and the `SSL_read` that returns it then makes
+/// no socket call of its own.
+#[uprobe]
+pub fn ssl_handshake_enter(ctx: ProbeContext) -> u32 {
+    ssl_enter(&ctx, HANDSHAKE, 0)
+}
+
+/// Return of any of the five calls: the entry recorded which one it was.
 #[uretprobe]
 pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     ssl_exit(&ctx)

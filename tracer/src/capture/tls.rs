@@ -25,11 +25,13 @@ use super::gotls::{self, GoError};
 use crate::metrics;
 
 /// The SSL functions probed, with their entry program; every one also gets [`RETURN_PROGRAM`].
-const FUNCTIONS: [(&str, &str); 4] = [
+const FUNCTIONS: [(&str, &str); 5] = [
     ("SSL_read", "ssl_read_enter"),
     ("SSL_read_ex", "ssl_read_ex_enter"),
     ("SSL_write", "ssl_write_enter"),
     ("SSL_write_ex", "ssl_write_ex_enter"),
+    // Moves no plaintext; tells which socket the SSL object uses (optional).
+    ("SSL_do_handshake", "ssl_handshake_enter"),
 ];
 /// The return program shared by all [`FUNCTIONS`].
 const RETURN_PROGRAM: &str = "ssl_return";
