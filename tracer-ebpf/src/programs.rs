@@ -601,7 +601,9 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
         if let Some(conn) = unsafe { CONNS.get(inflight.sock) }.copied() {
             if conn.role == ROLE_SERVER {
                 serve_write(pid_tgid, inflight.sock);
-            } else if conn.role == ROLE_CLIENT {
+            } else if conn.role == ROLE_CLIENT && conn.flags & CONN_F_NO_PAYLOAD == 0 {
+                // A connection userspace ignores (unknown protocol, filtered out, TLS
+                // ciphertext) makes no span to link: no trace id to send.
                 let key = tuple_of(inflight.sock);
                 if let Some((id, origin)) = client_write(pid_tgid, &key, conn.conn_id) {
                     inflight.trace_id = id;
@@ -984,7 +986,7 @@ fn read_context(ctx: &TracePointContext) -> u32 {
             (*inf).trace_id = id;
             (*inf).trace_flags = EV_F_TRACE | origin;
         }
-    } else if conn.role == ROLE_CLIENT {
+    } else if conn.role == ROLE_CLIENT && conn.flags & CONN_F_NO_PAYLOAD == 0 {
         client_read(&key);
     }
     0

@@ -136,7 +136,7 @@ pub struct Config {
     pub metrics_log_interval: Duration,
     /// Replace literals in database query text (`db.query.text`) by `?` (default true).
     pub sanitize_query_text: bool,
-    /// Span linking (default on, 2 s window, 100000 spans).
+    /// Span linking (default on, 1 s window, 50000 spans).
     pub linking: LinkConfig,
     /// Carry trace ids to other hosts in a TCP header option and read theirs (default true, where
     /// the kernel can).
@@ -322,7 +322,7 @@ mod tests {
         let on = Config::build(FileConfig::default(), &Overrides::default(), &|_| None);
         let on = on.expect("config").linking;
         assert!(on.enabled);
-        assert_eq!(on.window, Duration::from_secs(2));
+        assert_eq!(on.window, Duration::from_secs(1));
         let file: FileConfig =
             toml::from_str("linking = false\nlink_window_ms = 500\nlink_max_spans = 10")
                 .expect("toml");

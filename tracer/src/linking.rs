@@ -32,7 +32,7 @@ use crate::metrics;
 use crate::span::{Span, SpanKind};
 
 /// Served requests looked at, nearest start first, when placing one client span.
-const MAX_CANDIDATES: usize = 64;
+const MAX_CANDIDATES: usize = 32;
 /// Parent steps followed to find a chain's top; longer chains are cut (and counted).
 const MAX_DEPTH: usize = 64;
 
@@ -104,8 +104,8 @@ impl Default for LinkConfig {
     fn default() -> Self {
         LinkConfig {
             enabled: true,
-            window: Duration::from_secs(2),
-            max_spans: 100_000,
+            window: Duration::from_secs(1),
+            max_spans: 50_000,
         }
     }
 }
@@ -840,7 +840,7 @@ mod tests {
                 &mut |s| out.push(s),
             );
         }
-        let w = 2_000 * MS;
+        let w = 1_000 * MS;
         l.advance(w - 1, &mut |s| out.push(s));
         assert!(out.is_empty());
         l.advance(w, &mut |s| out.push(s));

@@ -76,7 +76,7 @@ struct RunArgs {
     /// Export spans as they finish, without linking them into traces (header contexts still apply).
     #[arg(long, env = "TRACER_NO_LINKING")]
     no_linking: bool,
-    /// How long finished spans wait for their parents and children before export (default 2000).
+    /// How long finished spans wait for their parents and children before export (default 1000).
     #[arg(long, env = "TRACER_LINK_WINDOW_MS", value_name = "MS")]
     link_window_ms: Option<u64>,
     /// Do not carry trace ids to other hosts in a TCP header option (nor read them).
