@@ -29,9 +29,19 @@ const BACKEND_PORT: u16 = 8081;
 const MIDDLE_PORT: u16 = 8080;
 const REQUESTS: usize = 5;
 
-/// `backend.py HOST PORT`: answers GET with `backend <path>`.
+/// `backend.py HOST PORT [CERT KEY]`: answers GET with `backend <path>`, over TLS when given a
+/// certificate.
 const BACKEND_PY: &str = r#"
 import http.server, sys
+
+def serve_tls(server, cert, key):
+    """Serves TLS 1.2 (the request never arrives during the handshake, which another thread
+    runs: see docs/linking.md)."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -45,20 +55,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 server = http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Handler)
+if len(sys.argv) > 4:
+    serve_tls(server, sys.argv[3], sys.argv[4])
 print("listening", flush=True)
 server.serve_forever()
 "#;
 
-/// `middle.py HOST PORT BACKEND_HOST BACKEND_PORT`: for each GET, GETs the same path from the
-/// backend on a new connection and answers `middle <backend's body>`.
+/// `middle.py HOST PORT BACKEND_HOST BACKEND_PORT [CERT KEY]`: for each GET, GETs the same path
+/// from the backend on a new connection and answers `middle <backend's body>`; with a certificate,
+/// both sides over TLS.
 const MIDDLE_PY: &str = r#"
-import http.client, http.server, sys
+import http.client, http.server, ssl, sys
+
+def serve_tls(server, cert, key):
+    """Serves TLS 1.2 (the request never arrives during the handshake, which another thread
+    runs: see docs/linking.md)."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
 
 host, port, backend_host, backend_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+tls = len(sys.argv) > 6
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        upstream = http.client.HTTPConnection(backend_host, backend_port, timeout=10)
+        if tls:
+            upstream = http.client.HTTPSConnection(
+                backend_host, backend_port, timeout=10, context=ssl._create_unverified_context())
+        else:
+            upstream = http.client.HTTPConnection(backend_host, backend_port, timeout=10)
         upstream.request("GET", self.path)
         answer = upstream.getresponse()
         body = b"middle " + answer.read()
@@ -72,21 +99,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 server = http.server.ThreadingHTTPServer((host, port), Handler)
+if tls:
+    serve_tls(server, sys.argv[5], sys.argv[6])
 print("listening", flush=True)
 server.serve_forever()
 "#;
 
-/// `client.py HOST PORT N`: prints `waiting`, waits for a line on stdin, then GETs `/req/0..N`,
-/// each on a new connection, printing `port <local port>` per request and `done` at the end.
+/// `client.py HOST PORT N [tls]`: prints `waiting`, waits for a line on stdin, then GETs
+/// `/req/0..N`, each on a new connection, printing `port <local port>` per request and `done` at
+/// the end.
 const CLIENT_PY: &str = r#"
-import http.client, sys
+import http.client, ssl, sys
 
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+tls = len(sys.argv) > 4
 print("waiting", flush=True)
 sys.stdin.readline()
 for i in range(n):
     path = "/req/%d" % i
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+    if tls:
+        conn = http.client.HTTPSConnection(
+            host, port, timeout=10, context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
     conn.request("GET", path)
     local_port = conn.sock.getsockname()[1]
     answer = conn.getresponse()
@@ -532,44 +567,52 @@ fn trace_ids_cross_hosts_in_tcp_options() {
 /// sees only its own host's processes and the agents never talk to each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_link_across_hosts() {
+    link_across_hosts(false).await;
+}
+
+/// The same over TLS (OpenSSL through python's `ssl`): the SSL probes report the trace id the
+/// kernel chose for the ciphertext underneath, and both ends derive the client span's id from the
+/// request's plaintext offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_link_across_hosts_over_tls() {
+    link_across_hosts(true).await;
+}
+
+async fn link_across_hosts(tls: bool) {
     require_root();
-    let dir = TempDir::new("xhost");
-    let ns = Namespaces::create("xh");
-    let (_backend, backend_out) = spawn_python(
-        &dir,
-        &ns.a,
-        "backend.py",
-        BACKEND_PY,
-        &[ADDR_A.to_owned(), BACKEND_PORT.to_string()],
-        false,
-    );
-    let (middle, middle_out) = spawn_python(
-        &dir,
-        &ns.b,
-        "middle.py",
-        MIDDLE_PY,
-        &[
-            ADDR_B.to_owned(),
-            MIDDLE_PORT.to_string(),
-            ADDR_A.to_owned(),
-            BACKEND_PORT.to_string(),
-        ],
-        false,
-    );
+    let dir = TempDir::new(if tls { "xhost-tls" } else { "xhost" });
+    let ns = Namespaces::create(if tls { "xt" } else { "xh" });
+    let cert_args = if tls {
+        let (cert, key) = tls_material(&dir);
+        vec![cert.display().to_string(), key.display().to_string()]
+    } else {
+        Vec::new()
+    };
+    let mut backend_args = vec![ADDR_A.to_owned(), BACKEND_PORT.to_string()];
+    backend_args.extend(cert_args.iter().cloned());
+    let (_backend, backend_out) =
+        spawn_python(&dir, &ns.a, "backend.py", BACKEND_PY, &backend_args, false);
+    let mut middle_args = vec![
+        ADDR_B.to_owned(),
+        MIDDLE_PORT.to_string(),
+        ADDR_A.to_owned(),
+        BACKEND_PORT.to_string(),
+    ];
+    middle_args.extend(cert_args.iter().cloned());
+    let (middle, middle_out) =
+        spawn_python(&dir, &ns.b, "middle.py", MIDDLE_PY, &middle_args, false);
     assert_eq!(backend_out.next("backend"), "listening");
     assert_eq!(middle_out.next("middle"), "listening");
-    let (mut client, client_out) = spawn_python(
-        &dir,
-        &ns.a,
-        "client.py",
-        CLIENT_PY,
-        &[
-            ADDR_B.to_owned(),
-            MIDDLE_PORT.to_string(),
-            REQUESTS.to_string(),
-        ],
-        true,
-    );
+    let mut client_args = vec![
+        ADDR_B.to_owned(),
+        MIDDLE_PORT.to_string(),
+        REQUESTS.to_string(),
+    ];
+    if tls {
+        client_args.push("tls".to_owned());
+    }
+    let (mut client, client_out) =
+        spawn_python(&dir, &ns.a, "client.py", CLIENT_PY, &client_args, true);
     assert_eq!(client_out.next("client"), "waiting");
 
     let receiver = OtlpReceiver::start_grpc().await.expect("OTLP receiver");
@@ -685,4 +728,23 @@ async fn spans_link_across_hosts() {
         traces.insert(first.trace_id.clone());
     }
     assert_eq!(traces.len(), REQUESTS, "one trace per request");
+}
+
+/// A self-signed certificate and its key, made by `openssl req`.
+fn tls_material(dir: &TempDir) -> (PathBuf, PathBuf) {
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let out = Command::new(which("openssl"))
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=tracer-test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl req");
+    assert!(out.status.success(), "openssl req failed: {out:?}");
+    (cert, key)
 }

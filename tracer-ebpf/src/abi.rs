@@ -269,6 +269,9 @@ pub struct ConnState {
 pub const CONN_F_NO_PAYLOAD: u8 = 1;
 /// [`ConnState::flags`]: as [`CONN_F_NO_PAYLOAD`], for the TLS plaintext events of the connection.
 pub const CONN_F_NO_TLS_PAYLOAD: u8 = 2;
+/// [`ConnState::flags`]: the connection carries TLS (its plaintext comes from the SSL probes):
+/// its client writes still choose a trace id for the TCP option, which the SSL probes report.
+pub const CONN_F_TLS: u8 = 4;
 
 /// Where a Go program keeps the socket of a `crypto/tls.Conn`, and how to check that the
 /// connection is a TCP one. Userspace chooses it per executable (by its Go version) and passes it

@@ -573,6 +573,37 @@ fn client_write(pid_tgid: u64, key: &TupleKey, conn_id: u64) -> Option<(TraceId,
     chosen
 }
 
+/// Whether a client connection with these `CONN_F_*` flags makes spans that a trace id could
+/// link: not one userspace ignores (unknown protocol, filtered out), unless it is TLS.
+#[inline(always)]
+fn wants_trace(flags: u8) -> bool {
+    flags & CONN_F_NO_PAYLOAD == 0 || flags & CONN_F_TLS != 0
+}
+
+/// The trace context of TLS plaintext on `sock` moved by the current thread, as the syscall
+/// programs chose it for the ciphertext underneath: for a read on a server socket, the request the
+/// thread serves on it; for a write on a client socket, the id its TCP option carries.
+#[inline(always)]
+fn tls_trace(pid_tgid: u64, sock: u64, conn: &ConnState, direction: u8) -> Option<(TraceId, u8)> {
+    if !trace_context() {
+        return None;
+    }
+    if conn.role == ROLE_SERVER && direction == DIR_RECV {
+        // SAFETY: copied out of the map.
+        let s = unsafe { SERVING.get(pid_tgid) }.copied()?;
+        if s.sock == sock && s.state & SERVING_AMBIGUOUS == 0 {
+            return Some((s.trace_id, s.origin));
+        }
+    } else if conn.role == ROLE_CLIENT && direction == DIR_SEND {
+        // SAFETY: copied out of the map.
+        let o = unsafe { OUT_CTX.get(&tuple_of(sock)) }.copied()?;
+        if o.conn_id == conn.conn_id {
+            return Some((o.trace_id, o.origin));
+        }
+    }
+    None
+}
+
 /// A read of response bytes on client socket `key`: its next write is a new request.
 #[inline(always)]
 fn client_read(key: &TupleKey) {
@@ -601,7 +632,7 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
         if let Some(conn) = unsafe { CONNS.get(inflight.sock) }.copied() {
             if conn.role == ROLE_SERVER {
                 serve_write(pid_tgid, inflight.sock);
-            } else if conn.role == ROLE_CLIENT && conn.flags & CONN_F_NO_PAYLOAD == 0 {
+            } else if conn.role == ROLE_CLIENT && wants_trace(conn.flags) {
                 // A connection userspace ignores (unknown protocol, filtered out, TLS
                 // ciphertext) makes no span to link: no trace id to send.
                 let key = tuple_of(inflight.sock);
@@ -986,7 +1017,7 @@ fn read_context(ctx: &TracePointContext) -> u32 {
             (*inf).trace_id = id;
             (*inf).trace_flags = EV_F_TRACE | origin;
         }
-    } else if conn.role == ROLE_CLIENT && conn.flags & CONN_F_NO_PAYLOAD == 0 {
+    } else if conn.role == ROLE_CLIENT && wants_trace(conn.flags) {
         client_read(&key);
     }
     0

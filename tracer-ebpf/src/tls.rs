@@ -22,7 +22,7 @@ use tracer_ebpf::abi::*;
 
 use super::{
     CAPTURE_LIMIT, CONNS, conn_advance, copy_user, count, fill_tuple, opaque, output, scratch,
-    traced,
+    tls_trace, trace_bytes, traced,
 };
 
 /// Per thread (pid_tgid): its SSL call in progress and the socket it last did I/O on.
@@ -320,6 +320,10 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
     h.stream_offset = offset;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     h.trace_id = [0; 16];
+    if let Some((id, origin)) = tls_trace(pid_tgid, sock, &conn, call.direction) {
+        h.trace_id = trace_bytes(id);
+        h.flags = EV_F_TRACE | origin;
+    }
     fill_tuple(h, sock);
 
     // SAFETY: plain read of a global set before load.

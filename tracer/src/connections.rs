@@ -76,10 +76,11 @@ struct LinkCtx {
     seq_delta: [Option<u32>; 2],
     /// The kernel saw the connection open: plaintext offsets at both ends count from its start.
     role_known: bool,
-    /// Per direction, the kernel's trace contexts (TCP option) of the last events that carried
-    /// one: (first stream offset, end offset, context); slot `traces_next[d]` is written next.
-    traces: [[Option<(u64, u64, TraceContext)>; TRACE_HISTORY]; 2],
-    traces_next: [usize; 2],
+    /// Per stream set (as `base`) and direction, the kernel's trace contexts (TCP option) of the
+    /// last events that carried one: (first stream offset, end offset, context); slot
+    /// `traces_next[set][d]` is written next.
+    traces: [[[Option<(u64, u64, TraceContext)>; TRACE_HISTORY]; 2]; 2],
+    traces_next: [[usize; 2]; 2],
 }
 
 /// Events with a trace context remembered per direction of a connection: enough for the requests
@@ -87,15 +88,16 @@ struct LinkCtx {
 const TRACE_HISTORY: usize = 4;
 
 impl LinkCtx {
-    fn note_trace(&mut self, d: usize, offset: u64, bytes: u64, trace: TraceContext) {
-        let slot = self.traces_next[d];
-        self.traces[d][slot] = Some((offset, offset.saturating_add(bytes), trace));
-        self.traces_next[d] = (slot + 1) % TRACE_HISTORY;
+    fn note_trace(&mut self, set: usize, d: usize, offset: u64, bytes: u64, trace: TraceContext) {
+        let slot = self.traces_next[set][d];
+        self.traces[set][d][slot] = Some((offset, offset.saturating_add(bytes), trace));
+        self.traces_next[set][d] = (slot + 1) % TRACE_HISTORY;
     }
 
-    /// The trace context of the event that moved stream offset `at` in direction `d`.
-    fn trace_at(&self, d: usize, at: u64) -> Option<TraceContext> {
-        self.traces[d]
+    /// The trace context of the event that moved stream offset `at` of stream set `set` in
+    /// direction `d`.
+    fn trace_at(&self, set: usize, d: usize, at: u64) -> Option<TraceContext> {
+        self.traces[set][d]
             .iter()
             .flatten()
             .find(|(start, end, _)| *start <= at && at < *end)
@@ -310,8 +312,9 @@ impl Connections {
         if !tls && h.flags & abi::EV_F_TCP_SEQ != 0 {
             conn.link.seq_delta[d] = Some(h.tcp_seq.wrapping_sub(h.stream_offset as u32));
         }
-        if !tls && let Some(trace) = ev.trace() {
-            conn.link.note_trace(d, h.stream_offset, h.bytes, trace);
+        if let Some(trace) = ev.trace() {
+            conn.link
+                .note_trace(usize::from(tls), d, h.stream_offset, h.bytes, trace);
         }
         let (state, streams, flags) = if tls {
             (
@@ -652,6 +655,12 @@ fn settle(
     stop_as: StopPayload,
     stop: &mut Vec<StopPayload>,
 ) -> Option<TlsVersion> {
+    // The kernel keeps choosing trace ids for a TLS connection's client writes: the SSL probes
+    // report them with the plaintext.
+    let stop_as = StopPayload {
+        flags: stop_as.flags | abi::CONN_F_TLS,
+        ..stop_as
+    };
     match watched {
         Watched::More => None,
         Watched::Version(version) => {
@@ -694,13 +703,10 @@ fn link_info(ex: &Exchange, ctx: &LinkCtx, addrs: &ConnAddrs) -> LinkInfo {
         Role::Client => 0,
         Role::Server => 1,
     };
-    let kernel_trace = if addrs.tls {
-        None
-    } else {
-        ctx.base[0][d]
-            .and_then(|base| base.checked_add(ex.request_offset))
-            .and_then(|at| ctx.trace_at(d, at))
-    };
+    let set = usize::from(addrs.tls);
+    let kernel_trace = ctx.base[set][d]
+        .and_then(|base| base.checked_add(ex.request_offset))
+        .and_then(|at| ctx.trace_at(set, d, at));
     LinkInfo {
         tgid: ctx.tgid,
         thread: ex.request_thread,

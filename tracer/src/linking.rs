@@ -529,22 +529,29 @@ impl Linker {
 }
 
 /// The CLIENT span id both ends of a request derive from its position in the connection (the
-/// client's address and port and the TCP sequence number of the request's first byte), so an
-/// agent on the receiving host names the sender's span without asking the sender's agent. A fixed
-/// function (FNV-1a, then a 64-bit finaliser): every agent version must compute the same.
+/// client's address and port and the TCP sequence number of the request's first byte, or for TLS
+/// its plaintext offset), so an agent on the receiving host names the sender's span without
+/// asking the sender's agent. A fixed function (FNV-1a, then a 64-bit finaliser): every agent
+/// version must compute the same.
 pub fn wire_span_id(pos: ConnPosition) -> Option<[u8; 8]> {
-    let ConnPosition::TcpSeq { client, seq } = pos else {
-        return None;
+    let (client, kind, at) = match pos {
+        ConnPosition::TcpSeq { client, seq } => (client, 0u8, u64::from(seq)),
+        ConnPosition::TlsOffset { client, offset, .. } => (client, 1u8, offset),
     };
     let ip = match client.ip() {
         std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         std::net::IpAddr::V6(v6) => v6.octets(),
     };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let at_bytes: Vec<u8> = if kind == 0 {
+        (at as u32).to_be_bytes().to_vec()
+    } else {
+        [&[kind][..], &at.to_be_bytes()].concat()
+    };
     for b in ip
         .into_iter()
         .chain(client.port().to_be_bytes())
-        .chain(seq.to_be_bytes())
+        .chain(at_bytes)
     {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
