@@ -79,9 +79,13 @@ struct LinkCtx {
     /// Per stream set (as `base`) and direction, the kernel's trace contexts (TCP option) of the
     /// last events that carried one: (first stream offset, end offset, context); slot
     /// `traces_next[set][d]` is written next.
-    traces: [[[Option<(u64, u64, TraceContext)>; TRACE_HISTORY]; 2]; 2],
+    traces: [[[Option<TracedRange>; TRACE_HISTORY]; 2]; 2],
     traces_next: [[usize; 2]; 2],
 }
+
+/// A stream range (first offset, end offset) moved by one event, and the trace context the kernel
+/// gave that event.
+type TracedRange = (u64, u64, TraceContext);
 
 /// Events with a trace context remembered per direction of a connection: enough for the requests
 /// a parser may still hold unanswered when the next ones are read.
