@@ -729,22 +729,3 @@ async fn link_across_hosts(tls: bool) {
     }
     assert_eq!(traces.len(), REQUESTS, "one trace per request");
 }
-
-/// A self-signed certificate and its key, made by `openssl req`.
-fn tls_material(dir: &TempDir) -> (PathBuf, PathBuf) {
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    let out = Command::new(which("openssl"))
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", "/CN=tracer-test", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run openssl req");
-    assert!(out.status.success(), "openssl req failed: {out:?}");
-    (cert, key)
-}

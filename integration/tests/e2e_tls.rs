@@ -87,25 +87,6 @@ function get(i) {
 get(0);
 "#;
 
-/// A self-signed certificate and its key for `localhost`, made by `openssl req`.
-fn tls_material(dir: &TempDir) -> (PathBuf, PathBuf) {
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    let out = Command::new(which("openssl"))
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", "/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run openssl req");
-    assert!(out.status.success(), "openssl req failed: {out:?}");
-    (cert, key)
-}
-
 /// nginx serving `<dir>/www` over TLS on 127.0.0.1:`port`; `/unavailable` answers 503.
 /// nginx 1.22's default protocols stop at TLS 1.2.
 fn start_nginx_tls(dir: &TempDir, port: u16) -> Proc {

@@ -846,3 +846,22 @@ pub fn assert_servers_linked_to_clients(spans: &[ReceivedSpan]) {
         }
     }
 }
+
+/// A self-signed certificate and its key for `localhost`, made by `openssl req`.
+pub fn tls_material(dir: &TempDir) -> (PathBuf, PathBuf) {
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let out = Command::new(which("openssl"))
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl req");
+    assert!(out.status.success(), "openssl req failed: {out:?}");
+    (cert, key)
+}
