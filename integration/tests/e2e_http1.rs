@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use common::*;
@@ -431,40 +431,20 @@ async fn nginx_static_file_and_503() {
     dir.write("www/static.txt", content);
     let port = free_port();
     let prefix = dir.path().display().to_string();
-    // Workers run as root so they can read the test's private temp dir.
-    let conf = dir.write(
-        "nginx.conf",
+    let receiver = receiver(Protocol::Grpc).await;
+    let nginx = start_nginx(
+        &dir,
+        port,
+        1,
         &format!(
-            "user root;
-worker_processes 1;
-error_log {prefix}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    server {{
+            "    server {{
         listen 127.0.0.1:{port};
         root {prefix}/www;
         location = /static.txt {{ }}
         location = /unavailable {{ return 503; }}
-    }}
-}}
-"
+    }}"
         ),
     );
-    let receiver = receiver(Protocol::Grpc).await;
-    let mut cmd = Command::new(which("nginx"));
-    cmd.arg("-c")
-        .arg(&conf)
-        .args(["-p", &prefix, "-e", &format!("{prefix}/error.log")])
-        .args(["-g", &format!("daemon off; pid {prefix}/nginx.pid;")])
-        .stdin(Stdio::null());
-    let mut nginx = Proc::spawn("nginx", cmd);
-    wait_for_port(&mut nginx, port);
     let mut agent = Agent::start_otlp(&dir, &receiver, port);
 
     let base = format!("http://127.0.0.1:{port}");

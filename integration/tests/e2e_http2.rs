@@ -20,39 +20,18 @@ use integration::{OtlpReceiver, ReceivedSpan, SpanKind, StatusCode};
 /// `/unavailable` answers 503.
 fn start_nginx_h2c(dir: &TempDir, port: u16) -> Proc {
     let prefix = dir.path().display().to_string();
-    // Workers run as root so they can read the test's private temp dir.
-    let conf = dir.write(
-        "nginx.conf",
+    start_nginx(
+        dir,
+        port,
+        1,
         &format!(
-            "user root;
-worker_processes 1;
-error_log {prefix}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    server {{
+            "    server {{
         listen 127.0.0.1:{port} http2;
         root {prefix}/www;
         location = /unavailable {{ return 503; }}
-    }}
-}}
-"
+    }}"
         ),
-    );
-    let mut cmd = Command::new(which("nginx"));
-    cmd.arg("-c")
-        .arg(&conf)
-        .args(["-p", &prefix, "-e", &format!("{prefix}/error.log")])
-        .args(["-g", &format!("daemon off; pid {prefix}/nginx.pid;")])
-        .stdin(Stdio::null());
-    let mut nginx = Proc::spawn("nginx", cmd);
-    wait_for_port(&mut nginx, port);
-    nginx
+    )
 }
 
 /// The span status, and `error.type` when it is an error.

@@ -415,24 +415,14 @@ impl NginxChain {
         let backend_port = free_port();
         let backend = start_script_server(&dir, backend_port);
         let nginx_port = free_port();
-        let prefix = dir.path().display().to_string();
-        // Workers run as root so they can read the test's private temp dir. The upstream keeps
-        // connections open, so requests of different clients share nginx → backend connections.
-        let conf = dir.write(
-            "nginx.conf",
+        // The upstream keeps connections open, so requests of different clients share
+        // nginx → backend connections.
+        let nginx = start_nginx(
+            &dir,
+            nginx_port,
+            2,
             &format!(
-                "user root;
-worker_processes 2;
-error_log {prefix}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    upstream backend {{
+                "    upstream backend {{
         server 127.0.0.1:{backend_port};
         keepalive 16;
     }}
@@ -443,19 +433,9 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection \"\";
         }}
-    }}
-}}
-"
+    }}"
             ),
         );
-        let mut cmd = Command::new(which("nginx"));
-        cmd.arg("-c")
-            .arg(&conf)
-            .args(["-p", &prefix, "-e", &format!("{prefix}/error.log")])
-            .args(["-g", &format!("daemon off; pid {prefix}/nginx.pid;")])
-            .stdin(Stdio::null());
-        let mut nginx = Proc::spawn("nginx", cmd);
-        wait_for_port(&mut nginx, nginx_port);
         NginxChain {
             dir,
             nginx_port,

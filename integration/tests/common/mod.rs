@@ -865,3 +865,38 @@ pub fn tls_material(dir: &TempDir) -> (PathBuf, PathBuf) {
     assert!(out.status.success(), "openssl req failed: {out:?}");
     (cert, key)
 }
+
+/// Starts nginx from a config written into `dir` (also its prefix, logs and temp paths), with
+/// `workers` worker processes running as root (so they can read the test's private temp dir) and
+/// `http_blocks` (server and upstream blocks) inside `http { }`; returns once `port` accepts.
+pub fn start_nginx(dir: &TempDir, port: u16, workers: u32, http_blocks: &str) -> Proc {
+    let prefix = dir.path().display().to_string();
+    let conf = dir.write(
+        "nginx.conf",
+        &format!(
+            "user root;
+worker_processes {workers};
+error_log {prefix}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{http_blocks}
+}}
+"
+        ),
+    );
+    let mut cmd = Command::new(which("nginx"));
+    cmd.arg("-c")
+        .arg(&conf)
+        .args(["-p", &prefix, "-e", &format!("{prefix}/error.log")])
+        .args(["-g", &format!("daemon off; pid {prefix}/nginx.pid;")])
+        .stdin(Stdio::null());
+    let mut nginx = Proc::spawn("nginx", cmd);
+    wait_for_port(&mut nginx, port);
+    nginx
+}
