@@ -149,12 +149,21 @@ impl Postgres {
         let mut proc = Proc::spawn("postgres", cmd);
         wait_for_port(&mut proc, port);
         let pg = Postgres { proc, port };
-        let run = pg.psql(&["-d", "postgres", "-c", &format!("CREATE DATABASE {DB}")]);
-        assert!(
-            run.status.success(),
-            "CREATE DATABASE failed: {}",
-            run.status
-        );
+        // The port accepts connections a moment before the server does ("the database system is
+        // starting up"): retry for a while.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let run = pg.psql(&["-d", "postgres", "-c", &format!("CREATE DATABASE {DB}")]);
+            if run.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "CREATE DATABASE failed: {}",
+                run.status
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
         pg
     }
 

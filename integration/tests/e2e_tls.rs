@@ -1243,3 +1243,69 @@ fn maps_needed(exe: &Path, lib: &str) -> bool {
         .lines()
         .any(|l| l.contains(lib) && l.contains(BORINGSSL_DIR))
 }
+
+/// HTTP/2 over TLS (ALPN h2): curl fetches two files over one connection from nginx; the
+/// plaintext from the SSL probes is parsed as HTTP/2, one span per stream on each side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_http2_to_nginx_over_tls() {
+    require_root();
+    let dir = TempDir::new("tls-h2");
+    dir.write("www/a.txt", "first file over h2\n");
+    dir.write("www/b.txt", "second\n");
+    let port = free_port();
+    let receiver = receiver().await;
+    let (cert, key) = tls_material(&dir);
+    let prefix = dir.path().display().to_string();
+    let _nginx = start_nginx(
+        &dir,
+        port,
+        1,
+        &format!(
+            "    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols {TLS_1_2_AND_1_3};
+        root {prefix}/www;
+    }}",
+            cert = cert.display(),
+            key = key.display(),
+        ),
+    );
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    let base = format!("https://127.0.0.1:{port}");
+    let out = Command::new(which("curl"))
+        .args(["-sk", "--http2", "-o", "/dev/null", "-o", "/dev/null"])
+        .args(["-w", "%{http_version} %{http_code}\n"])
+        .arg(format!("{base}/a.txt"))
+        .arg(format!("{base}/b.txt"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "curl failed: {out:?}");
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["2 200", "2 200"],
+        "both files over HTTP/2"
+    );
+
+    let spans = collect(&receiver, &mut agent, 2, 2).await;
+    assert_servers_linked_to_clients(&spans);
+    expect_tls_version(&spans, "1.3");
+    for path in ["/a.txt", "/b.txt"] {
+        let s = one(&spans, SpanKind::Server, path, |s| {
+            s.attr_str("url.path") == Some(path)
+        });
+        let c = one(&spans, SpanKind::Client, path, |s| {
+            s.attr_str("url.full") == Some(format!("{base}{path}").as_str())
+        });
+        for span in [s, c] {
+            expect_str(span, "http.request.method", "GET");
+            expect_str(span, "network.protocol.version", "2");
+            expect_str(span, "url.scheme", "https");
+            expect_int(span, "http.response.status_code", 200);
+        }
+    }
+}
