@@ -28,42 +28,6 @@ async fn receiver(protocol: Protocol) -> OtlpReceiver {
     .expect("start the OTLP receiver")
 }
 
-/// Waits for `servers` SERVER and `clients` CLIENT spans, stops the agent (which flushes), and
-/// returns everything received after asserting there is nothing more.
-async fn collect(
-    receiver: &OtlpReceiver,
-    agent: &mut Agent,
-    servers: usize,
-    clients: usize,
-) -> Vec<ReceivedSpan> {
-    let waited = receiver
-        .wait_for(
-            |s| count(s, SpanKind::Server) >= servers && count(s, SpanKind::Client) >= clients,
-            WAIT,
-        )
-        .await;
-    if let Err(spans) = waited {
-        panic!(
-            "expected {servers} SERVER and {clients} CLIENT spans within {WAIT:?}; got:\n{}\nagent stderr:\n{}",
-            describe_all(&spans),
-            agent.stderr()
-        );
-    }
-    agent.stop();
-    let spans = receiver.spans();
-    assert_eq!(
-        (
-            count(&spans, SpanKind::Server),
-            count(&spans, SpanKind::Client),
-            spans.len()
-        ),
-        (servers, clients, servers + clients),
-        "exactly one span per request and side; got:\n{}",
-        describe_all(&spans)
-    );
-    spans
-}
-
 /// The status a span should have, and its `error.type`.
 fn expect_status(span: &ReceivedSpan, error_type: Option<&str>) {
     match error_type {
@@ -193,7 +157,7 @@ async fn python_http_server_and_curl(protocol: Protocol) {
     assert_eq!((get.status, missing.status, post.status), (200, 404, 501));
     assert_eq!(get.body_bytes, i64::try_from(content.len()).expect("len"));
 
-    let spans = collect(&receiver, &mut agent, 3, 3).await;
+    let spans = collect_exact(&receiver, &mut agent, 3, 3).await;
     let python_exe = exe_name(python());
     let server = Server {
         port,
@@ -321,7 +285,7 @@ async fn keep_alive_connection_with_twenty_requests() {
     assert!(status.success(), "e2e_client.py failed: {status}");
 
     let n = usize::try_from(REQUESTS).expect("count");
-    let spans = collect(&receiver, &mut agent, n, n).await;
+    let spans = collect_exact(&receiver, &mut agent, n, n).await;
     let peers = ScriptPeers {
         port,
         server_pid: server.pid(),
@@ -355,7 +319,7 @@ async fn connection_opened_before_the_agent_started() {
     let ended_ns = now_unix_ns();
     assert!(status.success(), "e2e_client.py failed: {status}");
 
-    let spans = collect(&receiver, &mut agent, 3, 3).await;
+    let spans = collect_exact(&receiver, &mut agent, 3, 3).await;
     let peers = ScriptPeers {
         port,
         server_pid: server.pid(),
@@ -391,7 +355,7 @@ async fn short_lived_connections_report_both_ends() {
         })
         .collect();
 
-    let spans = collect(&receiver, &mut agent, runs.len(), runs.len()).await;
+    let spans = collect_exact(&receiver, &mut agent, runs.len(), runs.len()).await;
     let python_exe = exe_name(python());
     for (path, run) in &runs {
         let s = one(&spans, SpanKind::Server, path, |s| {
@@ -453,7 +417,7 @@ async fn nginx_static_file_and_503() {
     assert_eq!((ok.status, unavailable.status), (200, 503));
     assert_eq!(ok.body_bytes, i64::try_from(content.len()).expect("len"));
 
-    let spans = collect(&receiver, &mut agent, 2, 2).await;
+    let spans = collect_exact(&receiver, &mut agent, 2, 2).await;
     // The requests are served by nginx's worker, a child of the process the test started.
     let worker_pid = spans
         .iter()

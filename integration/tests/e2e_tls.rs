@@ -122,42 +122,6 @@ async fn receiver() -> OtlpReceiver {
         .expect("start the OTLP receiver")
 }
 
-/// Waits for `servers` SERVER and `clients` CLIENT spans, stops the agent (which flushes), and
-/// returns everything received after asserting there is nothing more.
-async fn collect(
-    receiver: &OtlpReceiver,
-    agent: &mut Agent,
-    servers: usize,
-    clients: usize,
-) -> Vec<ReceivedSpan> {
-    let waited = receiver
-        .wait_for(
-            |s| count(s, SpanKind::Server) >= servers && count(s, SpanKind::Client) >= clients,
-            WAIT,
-        )
-        .await;
-    if let Err(spans) = waited {
-        panic!(
-            "expected {servers} SERVER and {clients} CLIENT spans within {WAIT:?}; got:\n{}\nagent stderr:\n{}",
-            describe_all(&spans),
-            agent.stderr()
-        );
-    }
-    agent.stop();
-    let spans = receiver.spans();
-    assert_eq!(
-        (
-            count(&spans, SpanKind::Server),
-            count(&spans, SpanKind::Client),
-            spans.len()
-        ),
-        (servers, clients, servers + clients),
-        "exactly one span per request and side; got:\n{}",
-        describe_all(&spans)
-    );
-    spans
-}
-
 /// The server pid of the SERVER spans (all the same), which must be a child of `parent`.
 fn worker_pid(spans: &[ReceivedSpan], parent: u32) -> u32 {
     let pids: BTreeSet<i64> = spans
@@ -258,7 +222,7 @@ async fn curl_to_nginx_over_tls() {
     assert_eq!((ok.status, unavailable.status), (200, 503));
     assert_eq!(ok.body_bytes, i64::try_from(content.len()).expect("len"));
 
-    let spans = collect(&receiver, &mut agent, 2, 2).await;
+    let spans = collect_exact(&receiver, &mut agent, 2, 2).await;
     assert_servers_linked_to_clients(&spans);
     expect_tls_version(&spans, "1.3");
     let worker = worker_pid(&spans, nginx.pid());
@@ -317,7 +281,7 @@ async fn keep_alive_client_to_nginx(
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("unexpected client output {port_line:?}"));
 
-    let spans = collect(&receiver, &mut agent, n, n).await;
+    let spans = collect_exact(&receiver, &mut agent, n, n).await;
     assert_servers_linked_to_clients(&spans);
     expect_tls_version(&spans, "1.3");
     let worker = worker_pid(&spans, nginx.pid());
@@ -436,7 +400,7 @@ async fn node_https_server_started_after_the_agent() {
     assert_eq!(get.body_bytes, "path=/node/hello".len() as i64);
     assert_eq!(post.body_bytes, body.len() as i64);
 
-    let spans = collect(&receiver, &mut agent, 3, 3).await;
+    let spans = collect_exact(&receiver, &mut agent, 3, 3).await;
     assert_servers_linked_to_clients(&spans);
     let requests = [
         (get, "GET", "/node/hello", 0),
@@ -726,7 +690,7 @@ async fn curl_to_go_server_over_tls() {
     assert_eq!(get.body_bytes, "path=/go/hello".len() as i64);
     assert_eq!(post.body_bytes, body.len() as i64);
 
-    let spans = collect(&receiver, &mut agent, 3, 3).await;
+    let spans = collect_exact(&receiver, &mut agent, 3, 3).await;
     assert_servers_linked_to_clients(&spans);
     let requests = [
         (get, "GET", "/go/hello", 0),
@@ -809,7 +773,7 @@ async fn go_client_to_stripped_go_server_under_load() {
     assert!(status.success(), "Go client failed: {status}");
     server.assert_running();
 
-    let spans = collect(&receiver, &mut agent, n, n).await;
+    let spans = collect_exact(&receiver, &mut agent, n, n).await;
     assert_servers_linked_to_clients(&spans);
     let mut client_ports = BTreeSet::new();
     for i in 0..n {
@@ -896,7 +860,7 @@ async fn curl_limited_to_tls_1_2_to_nginx() {
     ]);
     assert_eq!(run.status, 200);
 
-    let spans = collect(&receiver, &mut agent, 1, 1).await;
+    let spans = collect_exact(&receiver, &mut agent, 1, 1).await;
     assert_servers_linked_to_clients(&spans);
     expect_tls_version(&spans, "1.2");
     let worker = worker_pid(&spans, nginx.pid());
@@ -1004,7 +968,7 @@ async fn psql_with_sslmode_require() {
     let ended_ns = now_unix_ns();
     assert!(status.success(), "psql failed: {status}");
 
-    let spans = collect(&receiver, &mut agent, 4, 4).await;
+    let spans = collect_exact(&receiver, &mut agent, 4, 4).await;
     // SIGINT is the fast shutdown: backends end, shared memory is released.
     pg.signal(libc::SIGINT);
     pg.wait(WAIT);
@@ -1163,7 +1127,7 @@ async fn python_loads_libssl_with_dlopen_after_the_agent_started() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("unexpected client output {line:?}"));
 
-    let spans = collect(&receiver, &mut agent, 1, 1).await;
+    let spans = collect_exact(&receiver, &mut agent, 1, 1).await;
     assert_servers_linked_to_clients(&spans);
     let c = one(&spans, SpanKind::Client, "python client", |s| {
         s.resource_int("process.pid") == Some(i64::from(client.pid()))
@@ -1291,7 +1255,7 @@ async fn curl_http2_to_nginx_over_tls() {
         "both files over HTTP/2"
     );
 
-    let spans = collect(&receiver, &mut agent, 2, 2).await;
+    let spans = collect_exact(&receiver, &mut agent, 2, 2).await;
     assert_servers_linked_to_clients(&spans);
     expect_tls_version(&spans, "1.3");
     for path in ["/a.txt", "/b.txt"] {
