@@ -197,6 +197,18 @@ fn same_conn(sock: u64, conn_id: u64) -> bool {
     unsafe { CONNS.get(sock) }.is_some_and(|c| c.conn_id == conn_id)
 }
 
+/// Remembers `sock` (connection `conn_id`, fd `fd`) as the socket of the SSL object `key`.
+#[inline(always)]
+fn remember_socket(key: [u64; 2], sock: u64, conn_id: u64, fd: i32) {
+    let s = SslSock {
+        sock,
+        conn_id,
+        fd,
+        _pad: 0,
+    };
+    let _ = SSL_SOCKS.insert(key, s, 0);
+}
+
 /// The socket the SSL object of `call` uses, or `None` when nothing tells.
 #[inline(always)]
 fn socket_of(call: &SslThread, key: [u64; 2]) -> Option<Target> {
@@ -249,13 +261,7 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
         if call.during_sock != 0 {
             // SAFETY: copied out of the map.
             if let Some(conn) = unsafe { CONNS.get(call.during_sock) }.copied() {
-                let s = SslSock {
-                    sock: call.during_sock,
-                    conn_id: conn.conn_id,
-                    fd: call.during_fd,
-                    _pad: 0,
-                };
-                let _ = SSL_SOCKS.insert(key, s, 0);
+                remember_socket(key, call.during_sock, conn.conn_id, call.during_fd);
             }
         }
         return 0;
@@ -283,13 +289,7 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let (conn, _) = conn_advance(sock, now, call.direction, 0);
     if pin {
-        let s = SslSock {
-            sock,
-            conn_id: conn.conn_id,
-            fd,
-            _pad: 0,
-        };
-        let _ = SSL_SOCKS.insert(key, s, 0);
+        remember_socket(key, sock, conn.conn_id, fd);
     }
     let offset = tls_advance(sock, conn.conn_id, call.direction, bytes);
 

@@ -145,6 +145,14 @@ pub struct Connections {
     sanitize_query_text: bool,
 }
 
+/// The direction in which the process moved the requests of exchanges where it plays `role`.
+fn request_direction(role: Role) -> Direction {
+    match role {
+        Role::Client => Direction::Send,
+        Role::Server => Direction::Recv,
+    }
+}
+
 fn dir_index(dir: Direction) -> usize {
     match dir {
         Direction::Send => 0,
@@ -311,7 +319,12 @@ impl Connections {
             h.source,
             abi::SRC_SSL_READ | abi::SRC_SSL_WRITE | abi::SRC_GO_TLS_READ | abi::SRC_GO_TLS_WRITE
         );
-        let d = if h.direction == abi::DIR_SEND { 0 } else { 1 };
+        let dir = if h.direction == abi::DIR_SEND {
+            Direction::Send
+        } else {
+            Direction::Recv
+        };
+        let d = dir_index(dir);
         conn.link.role_known |= h.role != abi::ROLE_UNKNOWN;
         if !tls && h.flags & abi::EV_F_TCP_SEQ != 0 {
             conn.link.seq_delta[d] = Some(h.tcp_seq.wrapping_sub(h.stream_offset as u32));
@@ -340,11 +353,6 @@ impl Connections {
                 tls: false,
             };
         }
-        let dir = if h.direction == abi::DIR_SEND {
-            Direction::Send
-        } else {
-            Direction::Recv
-        };
         let timing = match dir {
             Direction::Send => Timing {
                 start_ns: h.enter_ns,
@@ -703,10 +711,7 @@ fn link_info(ex: &Exchange, ctx: &LinkCtx, addrs: &ConnAddrs) -> LinkInfo {
         ),
         Detail::Postgres(_) => (None, None),
     };
-    let d = match ex.role {
-        Role::Client => 0,
-        Role::Server => 1,
-    };
+    let d = dir_index(request_direction(ex.role));
     let set = usize::from(addrs.tls);
     let kernel_trace = ctx.base[set][d]
         .and_then(|base| base.checked_add(ex.request_offset))
@@ -726,9 +731,10 @@ fn link_info(ex: &Exchange, ctx: &LinkCtx, addrs: &ConnAddrs) -> LinkInfo {
 /// Where the exchange's request starts in the stream both ends share: the TCP sequence number
 /// of its first byte, or for TLS plaintext its offset when both ends saw the connection open.
 fn position(ex: &Exchange, ctx: &LinkCtx, addrs: &ConnAddrs) -> Option<ConnPosition> {
-    let (d, client, server) = match ex.role {
-        Role::Client => (0, addrs.local, addrs.remote),
-        Role::Server => (1, addrs.remote, addrs.local),
+    let d = dir_index(request_direction(ex.role));
+    let (client, server) = match ex.role {
+        Role::Client => (addrs.local, addrs.remote),
+        Role::Server => (addrs.remote, addrs.local),
     };
     if client.port() == 0 || server.port() == 0 {
         return None;

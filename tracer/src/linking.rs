@@ -403,19 +403,20 @@ impl Linker {
             return;
         }
         let link = &c.link;
-        let encloses = |e: &Entry| e.link.start_ns <= link.start_ns && link.end_ns <= e.link.end_ns;
-        let on_thread = Served::enclosing(
-            self.served_by_thread.get(&(link.tgid, link.thread)),
-            link.start_ns,
-        )
-        .filter(|s| self.entries.get(s).is_some_and(encloses))
-        .collect::<Vec<u64>>();
+        // The served requests of `served` that started before the client span and ended after.
+        let enclosing = |served: Option<&Served>| -> Vec<u64> {
+            Served::enclosing(served, link.start_ns)
+                .filter(|s| {
+                    self.entries.get(s).is_some_and(|e| {
+                        e.link.start_ns <= link.start_ns && link.end_ns <= e.link.end_ns
+                    })
+                })
+                .collect()
+        };
+        let on_thread = enclosing(self.served_by_thread.get(&(link.tgid, link.thread)));
         let chosen = match on_thread.as_slice() {
             [] => {
-                let in_process =
-                    Served::enclosing(self.served_by_process.get(&link.tgid), link.start_ns)
-                        .filter(|s| self.entries.get(s).is_some_and(encloses))
-                        .collect::<Vec<u64>>();
+                let in_process = enclosing(self.served_by_process.get(&link.tgid));
                 if in_process.is_empty() {
                     None
                 } else {
