@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -175,39 +174,6 @@ async fn nginx_h2c_static_file_and_503_with_curl() {
             client_error: Some("503"),
         },
     );
-}
-
-/// A finished command: pid, wall-clock window and stdout.
-struct Run {
-    pid: u32,
-    started_ns: u64,
-    ended_ns: u64,
-    stdout: String,
-}
-
-/// Runs `cmd` to completion, failing the test if it fails.
-fn run(name: &str, mut cmd: Command) -> Run {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let started_ns = now_unix_ns();
-    let mut proc = Proc::spawn(name, cmd);
-    let mut stdout = String::new();
-    proc.take_stdout()
-        .read_to_string(&mut stdout)
-        .unwrap_or_else(|e| panic!("read the output of {name}: {e}"));
-    let status = proc.wait(WAIT);
-    let ended_ns = now_unix_ns();
-    assert!(
-        status.success(),
-        "{name} failed: {status}; output:\n{stdout}"
-    );
-    Run {
-        pid: proc.pid(),
-        started_ns,
-        ended_ns,
-        stdout,
-    }
 }
 
 /// Most spans of one side open at the same time, by their start and end.

@@ -381,6 +381,17 @@ pub fn ssl_handshake_enter(ctx: ProbeContext) -> u32 {
     ssl_enter(&ctx, HANDSHAKE, 0)
 }
 
+/// `void SSL_free(SSL *ssl)` entry: the object's socket is forgotten. Node and other users of
+/// memory BIOs allocate the next connection's `SSL` at the same address, and would otherwise inherit
+/// this connection's socket while it lingers in `CONNS`.
+#[uprobe]
+pub fn ssl_free_enter(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let ssl: u64 = ctx.arg(0).unwrap_or(0);
+    let _ = SSL_SOCKS.remove(&[ssl, pid_tgid >> 32]);
+    0
+}
+
 /// Return of any of the five calls: the entry recorded which one it was.
 #[uretprobe]
 pub fn ssl_return(ctx: RetProbeContext) -> u32 {

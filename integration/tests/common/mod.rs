@@ -439,6 +439,43 @@ impl Lines {
     }
 }
 
+/// A finished command: pid, wall-clock window and stdout.
+pub struct Run {
+    /// Process id.
+    pub pid: u32,
+    /// Unix ns just before the command was spawned.
+    pub started_ns: u64,
+    /// Unix ns just after it exited.
+    pub ended_ns: u64,
+    /// Everything it printed on stdout.
+    pub stdout: String,
+}
+
+/// Runs `cmd` to completion, failing the test if it fails.
+pub fn run(name: &str, mut cmd: Command) -> Run {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let started_ns = now_unix_ns();
+    let mut proc = Proc::spawn(name, cmd);
+    let mut stdout = String::new();
+    proc.take_stdout()
+        .read_to_string(&mut stdout)
+        .unwrap_or_else(|e| panic!("read the output of {name}: {e}"));
+    let status = proc.wait(WAIT);
+    let ended_ns = now_unix_ns();
+    assert!(
+        status.success(),
+        "{name} failed: {status}; output:\n{stdout}"
+    );
+    Run {
+        pid: proc.pid(),
+        started_ns,
+        ended_ns,
+        stdout,
+    }
+}
+
 /// One finished curl run.
 #[derive(Debug, Clone, Copy)]
 pub struct CurlRun {

@@ -24,16 +24,19 @@ use tracing::{debug, info, warn};
 use super::gotls::{self, GoError};
 use crate::metrics;
 
-/// The SSL functions probed, with their entry program; every one also gets [`RETURN_PROGRAM`].
-const FUNCTIONS: [(&str, &str); 5] = [
-    ("SSL_read", "ssl_read_enter"),
-    ("SSL_read_ex", "ssl_read_ex_enter"),
-    ("SSL_write", "ssl_write_enter"),
-    ("SSL_write_ex", "ssl_write_ex_enter"),
+/// The SSL functions probed: name, entry program, and whether [`RETURN_PROGRAM`] is attached too.
+const FUNCTIONS: [(&str, &str, bool); 6] = [
+    ("SSL_read", "ssl_read_enter", true),
+    ("SSL_read_ex", "ssl_read_ex_enter", true),
+    ("SSL_write", "ssl_write_enter", true),
+    ("SSL_write_ex", "ssl_write_ex_enter", true),
     // Moves no plaintext; tells which socket the SSL object uses (optional).
-    ("SSL_do_handshake", "ssl_handshake_enter"),
+    ("SSL_do_handshake", "ssl_handshake_enter", true),
+    // Forgets the object's socket: the next SSL object at the same address is another
+    // connection's (optional).
+    ("SSL_free", "ssl_free_enter", false),
 ];
-/// The return program shared by all [`FUNCTIONS`].
+/// The return program shared by the read, write and handshake [`FUNCTIONS`].
 const RETURN_PROGRAM: &str = "ssl_return";
 /// A file is an SSL library only when it defines both of these.
 const REQUIRED: [&str; 2] = ["SSL_read", "SSL_write"];
@@ -391,7 +394,7 @@ pub(super) fn name_at(strtab: &[u8], at: u32) -> Option<&[u8]> {
 /// lack them and it is at most [`MAX_SYMTAB_BYTES`]. Empty when the file is not an SSL library.
 fn ssl_functions(path: &Path) -> Result<Vec<(&'static str, u64)>, ElfError> {
     let elf = Elf::open(path)?;
-    let wanted: Vec<&'static str> = FUNCTIONS.iter().map(|(name, _)| *name).collect();
+    let wanted: Vec<&'static str> = FUNCTIONS.iter().map(|(name, ..)| *name).collect();
     let mut found = HashMap::new();
     let hashes: Vec<Section> = elf
         .sections
@@ -424,7 +427,7 @@ fn ssl_functions(path: &Path) -> Result<Vec<(&'static str, u64)>, ElfError> {
     }
     Ok(FUNCTIONS
         .iter()
-        .filter_map(|(name, _)| found.get(name).map(|&off| (*name, off)))
+        .filter_map(|(name, ..)| found.get(name).map(|&off| (*name, off)))
         .collect())
 }
 
@@ -750,10 +753,15 @@ fn attach_all(
 ) -> Result<Vec<UProbeLink>, ProgramError> {
     let mut links = Vec::with_capacity(functions.len() * 2);
     for &(function, offset) in functions {
-        let Some(&(_, entry)) = FUNCTIONS.iter().find(|(f, _)| *f == function) else {
+        let Some(&(_, entry, returns)) = FUNCTIONS.iter().find(|(f, ..)| *f == function) else {
             continue;
         };
-        for program in [entry, RETURN_PROGRAM] {
+        let programs = if returns {
+            &[entry, RETURN_PROGRAM][..]
+        } else {
+            &[entry][..]
+        };
+        for &program in programs {
             let p = uprobe(ebpf, program)?;
             let id = p.attach(
                 UProbeAttachLocation::AbsoluteOffset(offset),
@@ -771,7 +779,7 @@ fn attach_all(
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), (&'static str, ProgramError)> {
     let names = FUNCTIONS
         .iter()
-        .map(|(_, p)| *p)
+        .map(|(_, p, _)| *p)
         .chain([RETURN_PROGRAM])
         .chain(gotls::PROGRAMS);
     for name in names {
