@@ -153,6 +153,8 @@ struct Half {
     block_buf: Vec<u8>,
     /// Bytes (or a gap) were seen in this direction.
     started: bool,
+    /// A header block started in this direction.
+    had_block: bool,
     /// The current run of skipped bytes has been counted.
     skip_counted: bool,
     /// Bytes given in this direction so far, fed or lost in gaps: the stream position of the
@@ -193,6 +195,7 @@ impl Default for Half {
             block: None,
             block_buf: Vec::new(),
             started: false,
+            had_block: false,
             skip_counted: false,
             seen: 0,
         }
@@ -671,6 +674,10 @@ impl Http2Parser {
             server.hpack.resync();
             server.max_frame = frame::DEFAULT_MAX_FRAME_SIZE;
             server.read = Read::header();
+        } else if !server.had_block {
+            // The server wrote first (its SETTINGS, before reading this preface). No header block
+            // can precede the client's first request, so its table is still empty.
+            server.hpack.resync();
         }
         (n, Read::header())
     }
@@ -727,6 +734,12 @@ impl Http2Parser {
         let orphan = hdr.kind == frame::CONTINUATION && !continues;
         if orphan && open.is_none() {
             out.push(Output::Skipped(SkipReason::Garbage));
+        }
+        if matches!(
+            hdr.kind,
+            frame::HEADERS | frame::PUSH_PROMISE | frame::CONTINUATION
+        ) {
+            self.half(dir).had_block = true;
         }
         if matches!(hdr.kind, frame::HEADERS | frame::PUSH_PROMISE) {
             let half = self.half(dir);

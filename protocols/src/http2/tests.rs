@@ -1479,3 +1479,38 @@ fn pushed_stream_is_placed_at_its_push_promise() {
         ]
     );
 }
+
+/// gRPC-Go's server writes its SETTINGS as soon as it accepts, before it reads the client's
+/// preface; its responses then use the dynamic table from the first one on.
+#[test]
+fn server_settings_before_the_client_preface() {
+    for (client_dir, role) in [(SEND, Role::Client), (RECV, Role::Server)] {
+        let server_dir = other(client_dir);
+        let (mut ce, mut se) = (Enc::new(), Enc::new());
+        let mut c = Conn::new();
+        c.feed(server_dir, &settings(&[(0x5, 1 << 14)]));
+        let mut req = client_start();
+        req.extend(get(&mut ce, 1, "/a"));
+        c.feed(client_dir, &req);
+        c.feed(server_dir, &frame(SETTINGS, ACK, 0, &[]));
+        c.feed(server_dir, &ok(&mut se, 1, b"one"));
+        c.feed(client_dir, &get(&mut ce, 3, "/b"));
+        c.feed(server_dir, &ok(&mut se, 3, b"three"));
+        assert!(c.skips().is_empty(), "{:?}", c.skips());
+        let got: Vec<_> = c
+            .exchanges()
+            .iter()
+            .map(|e| {
+                let h = h2(e);
+                assert_eq!(e.role, role);
+                let ct = h.response_header("content-type").map(str::to_owned);
+                (h.stream_id, h.status, ct, h.response_body_size)
+            })
+            .collect();
+        let text = Some("text/plain".to_owned());
+        assert_eq!(
+            got,
+            [(1, Some(200), text.clone(), 3), (3, Some(200), text, 5)]
+        );
+    }
+}
