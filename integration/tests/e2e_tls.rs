@@ -790,6 +790,121 @@ async fn curl_to_go_server_over_tls() {
     server.assert_running();
 }
 
+/// The gRPC peer `integration/go/gogrpc` (grpc-go over crypto/tls), built once per test run in
+/// GOPATH mode against Debian's golang-google-grpc-dev.
+fn go_grpc_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = root.join("..").join("target").join("gogrpc");
+        std::fs::create_dir_all(&out).expect("create target/gogrpc");
+        let grpc = Path::new("/usr/share/gocode/src/google.golang.org/grpc");
+        assert!(
+            grpc.is_dir(),
+            "{} is missing: run scripts/setup-test-peers.sh (golang-google-grpc-dev)",
+            grpc.display()
+        );
+        let exe = out.join("gogrpc");
+        let mut gopath = std::ffi::OsString::from(out.join("gopath"));
+        gopath.push(":/usr/share/gocode");
+        let status = Command::new(which("go"))
+            .current_dir(root.join("go"))
+            .env("GO111MODULE", "off")
+            .env("GOPATH", gopath)
+            .env("GOCACHE", out.join("cache"))
+            .args(["build", "-o"])
+            .arg(&exe)
+            .arg("./gogrpc")
+            .stdin(Stdio::null())
+            .status()
+            .expect("run go build");
+        assert!(status.success(), "go build of gogrpc failed: {status}");
+        std::fs::canonicalize(&exe).expect("resolve the gRPC peer")
+    })
+}
+
+/// gRPC over TLS: a grpc-go client calls grpc.health.v1.Health/Check four times on one
+/// connection to a grpc-go server (HTTP/2 over Go's crypto/tls); the odd calls ask for an unknown
+/// service and get NOT_FOUND. Each call is one SERVER span under its CLIENT span, with the rpc.*
+/// attributes and the TLS version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_go_tls() {
+    require_root();
+    const CALLS: usize = 4;
+    const SERVICE: &str = "grpc.health.v1.Health";
+    let exe = go_grpc_program();
+    let dir = TempDir::new("tls-go-grpc");
+    let (cert, key) = tls_material(&dir);
+    let port = free_port();
+    let mut cmd = Command::new(exe);
+    cmd.arg("server")
+        .arg(port.to_string())
+        .arg(&cert)
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut server = Proc::spawn("gogrpc server", cmd);
+    wait_for_port(&mut server, port);
+    let receiver = receiver().await;
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+    // The client runs the same file, which is then probed already.
+    wait_for_attach(&agent, exe);
+
+    let mut cmd = Command::new(exe);
+    cmd.args(["client", &port.to_string(), &CALLS.to_string()]);
+    let call = run("gogrpc client", cmd);
+    let client_port: i64 = call
+        .stdout
+        .trim()
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected gogrpc client output {:?}", call.stdout));
+
+    let spans = collect_exact(&receiver, &mut agent, CALLS, CALLS).await;
+    assert_servers_linked_to_clients(&spans);
+    let name = format!("{SERVICE}/Check");
+    let mut codes = Vec::new();
+    for span in &spans {
+        assert_eq!(span.name, name, "{}", describe(span));
+        expect_str(span, "rpc.system", "grpc");
+        expect_str(span, "rpc.service", SERVICE);
+        expect_str(span, "rpc.method", "Check");
+        expect_str(span, "network.protocol.name", "http");
+        expect_str(span, "network.protocol.version", "2");
+        expect_str(span, "tls.protocol.version", "1.3");
+        expect_int(span, "server.port", i64::from(port));
+        assert_within(span, call.started_ns, call.ended_ns);
+        let code = span
+            .attr_int("rpc.grpc.status_code")
+            .unwrap_or_else(|| panic!("no rpc.grpc.status_code in {}", describe(span)));
+        match span.kind {
+            SpanKind::Server => {
+                let pid = span.resource_int("process.pid");
+                assert_eq!(pid, Some(i64::from(server.pid())), "{}", describe(span));
+                expect_int(span, "client.port", client_port);
+                // NOT_FOUND is the caller's problem, not the server's.
+                assert_eq!(span.status_code, StatusCode::Unset, "{}", describe(span));
+            }
+            SpanKind::Client => {
+                assert_eq!(span.resource_int("process.pid"), Some(i64::from(call.pid)));
+                expect_int(span, "network.local.port", client_port);
+                let want = if code == 0 {
+                    StatusCode::Unset
+                } else {
+                    StatusCode::Error
+                };
+                assert_eq!(span.status_code, want, "{}", describe(span));
+                codes.push((span.start_unix_ns, code));
+            }
+            other => panic!("unexpected {other:?} span: {}", describe(span)),
+        }
+    }
+    codes.sort_unstable();
+    let codes: Vec<i64> = codes.into_iter().map(|(_, c)| c).collect();
+    assert_eq!(codes, [0, 5, 0, 5], "OK and NOT_FOUND in the order called");
+}
+
 /// A Go keep-alive client started after the agent (found when it executes) against nginx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_keep_alive_client_to_nginx_over_tls() {
