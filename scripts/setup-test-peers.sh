@@ -26,6 +26,18 @@ if ! python3 -c 'import grpc' 2>/dev/null; then
     python3 -m pip install --quiet grpcio
   fi
 fi
+# OpenSSL 1.1: psycopg2-binary's wheel carries libpq with its own libssl.so.1.1 (Debian 12 ships
+# only OpenSSL 3). Installed beside the repository, for the python3 found first in PATH.
+openssl11="$(cd "$(dirname "$0")/.." && pwd)/target/test-peers/openssl11"
+if ! ls "$openssl11"/psycopg2_binary.libs/libssl-*.so.1.1 >/dev/null 2>&1; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  echo "[setup-test-peers] installing psycopg2-binary 2.9.9 (OpenSSL 1.1) into $openssl11" >&2
+  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --no-deps --only-binary=:all: \
+    --target "$openssl11" psycopg2-binary==2.9.9
+fi
 # Debian starts nginx and a PostgreSQL cluster on install; the tests run their own instances
 # on their own ports.
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx postgresql >/dev/null 2>&1 || true; fi

@@ -1127,6 +1127,116 @@ fn start_postgres_tls(dir: &TempDir, port: u16) -> Proc {
     proc
 }
 
+/// psycopg2-binary's directory (installed by scripts/setup-test-peers.sh) and its libssl, which
+/// is OpenSSL 1.1.1.
+fn psycopg2_peer() -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("test-peers")
+        .join("openssl11");
+    let libs = root.join("psycopg2_binary.libs");
+    let find = |prefix: &str| {
+        std::fs::read_dir(&libs)
+            .unwrap_or_else(|e| panic!("{}: {e}; run scripts/setup-test-peers.sh", libs.display()))
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                name.starts_with(prefix) && name.ends_with(".so.1.1")
+            })
+            .unwrap_or_else(|| panic!("no {prefix}*.so.1.1 in {}", libs.display()))
+    };
+    let crypto = std::fs::read(find("libcrypto-")).expect("read libcrypto");
+    assert!(
+        crypto.windows(13).any(|w| w == b"OpenSSL 1.1.1"),
+        "psycopg2-binary's libcrypto is not OpenSSL 1.1.1"
+    );
+    let libssl = std::fs::canonicalize(find("libssl-")).expect("resolve libssl");
+    (std::fs::canonicalize(&root).expect("resolve"), libssl)
+}
+
+/// OpenSSL 1.1.1 (as psycopg2-binary bundles it with libpq) on the client side, OpenSSL 3 on the
+/// PostgreSQL server: two statements with `sslmode=require`, each a CLIENT span from python and a
+/// SERVER span from the backend, linked, over TLS 1.3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg2_with_openssl_1_1() {
+    require_root();
+    let (pydir, libssl) = psycopg2_peer();
+    let dir = TempDir::new("tls-openssl11");
+    let port = free_port();
+    let mut pg = start_postgres_tls(&dir, port);
+    let receiver = receiver().await;
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    let script = format!(
+        r#"
+import sys
+import psycopg2
+print("ready", flush=True)
+sys.stdin.readline()
+conn = psycopg2.connect("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=require gssencmode=disable")
+conn.autocommit = True
+cur = conn.cursor()
+cur.execute("select 1")
+cur.fetchall()
+cur.execute("select relname from pg_class where relname = 'pg_type'")
+print(cur.fetchall()[0][0], flush=True)
+conn.close()
+"#
+    );
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", &script])
+        .env("PYTHONPATH", &pydir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut client = Proc::spawn("python3 psycopg2", cmd);
+    let lines = Lines::new(client.take_stdout());
+    assert_eq!(lines.next("psycopg2 client"), "ready");
+    // Loaded on import, so probed before the connection starts.
+    wait_for_attach(&agent, &libssl);
+    let started_ns = now_unix_ns();
+    writeln!(client.stdin(), "go").expect("write to the client");
+    assert_eq!(lines.next("psycopg2 client"), "pg_type");
+    let status = client.wait(WAIT);
+    let ended_ns = now_unix_ns();
+    assert!(status.success(), "psycopg2 client failed: {status}");
+
+    let spans = collect_exact(&receiver, &mut agent, 2, 2).await;
+    pg.signal(libc::SIGINT);
+    pg.wait(WAIT);
+    assert_servers_linked_to_clients(&spans);
+    expect_tls_version(&spans, "1.3");
+    let wants = [
+        ("select ?", "select", None),
+        (
+            "select relname from pg_class where relname = ?",
+            "select pg_class",
+            Some("pg_class"),
+        ),
+    ];
+    for kind in [SpanKind::Client, SpanKind::Server] {
+        let mut of_kind: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.kind == kind).collect();
+        of_kind.sort_by_key(|s| s.start_unix_ns);
+        for (span, (text, summary, collection)) in of_kind.into_iter().zip(wants) {
+            let ctx = describe(span);
+            assert_eq!(span.name, summary, "{ctx}");
+            expect_str(span, "db.system.name", "postgresql");
+            expect_str(span, "db.query.text", text);
+            expect_int(span, "db.response.returned_rows", 1);
+            match collection {
+                Some(c) => expect_str(span, "db.collection.name", c),
+                None => expect_absent(span, "db.collection.name"),
+            }
+            assert_within(span, started_ns, ended_ns);
+            if kind == SpanKind::Client {
+                let pid = span.resource_int("process.pid");
+                assert_eq!(pid, Some(i64::from(client.pid())), "{ctx}");
+            }
+        }
+    }
+}
+
 /// psql with `sslmode=require`: the SSLRequest, the `S` answer and the TLS handshake go through
 /// the syscalls; the statements only through the SSL probes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
