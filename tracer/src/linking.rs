@@ -24,6 +24,7 @@
 //! child still finds its trace). At most `max_spans` are held: beyond that the oldest go early.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -139,20 +140,115 @@ struct Entry {
     link: LinkInfo,
 }
 
+/// A hash map keyed by small plain values (positions, thread ids) that needs no protection from
+/// chosen keys: the keys come from the kernel, not from the traced traffic's content.
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+
+/// The FxHash mixing function (as in rustc): a multiply per word.
+#[derive(Default)]
+struct Fx(u64);
+
+impl std::hash::Hasher for Fx {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// The held entries by id. Ids are given in arrival order and forgotten in arrival order (every
+/// step queue is FIFO), so they form a window over a ring: no hashing, no per-entry allocation.
+#[derive(Default)]
+struct Slab {
+    /// Id of `slots[0]`.
+    base: u64,
+    slots: VecDeque<Option<Entry>>,
+    len: usize,
+}
+
+impl Slab {
+    fn slot(&self, id: u64) -> Option<usize> {
+        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
+        (i < self.slots.len()).then_some(i)
+    }
+    fn get(&self, id: &u64) -> Option<&Entry> {
+        self.slot(*id).and_then(|i| self.slots[i].as_ref())
+    }
+    fn get_mut(&mut self, id: &u64) -> Option<&mut Entry> {
+        self.slot(*id).and_then(|i| self.slots[i].as_mut())
+    }
+    fn contains_key(&self, id: &u64) -> bool {
+        self.get(id).is_some()
+    }
+    /// Adds the entry of the next id (ids only grow).
+    fn insert(&mut self, id: u64, e: Entry) {
+        if self.slots.is_empty() {
+            self.base = id;
+        }
+        let Some(gap) = id.checked_sub(self.base + self.slots.len() as u64) else {
+            return;
+        };
+        for _ in 0..gap {
+            self.slots.push_back(None);
+        }
+        self.slots.push_back(Some(e));
+        self.len += 1;
+    }
+    fn remove(&mut self, id: &u64) -> Option<Entry> {
+        let i = self.slot(*id)?;
+        let e = self.slots[i].take();
+        if e.is_some() {
+            self.len -= 1;
+        }
+        while matches!(self.slots.front(), Some(None)) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        e
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// The linking window.
 pub struct Linker {
     cfg: LinkConfig,
-    entries: HashMap<u64, Entry>,
+    entries: Slab,
     next_id: u64,
     /// (due time, entry) in arrival order, one queue per step.
     to_decide: VecDeque<(u64, u64)>,
     to_export: VecDeque<(u64, u64)>,
     to_forget: VecDeque<(u64, u64)>,
     /// Client and server entry of each request position.
-    by_position: HashMap<ConnPosition, [Option<u64>; 2]>,
+    by_position: FastMap<ConnPosition, [Option<u64>; 2]>,
     /// Served requests per (process, thread) and per process, by request start.
-    served_by_thread: HashMap<(u32, u32), Served>,
-    served_by_process: HashMap<u32, Served>,
+    served_by_thread: FastMap<(u32, u32), Served>,
+    served_by_process: FastMap<u32, Served>,
 }
 
 fn count_link(rule: &'static str) {
@@ -172,14 +268,14 @@ impl Linker {
     pub fn new(cfg: LinkConfig) -> Self {
         Linker {
             cfg,
-            entries: HashMap::new(),
+            entries: Slab::default(),
             next_id: 0,
             to_decide: VecDeque::new(),
             to_export: VecDeque::new(),
             to_forget: VecDeque::new(),
-            by_position: HashMap::new(),
-            served_by_thread: HashMap::new(),
-            served_by_process: HashMap::new(),
+            by_position: FastMap::default(),
+            served_by_thread: FastMap::default(),
+            served_by_process: FastMap::default(),
         }
     }
 
@@ -276,7 +372,10 @@ impl Linker {
         }
         let half = self.window_ns() / 2;
         if kind == SpanKind::Server {
-            let took = self.entries[&id].link.end_ns.saturating_sub(start);
+            let took = self
+                .entries
+                .get(&id)
+                .map_or(0, |e| e.link.end_ns.saturating_sub(start));
             self.served_by_thread
                 .entry((tgid, thread))
                 .or_default()
@@ -544,14 +643,19 @@ pub fn wire_span_id(pos: ConnPosition) -> Option<[u8; 8]> {
         std::net::IpAddr::V6(v6) => v6.octets(),
     };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let at_bytes: Vec<u8> = if kind == 0 {
-        (at as u32).to_be_bytes().to_vec()
+    // A sequence number as 4 bytes; an offset as the kind byte and 8 bytes.
+    let mut at_buf = [0u8; 9];
+    let at_bytes: &[u8] = if kind == 0 {
+        at_buf[..4].copy_from_slice(&(at as u32).to_be_bytes());
+        &at_buf[..4]
     } else {
-        [&[kind][..], &at.to_be_bytes()].concat()
+        at_buf[0] = kind;
+        at_buf[1..].copy_from_slice(&at.to_be_bytes());
+        &at_buf[..]
     };
-    for b in ip
-        .into_iter()
-        .chain(client.port().to_be_bytes())
+    for &b in ip
+        .iter()
+        .chain(&client.port().to_be_bytes())
         .chain(at_bytes)
     {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
@@ -574,7 +678,7 @@ fn count_root(span: &Span) {
     }
 }
 
-fn remove_served<K: std::hash::Hash + Eq>(index: &mut HashMap<K, Served>, k: K, key: (u64, u64)) {
+fn remove_served<K: std::hash::Hash + Eq>(index: &mut FastMap<K, Served>, k: K, key: (u64, u64)) {
     if let Some(served) = index.get_mut(&k) {
         served.starts.remove(&key);
         if served.starts.is_empty() {
@@ -864,5 +968,33 @@ mod tests {
         }
         assert!(l.len() <= 3, "held {}", l.len());
         assert_eq!(out.len(), 3 + 2);
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+
+    /// The ids other agents compute for the same positions: changing them breaks linking across
+    /// hosts running different agent versions.
+    #[test]
+    fn wire_span_id_is_fixed() {
+        let seq = ConnPosition::TcpSeq {
+            client: "10.1.2.3:40000".parse().expect("addr"),
+            seq: 0xdead_beef,
+        };
+        let tls = ConnPosition::TlsOffset {
+            client: "[fd00::1]:443".parse().expect("addr"),
+            server: "[fd00::2]:8443".parse().expect("addr"),
+            offset: 123_456_789,
+        };
+        let hex = |id: Option<[u8; 8]>| {
+            id.expect("id")
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        assert_eq!(hex(wire_span_id(seq)), "0ec7678841bba3d3");
+        assert_eq!(hex(wire_span_id(tls)), "a179e12e9c802c56");
     }
 }

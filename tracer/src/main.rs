@@ -22,6 +22,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: spans are built on one runtime thread and freed on
+/// another, which glibc's per-thread arenas answer with fragmentation, and allocation is a
+/// quarter of the agent's CPU at saturation (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Zero-code distributed tracing: eBPF capture of every process's traffic, exported as OpenTelemetry spans.
 #[derive(Debug, Parser)]
 #[command(name = "tracer", version, about)]
