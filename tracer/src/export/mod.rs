@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -239,10 +240,12 @@ impl Batcher {
                 None => break,
             }
         }
-        let req = otlp::build_request(std::mem::take(batch));
+        let payload = Bytes::from(prost::Message::encode_to_vec(&otlp::build_request(
+            std::mem::take(batch),
+        )));
         let mut transport = transport;
         self.in_flight
-            .spawn(async move { (n, transport.export(req, deadline).await) });
+            .spawn(async move { (n, transport.export(&payload, deadline).await) });
     }
 
     /// Counts an export that ended.
