@@ -814,4 +814,149 @@ pub(crate) mod tests {
             assert_matches_reference(&mut encoder, &spans);
         }
     }
+
+    /// A resource as the process table builds it.
+    fn typical_resource(n: u32) -> Arc<Resource> {
+        let service = format!("service-{n}");
+        Arc::new(Resource {
+            service_name: service.clone(),
+            pid: 1000 + n,
+            attributes: vec![
+                KeyValue::str("service.name", service),
+                KeyValue::int("process.pid", i64::from(1000 + n)),
+                KeyValue::str("process.executable.name", "python3"),
+                KeyValue::str("process.executable.path", "/usr/bin/python3.12"),
+                KeyValue::str("process.command_line", "python3 -m gunicorn app:app -w 4"),
+                KeyValue::str("host.name", "ip-10-0-3-17.eu-west-1.compute.internal"),
+                KeyValue::str("telemetry.sdk.name", "tracer"),
+                KeyValue::str("telemetry.sdk.language", "python"),
+            ],
+        })
+    }
+
+    /// An HTTP server span with the usual 15 attributes.
+    fn typical_span(n: usize, resource: &Arc<Resource>) -> Span {
+        let id = n as u64;
+        let mut trace_id = [0; 16];
+        trace_id[..8].copy_from_slice(&id.to_le_bytes());
+        trace_id[8..].copy_from_slice(&(!id).to_le_bytes());
+        Span {
+            trace_id,
+            span_id: (id * 7919).to_le_bytes(),
+            parent_span_id: n.is_multiple_of(2).then_some((id * 104_729).to_le_bytes()),
+            trace_state: String::new(),
+            name: "GET /api/v1/orders/{id}".into(),
+            kind: SpanKind::Server,
+            start_unix_ns: 1_700_000_000_000_000_000 + id * 1_000_000,
+            end_unix_ns: 1_700_000_000_012_345_678 + id * 1_000_000,
+            attributes: vec![
+                KeyValue::str("http.request.method", "GET"),
+                KeyValue::str("url.path", format!("/api/v1/orders/{n}")),
+                KeyValue::str("url.scheme", "http"),
+                KeyValue::str("url.query", "expand=items&currency=EUR"),
+                KeyValue::str("http.route", "/api/v1/orders/{id}"),
+                KeyValue::int("http.response.status_code", 200),
+                KeyValue::str("server.address", "orders.internal"),
+                KeyValue::int("server.port", 8080),
+                KeyValue::str("client.address", "10.0.3.41"),
+                KeyValue::int("client.port", 40_000 + (n % 20_000) as i64),
+                KeyValue::str("network.peer.address", "10.0.3.41"),
+                KeyValue::int("network.peer.port", 40_000 + (n % 20_000) as i64),
+                KeyValue::str("network.protocol.name", "http"),
+                KeyValue::str("network.protocol.version", "1.1"),
+                KeyValue::str(
+                    "user_agent.original",
+                    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)",
+                ),
+            ],
+            status: Status::Unset,
+            resource: Arc::clone(resource),
+        }
+    }
+
+    /// Median and minimum of `rounds` runs of `f`, after a warm-up.
+    fn time(label: &str, rounds: usize, mut f: impl FnMut()) -> std::time::Duration {
+        for _ in 0..3 {
+            f();
+        }
+        let mut samples: Vec<std::time::Duration> = (0..rounds)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                f();
+                started.elapsed()
+            })
+            .collect();
+        samples.sort();
+        let median = samples[rounds / 2];
+        println!(
+            "{label:<58} median {median:>10.3?}  min {:>10.3?}",
+            samples[0]
+        );
+        median
+    }
+
+    /// Encoding time of a 4096-span batch, struct conversion against direct encoding. Asserts
+    /// nothing about time; run with `cargo test --release -p tracer -- --ignored encode_speed
+    /// --nocapture`.
+    #[test]
+    #[ignore = "timing report, run on demand in release mode"]
+    fn encode_speed() {
+        use std::hint::black_box;
+
+        const SPANS: usize = 4096;
+        const ROUNDS: usize = 60;
+        let resources: Vec<Arc<Resource>> = (0..4).map(typical_resource).collect();
+        let batch: Vec<Span> = (0..SPANS)
+            .map(|n| typical_span(n, &resources[n % resources.len()]))
+            .collect();
+        let mut encoder = RequestEncoder::default();
+        let mut buf = BytesMut::new();
+        encoder.encode(&batch, &mut buf);
+        let expected = reference::build_request(batch.clone()).encode_to_vec();
+        assert!(buf[..] == expected[..]);
+        println!(
+            "{SPANS} spans, {} attributes each, {} bytes encoded",
+            batch[0].attributes.len(),
+            buf.len()
+        );
+
+        let clone = time("baseline: clone + drop the batch", ROUNDS, || {
+            drop(black_box(batch.clone()))
+        });
+        let old = time(
+            "before: clone, build structs, encode_to_vec, drop",
+            ROUNDS,
+            || {
+                let req = reference::build_request(black_box(batch.clone()));
+                black_box(req.encode_to_vec());
+            },
+        );
+        let old_grpc = time(
+            "before, gRPC: clone, build structs, clone request, encode",
+            ROUNDS,
+            || {
+                let req = reference::build_request(black_box(batch.clone()));
+                let sent = req.clone();
+                let mut out = BytesMut::with_capacity(sent.encoded_len());
+                black_box(sent.encode(&mut out).is_ok());
+            },
+        );
+        let new = time("after: clone, direct encode, drop", ROUNDS, || {
+            let spans = black_box(batch.clone());
+            buf.clear();
+            encoder.encode(&spans, &mut buf);
+            black_box(&buf);
+        });
+        let direct = time("after: direct encode only (reused buffer)", ROUNDS, || {
+            buf.clear();
+            encoder.encode(black_box(&batch), &mut buf);
+            black_box(&buf);
+        });
+        println!(
+            "net of the baseline: before {:.3?} (gRPC {:.3?}), after {:.3?}; direct encode alone {direct:.3?}",
+            old.saturating_sub(clone),
+            old_grpc.saturating_sub(clone),
+            new.saturating_sub(clone),
+        );
+    }
 }
