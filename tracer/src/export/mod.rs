@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -100,6 +101,8 @@ impl Exporter {
             stats: ExportStats::default(),
             queue_full: Arc::clone(&queue_full),
             warn: WarnLimiter::default(),
+            encoder: otlp::RequestEncoder::default(),
+            buffers: Vec::new(),
             in_flight: JoinSet::new(),
         };
         let handle = tokio::spawn(task.run(spans_rx, shutdown_rx));
@@ -151,8 +154,22 @@ struct Batcher {
     stats: ExportStats,
     queue_full: Arc<AtomicU64>,
     warn: WarnLimiter,
-    /// OTLP exports under way: each yields its span count and outcome.
-    in_flight: JoinSet<(u64, Result<transport::Accepted, ExportError>)>,
+    /// Encodes OTLP requests, reusing its scratch space.
+    encoder: otlp::RequestEncoder,
+    /// Buffers of finished exports, reused for the next requests (at most [`MAX_IN_FLIGHT`]).
+    buffers: Vec<BytesMut>,
+    /// OTLP exports under way.
+    in_flight: JoinSet<Sent>,
+}
+
+/// An OTLP export that ended.
+struct Sent {
+    /// Spans in the batch.
+    spans: u64,
+    /// The encoded request, whose buffer can be reused.
+    payload: Bytes,
+    /// Its outcome.
+    result: Result<transport::Accepted, ExportError>,
 }
 
 impl Batcher {
@@ -239,19 +256,32 @@ impl Batcher {
                 None => break,
             }
         }
-        let req = otlp::build_request(std::mem::take(batch));
+        let mut buf = self.buffers.pop().unwrap_or_default();
+        self.encoder.encode(batch, &mut buf);
+        batch.clear();
+        let payload = buf.freeze();
         let mut transport = transport;
-        self.in_flight
-            .spawn(async move { (n, transport.export(req, deadline).await) });
+        self.in_flight.spawn(async move {
+            let result = transport.export(&payload, deadline).await;
+            Sent {
+                spans: n,
+                payload,
+                result,
+            }
+        });
     }
 
-    /// Counts an export that ended.
-    fn finished(
-        &mut self,
-        done: Result<(u64, Result<transport::Accepted, ExportError>), JoinError>,
-    ) {
+    /// Counts an export that ended and keeps its buffer.
+    fn finished(&mut self, done: Result<Sent, JoinError>) {
         match done {
-            Ok((n, result)) => self.account(n, result),
+            Ok(sent) => {
+                if self.buffers.len() < MAX_IN_FLIGHT
+                    && let Some(buf) = reclaim(sent.payload)
+                {
+                    self.buffers.push(buf);
+                }
+                self.account(sent.spans, sent.result);
+            }
             Err(err) => tracing::error!(%err, "span export task failed"),
         }
     }
@@ -282,6 +312,13 @@ impl Batcher {
             }
         }
     }
+}
+
+/// The emptied buffer of a sent payload, unless something still holds the payload.
+fn reclaim(payload: Bytes) -> Option<BytesMut> {
+    let mut buf = payload.try_into_mut().ok()?;
+    buf.clear();
+    Some(buf)
 }
 
 /// Logs at most one warning per [`WARN_INTERVAL`], reporting how many spans the silent ones covered.

@@ -477,6 +477,20 @@ async fn grpc_connects_lazily_and_retries_refused_connections() {
 }
 
 #[test]
+fn sent_payload_buffers_are_reclaimed() {
+    let mut buf = bytes::BytesMut::new();
+    otlp::RequestEncoder::default().encode(&[span(1, &resource("svc", 1))], &mut buf);
+    let (ptr, len) = (buf.as_ptr(), buf.len());
+    let payload = buf.freeze();
+    let still_sending = payload.clone();
+    assert!(reclaim(payload).is_none());
+    let buf = reclaim(still_sending).expect("last handle");
+    assert!(buf.is_empty());
+    assert!(buf.capacity() >= len);
+    assert_eq!(buf.as_ptr(), ptr, "same allocation");
+}
+
+#[test]
 fn warnings_are_rate_limited() {
     let mut limiter = WarnLimiter::default();
     let mut logged = Vec::new();

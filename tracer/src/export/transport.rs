@@ -2,22 +2,21 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut as _, Bytes};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER, USER_AGENT};
 use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message as _;
 use tokio::time::Instant;
-use tonic::Code;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
+use tonic::{Code, GrpcMethod, Status};
 
 use super::config::ConfigError;
 use crate::metrics;
@@ -30,6 +29,14 @@ const MAX_ATTEMPTS: u32 = 6;
 /// Collector responses are small; anything bigger is not read (it comes from the network).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 const AGENT: &str = concat!("tracer/", env!("CARGO_PKG_VERSION"));
+/// The OTLP trace service.
+const GRPC_SERVICE: &str = "opentelemetry.proto.collector.trace.v1.TraceService";
+/// Its one method.
+const GRPC_METHOD: &str = "Export";
+/// The method's HTTP/2 path.
+const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// gRPC message header: compression flag and length.
+const GRPC_HEADER_BYTES: usize = 5;
 
 /// Why a batch could not be delivered.
 #[derive(Debug, thiserror::Error)]
@@ -105,15 +112,9 @@ impl Failure {
     }
 }
 
-/// One protocol's single request.
+/// One protocol's single request, carrying an encoded `ExportTraceServiceRequest`.
 trait Attempt {
-    type Payload;
-    fn prepare(req: ExportTraceServiceRequest) -> Self::Payload;
-    async fn attempt(
-        &mut self,
-        payload: &Self::Payload,
-        remaining: Duration,
-    ) -> Result<Accepted, Failure>;
+    async fn attempt(&mut self, payload: &Bytes, remaining: Duration) -> Result<Accepted, Failure>;
 }
 
 /// A connected (lazily) OTLP client. Clones share the connection (pool).
@@ -141,7 +142,7 @@ impl Transport {
             .map_err(invalid)?
             .connect_timeout(timeout)
             .tcp_nodelay(true);
-        let client = TraceServiceClient::new(endpoint.connect_lazy());
+        let client = tonic::client::Grpc::new(endpoint.connect_lazy());
         Ok(Transport::Grpc(Box::new(GrpcClient {
             client,
             metadata: MetadataMap::from_headers(headers.clone()),
@@ -172,25 +173,25 @@ impl Transport {
         })))
     }
 
-    /// Sends `req`, retrying transient failures until `deadline`.
+    /// Sends `payload`, a protobuf-encoded `ExportTraceServiceRequest`, retrying transient failures
+    /// until `deadline`.
     pub(crate) async fn export(
         &mut self,
-        req: ExportTraceServiceRequest,
+        payload: &Bytes,
         deadline: Instant,
     ) -> Result<Accepted, ExportError> {
         match self {
-            Transport::Grpc(c) => with_retry(c.as_mut(), req, deadline).await,
-            Transport::Http(c) => with_retry(c.as_mut(), req, deadline).await,
+            Transport::Grpc(c) => with_retry(c.as_mut(), payload, deadline).await,
+            Transport::Http(c) => with_retry(c.as_mut(), payload, deadline).await,
         }
     }
 }
 
 async fn with_retry<T: Attempt>(
     client: &mut T,
-    req: ExportTraceServiceRequest,
+    payload: &Bytes,
     deadline: Instant,
 ) -> Result<Accepted, ExportError> {
-    let payload = T::prepare(req);
     let mut backoff = INITIAL_BACKOFF;
     let mut attempt = 1;
     loop {
@@ -199,7 +200,7 @@ async fn with_retry<T: Attempt>(
             return Err(ExportError::Timeout);
         }
         let failure =
-            match tokio::time::timeout(remaining, client.attempt(&payload, remaining)).await {
+            match tokio::time::timeout(remaining, client.attempt(payload, remaining)).await {
                 Err(_) => return Err(ExportError::Timeout),
                 Ok(Ok(accepted)) => return Ok(accepted),
                 Ok(Err(failure)) => failure,
@@ -226,26 +227,37 @@ async fn with_retry<T: Attempt>(
 /// OTLP/gRPC over a lazily connected tonic channel.
 #[derive(Clone)]
 pub(crate) struct GrpcClient {
-    client: TraceServiceClient<Channel>,
+    client: tonic::client::Grpc<Channel>,
     metadata: MetadataMap,
 }
 
-impl Attempt for GrpcClient {
-    type Payload = ExportTraceServiceRequest;
-
-    fn prepare(req: ExportTraceServiceRequest) -> Self::Payload {
-        req
-    }
-
-    async fn attempt(
+impl GrpcClient {
+    /// One unary `TraceService/Export` call with the already encoded request.
+    async fn call(
         &mut self,
-        payload: &Self::Payload,
+        payload: &Bytes,
         remaining: Duration,
-    ) -> Result<Accepted, Failure> {
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, Status> {
+        // As tonic's generated client does: a channel that cannot take requests is an Unknown status.
+        self.client
+            .ready()
+            .await
+            .map_err(|e| Status::unknown(format!("Service was not ready: {e}")))?;
         let mut req = tonic::Request::new(payload.clone());
         *req.metadata_mut() = self.metadata.clone();
         req.set_timeout(remaining);
-        match self.client.export(req).await {
+        req.extensions_mut()
+            .insert(GrpcMethod::new(GRPC_SERVICE, GRPC_METHOD));
+        let codec = PreEncodedCodec { len: payload.len() };
+        self.client
+            .unary(req, PathAndQuery::from_static(GRPC_PATH), codec)
+            .await
+    }
+}
+
+impl Attempt for GrpcClient {
+    async fn attempt(&mut self, payload: &Bytes, remaining: Duration) -> Result<Accepted, Failure> {
+        match self.call(payload, remaining).await {
             Ok(resp) => Ok(Accepted::from_response(resp.get_ref())),
             Err(status) => {
                 let error = ExportError::Grpc {
@@ -273,6 +285,65 @@ impl Attempt for GrpcClient {
     }
 }
 
+/// gRPC codec of `TraceService/Export` for a request that is already protobuf-encoded: the request
+/// bytes go out as they are, the response is decoded with prost.
+struct PreEncodedCodec {
+    /// Length of the request, to size tonic's send buffer at once.
+    len: usize,
+}
+
+impl Codec for PreEncodedCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = PassThroughEncoder;
+    type Decoder = ResponseDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PassThroughEncoder {
+            buffer_size: self.len + GRPC_HEADER_BYTES,
+        }
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ResponseDecoder
+    }
+}
+
+/// Writes encoded request bytes as they are.
+struct PassThroughEncoder {
+    /// Initial capacity of tonic's buffer for the message.
+    buffer_size: usize,
+}
+
+impl Encoder for PassThroughEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        // The yield threshold only matters to streams; this is tonic's default.
+        BufferSettings::new(self.buffer_size, 32 * 1024)
+    }
+}
+
+/// Decodes the collector's `ExportTraceServiceResponse`.
+struct ResponseDecoder;
+
+impl Decoder for ResponseDecoder {
+    type Item = ExportTraceServiceResponse;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        ExportTraceServiceResponse::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("cannot decode the export response: {e}")))
+    }
+}
+
 /// OTLP/HTTP with protobuf bodies over hyper's pooled HTTP/1.1 client.
 #[derive(Clone)]
 pub(crate) struct HttpClient {
@@ -282,15 +353,9 @@ pub(crate) struct HttpClient {
 }
 
 impl Attempt for HttpClient {
-    type Payload = Bytes;
-
-    fn prepare(req: ExportTraceServiceRequest) -> Self::Payload {
-        Bytes::from(req.encode_to_vec())
-    }
-
     async fn attempt(
         &mut self,
-        payload: &Self::Payload,
+        payload: &Bytes,
         _remaining: Duration,
     ) -> Result<Accepted, Failure> {
         let mut req = Request::new(Full::new(payload.clone()));
