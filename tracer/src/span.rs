@@ -2,11 +2,14 @@
 
 use std::sync::Arc;
 
+use compact_str::CompactString;
+
 /// An attribute value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
-    /// A string.
-    Str(String),
+    /// A string: kept inline up to 24 bytes (addresses, methods, short paths), so most
+    /// attributes cost no allocation of their own.
+    Str(CompactString),
     /// A signed integer.
     Int(i64),
     /// A boolean.
@@ -24,7 +27,7 @@ pub struct KeyValue {
 
 impl KeyValue {
     /// A string attribute.
-    pub fn str(key: &'static str, value: impl Into<String>) -> Self {
+    pub fn str(key: &'static str, value: impl Into<CompactString>) -> Self {
         KeyValue {
             key,
             value: Value::Str(value.into()),

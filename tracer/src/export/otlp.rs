@@ -747,7 +747,7 @@ pub(crate) mod tests {
         ];
         let key = KEYS[rng.random_range(0..KEYS.len())];
         let value = match rng.random_range(0..3) {
-            0 => Value::Str(random_string(rng)),
+            0 => Value::Str(random_string(rng).into()),
             1 => Value::Int(match rng.random_range(0..3) {
                 0 => rng.random(),
                 1 => rng.random_range(-200..200),

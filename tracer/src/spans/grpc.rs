@@ -200,7 +200,7 @@ fn grpc_parts(
     });
     let authority = h2.authority.as_deref().and_then(parse_authority);
     let server = match (authority, server_end) {
-        (Some(a), end) => Some((a.host.to_owned(), a.port.or(end.map(|e| e.port())))),
+        (Some(a), end) => Some((a.host.into(), a.port.or(end.map(|e| e.port())))),
         (None, Some(end)) => Some((ip_string(end.ip()), Some(end.port()))),
         (None, None) => None,
     };

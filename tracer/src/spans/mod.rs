@@ -437,8 +437,10 @@ fn url_host(host: &str) -> String {
 }
 
 /// An IP in its usual text form (IPv4-mapped IPv6 shown as IPv4).
-pub(crate) fn ip_string(ip: IpAddr) -> String {
-    ip.to_canonical().to_string()
+pub(crate) fn ip_string(ip: IpAddr) -> compact_str::CompactString {
+    use compact_str::ToCompactString as _;
+    // At most 39 characters (IPv6), usually inline: no allocation.
+    ip.to_canonical().to_compact_string()
 }
 
 /// The first element of a comma-separated header value.
@@ -611,7 +613,7 @@ pub(crate) fn server_attributes(
         .and_then(parse_authority);
     let server = if let Some(a) = forwarded_host.or(target.authority) {
         Some((
-            a.host.to_owned(),
+            compact_str::CompactString::from(a.host),
             a.port.unwrap_or_else(|| default_port(&scheme)),
         ))
     } else if let Some(a) = http.request_header("host").and_then(parse_authority) {
@@ -620,7 +622,7 @@ pub(crate) fn server_attributes(
             .port
             .or(addrs.map(|c| c.local.port()))
             .unwrap_or_else(|| default_port(&scheme));
-        Some((a.host.to_owned(), port))
+        Some((a.host.into(), port))
     } else {
         addrs.map(|c| (ip_string(c.local.ip()), c.local.port()))
     };
@@ -674,7 +676,7 @@ pub(crate) fn client_attributes(
             None => url_host(a.host),
         };
         Some((
-            a.host.to_owned(),
+            compact_str::CompactString::from(a.host),
             a.port.unwrap_or_else(|| default_port(scheme)),
             authority,
         ))
@@ -687,7 +689,7 @@ pub(crate) fn client_attributes(
             Some(p) => format!("{}:{p}", url_host(a.host)),
             None => url_host(a.host),
         };
-        Some((a.host.to_owned(), port, authority))
+        Some((a.host.into(), port, authority))
     } else {
         addrs.map(|c| {
             let ip = ip_string(c.remote.ip());

@@ -104,7 +104,7 @@ fn convert_span(span: Span) -> ProtoSpan {
 
 fn convert_kv(attr: &KeyValue) -> ProtoKeyValue {
     let value = match &attr.value {
-        Value::Str(s) => any_value::Value::StringValue(s.clone()),
+        Value::Str(s) => any_value::Value::StringValue(s.to_string()),
         Value::Int(i) => any_value::Value::IntValue(*i),
         Value::Bool(b) => any_value::Value::BoolValue(*b),
     };
