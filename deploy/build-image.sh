@@ -61,7 +61,9 @@ if ! rustup target list --installed | grep -qx "$TARGET"; then
   rustup target add "$TARGET"
 fi
 # binutils' readelf tells below whether the result really is static.
-apt_install binutils
+# musl-gcc: mimalloc (the agent's allocator) is C, compiled for the musl target.
+apt_install binutils musl-tools
+export CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-musl-gcc}
 
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 log "cargo build --release --target $TARGET -p tracer (target dir $target_dir)"
