@@ -362,23 +362,11 @@ fn wait_for_attach(agent: &Agent, exe: &Path) {
     }
 }
 
-/// node's `https` server (OpenSSL linked in, memory BIOs), started after the agent: GET, POST and
-/// a 404 on three connections. node allocates each connection's `SSL` at the address the previous
-/// one freed; the `SSL_free` probe keeps the new object from inheriting the old socket.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_https_server_started_after_the_agent() {
-    require_root();
-    let node = std::fs::canonicalize(which("node")).expect("resolve node");
-    let dir = TempDir::new("tls-node");
-    let (cert, key) = tls_material(&dir);
-    let port = free_port();
-    let receiver = receiver().await;
-    let _libssl = hold_libssl();
-    let mut agent = Agent::start_otlp(&dir, &receiver, port);
-
-    // Started after the agent: found by its periodic look at new processes.
+/// node's `https` server (`TLS_SERVER_JS`) on 127.0.0.1:`port`, with a fresh key pair in `dir`.
+fn start_node_server(dir: &TempDir, node: &Path, port: u16) -> Proc {
+    let (cert, key) = tls_material(dir);
     let script = dir.write("e2e_tls_server.js", TLS_SERVER_JS);
-    let mut cmd = Command::new(&node);
+    let mut cmd = Command::new(node);
     cmd.arg(&script)
         .arg(port.to_string())
         .arg(&key)
@@ -388,6 +376,24 @@ async fn node_https_server_started_after_the_agent() {
         .stderr(Stdio::inherit());
     let mut server = Proc::spawn("node e2e_tls_server.js", cmd);
     wait_for_port(&mut server, port);
+    server
+}
+
+/// node's `https` server (OpenSSL linked in, memory BIOs), started after the agent: GET, POST and
+/// a 404 on three connections. node allocates each connection's `SSL` at the address the previous
+/// one freed; the `SSL_free` probe keeps the new object from inheriting the old socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_https_server_started_after_the_agent() {
+    require_root();
+    let node = std::fs::canonicalize(which("node")).expect("resolve node");
+    let dir = TempDir::new("tls-node");
+    let port = free_port();
+    let receiver = receiver().await;
+    let _libssl = hold_libssl();
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+
+    // Started after the agent: found by its periodic look at new processes.
+    let server = start_node_server(&dir, &node, port);
     wait_for_attach(&agent, &node);
 
     let base = format!("https://127.0.0.1:{port}");
@@ -427,36 +433,15 @@ async fn node_https_server_under_concurrent_load() {
     const CONNECTIONS: usize = 8;
     let node = std::fs::canonicalize(which("node")).expect("resolve node");
     let dir = TempDir::new("tls-node-load");
-    let (cert, key) = tls_material(&dir);
     let port = free_port();
-    let script = dir.write("e2e_tls_server.js", TLS_SERVER_JS);
-    let mut cmd = Command::new(&node);
-    cmd.arg(&script)
-        .arg(port.to_string())
-        .arg(&key)
-        .arg(&cert)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let mut server = Proc::spawn("node e2e_tls_server.js", cmd);
-    wait_for_port(&mut server, port);
+    let server = start_node_server(&dir, &node, port);
     let _libssl = hold_libssl();
     let receiver = receiver().await;
     let mut agent = Agent::start_otlp(&dir, &receiver, port);
     wait_for_attach(&agent, &node);
 
-    let h2load = which("h2load");
-    let mut cmd = Command::new(&h2load);
-    cmd.args(["--h1", "-n", &REQUESTS.to_string()])
-        .args(["-c", &CONNECTIONS.to_string()])
-        .arg(format!("https://127.0.0.1:{port}/load"));
-    let load = run("h2load", cmd);
-    let summary = format!("{REQUESTS} succeeded, 0 failed, 0 errored");
-    assert!(
-        load.stdout.contains(&summary) && load.stdout.contains(&format!("{REQUESTS} 2xx")),
-        "h2load did not complete every request with 2xx:\n{}",
-        load.stdout
-    );
+    let url = format!("https://127.0.0.1:{port}/load");
+    let load = run_h2load(REQUESTS, &["--h1", "-c", &CONNECTIONS.to_string(), &url]);
 
     let spans = collect_exact(&receiver, &mut agent, REQUESTS, REQUESTS).await;
     assert_servers_linked_to_clients(&spans);
@@ -700,7 +685,8 @@ fn go_program(build: GoBuild) -> &'static Path {
     &built[build as usize]
 }
 
-/// The Go HTTPS server on 127.0.0.1:`port` (see `integration/go/gotls/main.go`).
+/// `exe server PORT CERT KEY` on 127.0.0.1:`port` with a fresh key pair: the Go HTTPS server
+/// (`integration/go/gotls`) or the gRPC server (`integration/go/gogrpc`).
 fn start_go_server(dir: &TempDir, exe: &Path, port: u16) -> Proc {
     let (cert, key) = tls_material(dir);
     let mut cmd = Command::new(exe);
@@ -711,7 +697,7 @@ fn start_go_server(dir: &TempDir, exe: &Path, port: u16) -> Proc {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    let mut server = Proc::spawn("gotls server", cmd);
+    let mut server = Proc::spawn("Go server", cmd);
     wait_for_port(&mut server, port);
     server
 }
@@ -834,18 +820,8 @@ async fn grpc_over_go_tls() {
     const SERVICE: &str = "grpc.health.v1.Health";
     let exe = go_grpc_program();
     let dir = TempDir::new("tls-go-grpc");
-    let (cert, key) = tls_material(&dir);
     let port = free_port();
-    let mut cmd = Command::new(exe);
-    cmd.arg("server")
-        .arg(port.to_string())
-        .arg(&cert)
-        .arg(&key)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let mut server = Proc::spawn("gogrpc server", cmd);
-    wait_for_port(&mut server, port);
+    let server = start_go_server(&dir, exe, port);
     let receiver = receiver().await;
     let mut agent = Agent::start_otlp(&dir, &receiver, port);
     // The client runs the same file, which is then probed already.
@@ -1376,18 +1352,32 @@ fn maps_file(pid: u32, name: &str) -> bool {
 /// its probes cannot come from an earlier attach to the same file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_loads_libssl_with_dlopen_after_the_agent_started() {
+    python_loads_private_libssl("tls-dlopen", false).await;
+}
+
+/// A process in another mount namespace: python loads a libssl that exists only inside its own
+/// namespace (a tmpfs mounted there, empty seen from the host), so the agent must reach the file
+/// through `/proc/<pid>/root`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_in_another_mount_namespace() {
+    python_loads_private_libssl("tls-mntns", true).await;
+}
+
+/// python (`DLOPEN_CLIENT_PY`) imports `ssl` after the agent is ready, from a libssl.so.3 copied
+/// into a directory of its own: on the host, or with `in_namespace` inside a tmpfs that only its
+/// own mount namespace sees. One HTTPS GET to nginx must give a CLIENT span from python.
+async fn python_loads_private_libssl(name: &str, in_namespace: bool) {
     use std::io::Write as _;
     require_root();
-    let dir = TempDir::new("tls-dlopen");
+    let dir = TempDir::new(name);
     dir.write("www/dl.txt", "loaded late\n");
     let lib = dir.path().join("lib");
     std::fs::create_dir_all(&lib).expect("create lib dir");
-    for name in ["libssl.so.3", "libcrypto.so.3"] {
-        std::fs::copy(
-            Path::new("/lib/x86_64-linux-gnu").join(name),
-            lib.join(name),
-        )
-        .expect("copy the system libssl");
+    let system = Path::new("/lib/x86_64-linux-gnu");
+    if !in_namespace {
+        for name in ["libssl.so.3", "libcrypto.so.3"] {
+            std::fs::copy(system.join(name), lib.join(name)).expect("copy the system libssl");
+        }
     }
     let port = free_port();
     let receiver = receiver().await;
@@ -1395,7 +1385,27 @@ async fn python_loads_libssl_with_dlopen_after_the_agent_started() {
     let mut agent = Agent::start_otlp(&dir, &receiver, port);
 
     let script = dir.write("dlopen_client.py", DLOPEN_CLIENT_PY);
-    let mut cmd = Command::new(python());
+    let mut cmd = if in_namespace {
+        // unshare and sh exec in place: the pid is python's.
+        let setup = r#"mount -t tmpfs tmpfs "$1" && cp "$2/libssl.so.3" "$2/libcrypto.so.3" "$1"/ && shift 2 && exec "$@""#;
+        let mut cmd = Command::new(which("unshare"));
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            setup,
+            "sh",
+        ])
+        .arg(&lib)
+        .arg(system)
+        .arg(python());
+        cmd
+    } else {
+        Command::new(python())
+    };
     cmd.arg(&script)
         .arg(port.to_string())
         .env("LD_LIBRARY_PATH", &lib)
@@ -1403,24 +1413,30 @@ async fn python_loads_libssl_with_dlopen_after_the_agent_started() {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let started_ns = now_unix_ns();
-    let mut client = Proc::spawn("python dlopen", cmd);
+    let mut client = Proc::spawn("python client", cmd);
     let lines = Lines::new(client.take_stdout());
-    assert_eq!(lines.next("python dlopen"), "plain");
+    assert_eq!(lines.next("python client"), "plain");
     assert!(
         !maps_file(client.pid(), "libssl"),
         "python mapped libssl before importing ssl"
     );
     writeln!(client.stdin(), "go").expect("release the client");
-    assert_eq!(lines.next("python dlopen"), "imported");
+    assert_eq!(lines.next("python client"), "imported");
     let copy = lib.join("libssl.so.3");
     assert!(
         maps_file(client.pid(), &copy.display().to_string()),
         "python did not load the copied libssl"
     );
+    assert_eq!(
+        copy.exists(),
+        !in_namespace,
+        "{} seen from the host's mount namespace",
+        copy.display()
+    );
     // The agent finds the new mapping by its periodic scan, not at exec.
     wait_for_attach(&agent, &copy);
     writeln!(client.stdin(), "go").expect("release the client");
-    let line = lines.next("python dlopen");
+    let line = lines.next("python client");
     let status = client.wait(WAIT);
     let ended_ns = now_unix_ns();
     assert!(status.success(), "client failed: {status}");

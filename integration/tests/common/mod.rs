@@ -476,6 +476,21 @@ pub fn run(name: &str, mut cmd: Command) -> Run {
     }
 }
 
+/// Runs h2load for `requests` requests with `args` (URL last), failing the test unless every
+/// request completed with a 2xx status.
+pub fn run_h2load(requests: usize, args: &[&str]) -> Run {
+    let mut cmd = Command::new(which("h2load"));
+    cmd.args(["-n", &requests.to_string()]).args(args);
+    let load = run("h2load", cmd);
+    let summary = format!("{requests} succeeded, 0 failed, 0 errored");
+    assert!(
+        load.stdout.contains(&summary) && load.stdout.contains(&format!("{requests} 2xx")),
+        "h2load did not complete every request with 2xx:\n{}",
+        load.stdout
+    );
+    load
+}
+
 /// One finished curl run.
 #[derive(Debug, Clone, Copy)]
 pub struct CurlRun {
