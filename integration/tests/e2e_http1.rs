@@ -9,7 +9,7 @@ mod common;
 
 use std::io::Write as _;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::*;
 use integration::{OtlpReceiver, ReceivedSpan, SpanKind, StatusCode};
@@ -299,6 +299,57 @@ async fn keep_alive_connection_with_twenty_requests() {
     }
 }
 
+/// At SIGTERM the linking window's spans go to the exporter even when they outnumber its queue:
+/// a window longer than the test holds all 40 spans, the queue takes 4, and every span must still
+/// reach the receiver, linked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_a_window_larger_than_the_export_queue() {
+    require_root();
+    const REQUESTS: u32 = 20;
+    let dir = TempDir::new("flush-window");
+    let receiver = receiver(Protocol::HttpProtobuf).await;
+    let port = free_port();
+    let _server = start_script_server(&dir, port);
+    let args = [
+        "--otlp-endpoint".to_owned(),
+        receiver.endpoint(),
+        "--otlp-protocol".to_owned(),
+        receiver.protocol().to_owned(),
+        "--port".to_owned(),
+        port.to_string(),
+        "--link-window-ms".to_owned(),
+        "600000".to_owned(),
+    ];
+    let env = [
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "4"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2"),
+    ];
+    let mut agent = Agent::start_with_env(&dir, &args, &env);
+
+    let (mut client, lines) = spawn_script_client(&dir, port, "/w", REQUESTS, 0);
+    parse_port_line(&lines.next("e2e_client.py"));
+    assert_eq!(lines.next("e2e_client.py"), "done");
+    assert!(client.wait(WAIT).success(), "e2e_client.py failed");
+    // Nothing leaves a ten-minute window before shutdown.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(receiver.spans().len(), 0, "spans left the window early");
+
+    agent.stop();
+    let spans = receiver.spans();
+    let n = usize::try_from(REQUESTS).expect("count");
+    assert_eq!(
+        (
+            count(&spans, SpanKind::Server),
+            count(&spans, SpanKind::Client)
+        ),
+        (n, n),
+        "every span of the window exported at shutdown:\n{}\nagent stderr:\n{}",
+        describe_all(&spans),
+        agent.stderr()
+    );
+    assert_servers_linked_to_clients(&spans);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_opened_before_the_agent_started() {
     require_root();
@@ -551,7 +602,7 @@ fn stdout_mode_prints_server_and_client_lines() {
             agent.stdout(),
             agent.stderr()
         );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     }
     agent.stop();
     let out = agent.stdout();

@@ -154,13 +154,20 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     publish_kernel_counters(&capture);
     drop(capture);
     let now = monotonic_ns();
+    let mut held = Vec::new();
+    let mut hold = |span| held.push(span);
     drain(
         ring.get_mut(),
         &mut conns,
         &mut Vec::new(),
-        &mut |f: Finished| linker.submit(f, now, &mut export),
+        &mut |f: Finished| linker.submit(f, now, &mut hold),
     );
-    linker.flush(&mut export);
+    linker.flush(&mut hold);
+    // The linking window holds up to `link_max_spans`, more than the export queue: wait for room
+    // instead of dropping the last second of spans.
+    for span in held {
+        exporter.submit_wait(span).await;
+    }
     exporter.shutdown().await;
     if let Err(err) = export_task.await {
         warn!(%err, "exporter task ended abnormally");

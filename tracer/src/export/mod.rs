@@ -130,6 +130,14 @@ impl Exporter {
         }
     }
 
+    /// Queues a finished span, waiting for room when the queue is full (shutdown: the linking
+    /// window may hold more spans than the queue, and nothing else competes for it then).
+    pub async fn submit_wait(&self, span: Span) {
+        if self.spans.send(span).await.is_err() {
+            metrics::add("spans_dropped_total", "reason=\"shutdown\"", 1);
+        }
+    }
+
     /// Stops accepting spans, sends everything queued (bounded by the export timeout after the batch in
     /// flight, if any) and returns the totals; `None` when the task had already stopped.
     pub async fn shutdown(&self) -> Option<ExportStats> {
