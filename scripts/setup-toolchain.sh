@@ -32,7 +32,8 @@ if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q
   rustup component add rust-src --toolchain nightly
 fi
 
-apt_install llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev protobuf-compiler pkg-config
+# gcc and libc6-dev: the linker Rust uses, and the C compiler of mimalloc (the agent's allocator).
+apt_install llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev protobuf-compiler pkg-config gcc libc6-dev
 
 if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q '0\.13'; then
   log "building bpf-linker 0.13 against LLVM 22"
