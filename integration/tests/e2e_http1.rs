@@ -310,16 +310,8 @@ async fn shutdown_flushes_a_window_larger_than_the_export_queue() {
     let receiver = receiver(Protocol::HttpProtobuf).await;
     let port = free_port();
     let _server = start_script_server(&dir, port);
-    let args = [
-        "--otlp-endpoint".to_owned(),
-        receiver.endpoint(),
-        "--otlp-protocol".to_owned(),
-        receiver.protocol().to_owned(),
-        "--port".to_owned(),
-        port.to_string(),
-        "--link-window-ms".to_owned(),
-        "600000".to_owned(),
-    ];
+    let mut args = Agent::otlp_args(&receiver);
+    args.extend(["--port", &port.to_string(), "--link-window-ms", "600000"].map(str::to_owned));
     let env = [
         ("OTEL_BSP_MAX_QUEUE_SIZE", "4"),
         ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2"),

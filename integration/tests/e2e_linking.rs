@@ -387,12 +387,7 @@ fn assert_linking(
 
 /// Starts the agent exporting over gRPC to `receiver`, tracing only connections on `ports`.
 fn start_agent(dir: &TempDir, receiver: &OtlpReceiver, ports: &[u16]) -> Agent {
-    let mut args = vec![
-        "--otlp-endpoint".to_owned(),
-        receiver.endpoint(),
-        "--otlp-protocol".to_owned(),
-        receiver.protocol().to_owned(),
-    ];
+    let mut args = Agent::otlp_args(receiver);
     for port in ports {
         args.extend(["--port".to_owned(), port.to_string()]);
     }

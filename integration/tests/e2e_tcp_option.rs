@@ -29,11 +29,8 @@ const BACKEND_PORT: u16 = 8081;
 const MIDDLE_PORT: u16 = 8080;
 const REQUESTS: usize = 5;
 
-/// `backend.py HOST PORT [CERT KEY]`: answers GET with `backend <path>`, over TLS when given a
-/// certificate.
-const BACKEND_PY: &str = r#"
-import http.server, sys
-
+/// `serve_tls(server, cert, key)`, shared by [`BACKEND_PY`] and [`MIDDLE_PY`] (see [`service`]).
+const SERVE_TLS_PY: &str = r#"
 def serve_tls(server, cert, key):
     """Serves TLS 1.2 (the request never arrives during the handshake, which another thread
     runs: see docs/linking.md)."""
@@ -42,6 +39,18 @@ def serve_tls(server, cert, key):
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
+
+"#;
+
+/// A service script: `body` after the definitions it shares with the other services.
+fn service(body: &str) -> String {
+    format!("{SERVE_TLS_PY}{body}")
+}
+
+/// `backend.py HOST PORT [CERT KEY]`: answers GET with `backend <path>`, over TLS when given a
+/// certificate.
+const BACKEND_PY: &str = r#"
+import http.server, sys
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -66,15 +75,6 @@ server.serve_forever()
 /// both sides over TLS.
 const MIDDLE_PY: &str = r#"
 import http.client, http.server, ssl, sys
-
-def serve_tls(server, cert, key):
-    """Serves TLS 1.2 (the request never arrives during the handshake, which another thread
-    runs: see docs/linking.md)."""
-    import ssl
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
 
 host, port, backend_host, backend_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 tls = len(sys.argv) > 6
@@ -409,7 +409,7 @@ fn trace_ids_cross_hosts_in_tcp_options() {
         &dir,
         &ns.a,
         "backend.py",
-        BACKEND_PY,
+        &service(BACKEND_PY),
         &[ADDR_A.to_owned(), BACKEND_PORT.to_string()],
         false,
     );
@@ -417,7 +417,7 @@ fn trace_ids_cross_hosts_in_tcp_options() {
         &dir,
         &ns.b,
         "middle.py",
-        MIDDLE_PY,
+        &service(MIDDLE_PY),
         &[
             ADDR_B.to_owned(),
             MIDDLE_PORT.to_string(),
@@ -590,8 +590,14 @@ async fn link_across_hosts(tls: bool) {
     };
     let mut backend_args = vec![ADDR_A.to_owned(), BACKEND_PORT.to_string()];
     backend_args.extend(cert_args.iter().cloned());
-    let (_backend, backend_out) =
-        spawn_python(&dir, &ns.a, "backend.py", BACKEND_PY, &backend_args, false);
+    let (_backend, backend_out) = spawn_python(
+        &dir,
+        &ns.a,
+        "backend.py",
+        &service(BACKEND_PY),
+        &backend_args,
+        false,
+    );
     let mut middle_args = vec![
         ADDR_B.to_owned(),
         MIDDLE_PORT.to_string(),
@@ -599,8 +605,14 @@ async fn link_across_hosts(tls: bool) {
         BACKEND_PORT.to_string(),
     ];
     middle_args.extend(cert_args.iter().cloned());
-    let (middle, middle_out) =
-        spawn_python(&dir, &ns.b, "middle.py", MIDDLE_PY, &middle_args, false);
+    let (middle, middle_out) = spawn_python(
+        &dir,
+        &ns.b,
+        "middle.py",
+        &service(MIDDLE_PY),
+        &middle_args,
+        false,
+    );
     assert_eq!(backend_out.next("backend"), "listening");
     assert_eq!(middle_out.next("middle"), "listening");
     let mut client_args = vec![
@@ -617,12 +629,7 @@ async fn link_across_hosts(tls: bool) {
 
     let receiver = OtlpReceiver::start_grpc().await.expect("OTLP receiver");
     let export = |pids: &[u32]| {
-        let mut args = vec![
-            "--otlp-endpoint".to_owned(),
-            receiver.endpoint(),
-            "--otlp-protocol".to_owned(),
-            "grpc".to_owned(),
-        ];
+        let mut args = Agent::otlp_args(&receiver);
         args.extend(
             pids.iter()
                 .flat_map(|p| ["--pid".to_owned(), p.to_string()]),

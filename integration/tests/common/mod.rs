@@ -594,19 +594,21 @@ impl Agent {
         agent
     }
 
+    /// The flags that make the agent export to `receiver`.
+    pub fn otlp_args(receiver: &OtlpReceiver) -> Vec<String> {
+        vec![
+            "--otlp-endpoint".to_owned(),
+            receiver.endpoint(),
+            "--otlp-protocol".to_owned(),
+            receiver.protocol().to_owned(),
+        ]
+    }
+
     /// Starts the agent exporting to `receiver`, tracing only connections on `port`.
     pub fn start_otlp(dir: &TempDir, receiver: &OtlpReceiver, port: u16) -> Agent {
-        Agent::start(
-            dir,
-            &[
-                "--otlp-endpoint".to_owned(),
-                receiver.endpoint(),
-                "--otlp-protocol".to_owned(),
-                receiver.protocol().to_owned(),
-                "--port".to_owned(),
-                port.to_string(),
-            ],
-        )
+        let mut args = Agent::otlp_args(receiver);
+        args.extend(["--port".to_owned(), port.to_string()]);
+        Agent::start(dir, &args)
     }
 
     /// Everything the agent logged so far.
