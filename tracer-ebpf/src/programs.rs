@@ -87,6 +87,12 @@ static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0
 #[map]
 static SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 
+/// Slot 0 is non-zero once userspace ended the recovery of calls that were blocked at attach
+/// time (see `recover_inflight`): from then on an exit without an entry record costs an array
+/// read instead of a lookup in `SEEN`.
+#[map]
+static RECOVERY_DONE: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Processes to trace when `FILTER_PIDS` is set.
 #[map]
 static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
@@ -274,16 +280,26 @@ fn kread<T: Copy>(addr: u64) -> Option<T> {
     }
 }
 
+/// A field of the tracepoint record at constant offset `off`, loaded straight from the context
+/// (tracepoint programs may read their record directly: one instruction instead of a
+/// `bpf_probe_read_kernel` call, on every hooked syscall).
+#[inline(always)]
+fn ctx_field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: `off` is a constant inside the syscall tracepoint record and aligned for `T`; the
+    // verifier checks both.
+    unsafe { read_volatile((ctx.as_ptr() as *const u8).add(off) as *const T) }
+}
+
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    // SAFETY: syscall tracepoint records hold six 8-byte arguments from offset 16.
-    unsafe { ctx.read_at::<u64>(ARG0 + 8 * n) }.unwrap_or(0)
+    // Syscall tracepoint records hold six 8-byte arguments from offset 16.
+    ctx_field::<u64>(ctx, ARG0 + 8 * n)
 }
 
 #[inline(always)]
 fn ret(ctx: &TracePointContext) -> i64 {
-    // SAFETY: sys_exit records hold the 8-byte return value at offset 16.
-    unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1)
+    // sys_exit records hold the 8-byte return value at offset 16.
+    ctx_field::<i64>(ctx, RET)
 }
 
 /// Whether the current process is traced at all.
@@ -621,9 +637,7 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
         return 0;
     }
     let args = [arg(ctx, 0), arg(ctx, 1), arg(ctx, 2)];
-    // SAFETY: reads the monotonic clock.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(mut inflight) = inflight_of(args, now, source, direction, buf_kind) else {
+    let Some(mut inflight) = inflight_of(args, source, direction, buf_kind) else {
         return 0;
     };
     // At entry, before the kernel sends a byte, so the option goes out with the request.
@@ -652,18 +666,15 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
 /// The in-flight record of a data syscall with these first three arguments, when its fd is a
 /// TCP socket.
 #[inline(always)]
-fn inflight_of(
-    args: [u64; 3],
-    now: u64,
-    source: u8,
-    direction: u8,
-    buf_kind: u8,
-) -> Option<Inflight> {
+fn inflight_of(args: [u64; 3], source: u8, direction: u8, buf_kind: u8) -> Option<Inflight> {
     let fd = args[0] as i64;
     let sock = sock_of_fd(fd)?;
     if !port_wanted(sock) {
         return None;
     }
+    // Only now: every read and write on the host gets this far, most of them not on a socket.
+    // SAFETY: reads the monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() };
     let (buf, len, mmsg) = match buf_kind {
         BUF_PLAIN | BUF_IOVEC => (args[1], args[2], 0),
         BUF_KERNEL => (0, 0, 0),
@@ -714,8 +725,8 @@ const THREAD_SIZES: [u64; 2] = [16 << 10, 32 << 10];
 /// top of its kernel stack; checked against the syscall number the exit tracepoint reports.
 #[inline(always)]
 fn saved_args(ctx: &TracePointContext) -> Option<[u64; 3]> {
-    // SAFETY: sys_exit records hold the syscall number (an int) at offset 8.
-    let nr = unsafe { ctx.read_at::<i32>(8) }.ok()? as i64;
+    // sys_exit records hold the syscall number (an int) at offset 8.
+    let nr = ctx_field::<i32>(ctx, 8) as i64;
 
     // SAFETY: returns the current task pointer; only dereferenced through probe reads.
     let task = unsafe { bpf_get_current_task() };
@@ -745,15 +756,16 @@ fn recover_inflight(
     direction: u8,
     buf_kind: u8,
 ) -> Option<Inflight> {
+    if RECOVERY_DONE.get(0).is_some_and(|done| *done != 0) {
+        return None;
+    }
     // SAFETY: presence check only.
     if unsafe { SEEN.get(pid_tgid) }.is_some() || !traced((pid_tgid >> 32) as u32) {
         return None;
     }
     let _ = SEEN.insert(pid_tgid, 1, 0);
     let args = saved_args(ctx)?;
-    // SAFETY: reads the monotonic clock.
-    let now = unsafe { bpf_ktime_get_ns() };
-    inflight_of(args, now, source, direction, buf_kind)
+    inflight_of(args, source, direction, buf_kind)
 }
 
 /// `v`, through a volatile stack slot, so the compiler forgets what it knew about its range and

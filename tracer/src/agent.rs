@@ -31,6 +31,9 @@ const DRAIN_EVERY: Duration = Duration::from_millis(10);
 const LINK_TICK: Duration = Duration::from_millis(100);
 /// How often new processes are looked at for SSL libraries to probe.
 const TLS_SCAN_EVERY: Duration = Duration::from_secs(1);
+/// How long after attaching the kernel programs still recover syscalls that were blocked at
+/// attach time (`Capture::end_recovery`).
+const RECOVER_FOR: Duration = Duration::from_secs(60);
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(overrides: Overrides) -> anyhow::Result<()> {
@@ -127,8 +130,17 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     );
 
     let mut export = |span| exporter.submit(span);
+    let recovery_end = tokio::time::sleep(RECOVER_FOR);
+    tokio::pin!(recovery_end);
+    let mut recovering = true;
     loop {
         tokio::select! {
+            () = &mut recovery_end, if recovering => {
+                recovering = false;
+                if let Err(err) = capture.end_recovery() {
+                    warn!(%err, "cannot end the recovery of blocked syscalls");
+                }
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll failed")?;
                 intake(guard.get_inner_mut(), &mut conns, &mut linker, &mut capture, &mut export);

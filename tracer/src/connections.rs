@@ -1,11 +1,12 @@
 //! The connection table: per traced connection, stream assembly, protocol detection and the
 //! protocol parser; completed exchanges become spans.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+
+use crate::fxhash::{FastMap, FxBuild};
 use protocols::tls::{HelloWatcher, TlsError, TlsVersion};
 use protocols::{ConnectionParser, Detail, Detection, Direction, Exchange, Output, Role, Timing};
 use tracer_ebpf::abi;
@@ -131,7 +132,7 @@ pub struct Filters {
 
 /// The connection table and everything downstream of it up to finished spans.
 pub struct Connections {
-    table: DashMap<ConnKey, Connection>,
+    table: DashMap<ConnKey, Connection, FxBuild>,
     max: usize,
     idle: Duration,
     filters: Filters,
@@ -140,7 +141,7 @@ pub struct Connections {
     stop_payload: Vec<StopPayload>,
     outputs: Vec<Output>,
     /// The connections of each process, so an exiting process's connections are found at once.
-    by_tgid: HashMap<u32, Vec<ConnKey>>,
+    by_tgid: FastMap<u32, Vec<ConnKey>>,
     /// Replace literals in database query text by `?`.
     sanitize_query_text: bool,
 }
@@ -172,7 +173,7 @@ impl Connections {
     ) -> Self {
         Connections {
             sanitize_query_text,
-            table: DashMap::new(),
+            table: DashMap::default(),
             max,
             idle,
             filters,
@@ -180,7 +181,7 @@ impl Connections {
             clock,
             stop_payload: Vec::new(),
             outputs: Vec::new(),
-            by_tgid: HashMap::new(),
+            by_tgid: FastMap::default(),
         }
     }
 

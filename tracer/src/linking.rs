@@ -23,12 +23,12 @@
 //! arrival + window it is exported; at arrival + 2 x window it is forgotten (until then a late
 //! child still finds its trace). At most `max_spans` are held: beyond that the oldest go early.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::capture::events::TraceContext;
+use crate::fxhash::FastMap;
 use crate::metrics;
 use crate::span::{Span, SpanKind};
 
@@ -138,42 +138,6 @@ struct Entry {
     /// Parent found by a rule.
     parent: Option<u64>,
     link: LinkInfo,
-}
-
-/// A hash map keyed by small plain values (positions, thread ids) that needs no protection from
-/// chosen keys: the keys come from the kernel, not from the traced traffic's content.
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
-
-/// The FxHash mixing function (as in rustc): a multiply per word.
-#[derive(Default)]
-struct Fx(u64);
-
-impl std::hash::Hasher for Fx {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-    fn write_u8(&mut self, n: u8) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u16(&mut self, n: u16) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
 }
 
 /// The held entries by id. Ids are given in arrival order and forgotten in arrival order (every
@@ -721,6 +685,7 @@ impl Served {
 mod tests {
     use super::*;
     use crate::span::{Resource, Status};
+    use std::collections::HashMap;
     use std::sync::Arc;
 
     const MS: u64 = 1_000_000;

@@ -9,6 +9,7 @@ mod check;
 mod config;
 mod connections;
 mod export;
+mod fxhash;
 mod linking;
 mod metrics;
 mod process;
@@ -27,6 +28,27 @@ use clap::{Args, Parser, Subcommand};
 /// quarter of the agent's CPU at saturation (docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in the mimalloc built by `libmimalloc-sys` (pinned in Cargo.lock;
+/// the index is the same in its v2 and v3 sources): how long freed pages stay committed.
+const MI_OPTION_PURGE_DELAY: i32 = 15;
+
+unsafe extern "C" {
+    fn mi_option_set(option: i32, value: std::ffi::c_long);
+    #[cfg(test)]
+    fn mi_option_get(option: i32) -> std::ffi::c_long;
+}
+
+/// Keeps freed pages committed for a second instead of 10 ms. The window and the export queue
+/// free and reuse the same amount of memory every second; purging it sooner makes the kernel
+/// fault and zero those pages again (`clear_page_erms`, ~5 % of the agent's CPU at 10k req/s)
+/// for no lasting saving. `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a process-wide integer option; mimalloc reads it on its next purge.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
+    }
+}
 
 /// Zero-code distributed tracing: eBPF capture of every process's traffic, exported as OpenTelemetry spans.
 #[derive(Debug, Parser)]
@@ -121,6 +143,7 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
@@ -144,5 +167,28 @@ fn main() -> ExitCode {
             eprintln!("tracer: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purge_delay_is_the_option_we_set() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return;
+        }
+        // SAFETY: reads a process-wide integer option.
+        let default = unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) };
+        // mimalloc's documented default purge delay; a different index would read another
+        // option's value.
+        assert!(
+            default == 10 || default == 1000,
+            "option {MI_OPTION_PURGE_DELAY} = {default}"
+        );
+        tune_allocator();
+        // SAFETY: as above.
+        assert_eq!(unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) }, 1000);
     }
 }

@@ -7,13 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
+use crate::fxhash::FxBuild;
+
 /// A metric series: name plus a preformatted label set such as `reason="queue_full"` (may be empty).
 type Series = (&'static str, &'static str);
 
 #[derive(Default)]
 struct Registry {
-    counters: DashMap<Series, AtomicU64>,
-    gauges: DashMap<Series, AtomicU64>,
+    counters: DashMap<Series, AtomicU64, FxBuild>,
+    gauges: DashMap<Series, AtomicU64, FxBuild>,
 }
 
 fn registry() -> &'static Registry {
@@ -24,9 +26,9 @@ fn registry() -> &'static Registry {
 /// A `key="value",...` label set with a static lifetime, interned so each distinct set is allocated
 /// once. Only for values from a small closed set (protocol names, reasons), never from input data.
 pub fn labels(pairs: &[(&'static str, &'static str)]) -> &'static str {
-    type Interned = DashMap<Vec<(&'static str, &'static str)>, &'static str>;
+    type Interned = DashMap<Vec<(&'static str, &'static str)>, &'static str, FxBuild>;
     static LABELS: OnceLock<Interned> = OnceLock::new();
-    let interned = LABELS.get_or_init(DashMap::new);
+    let interned = LABELS.get_or_init(Interned::default);
     if let Some(l) = interned.get(pairs) {
         return *l;
     }
@@ -80,7 +82,7 @@ pub fn counter(name: &'static str, labels: &'static str) -> u64 {
         .unwrap_or(0)
 }
 
-fn sorted(map: &DashMap<Series, AtomicU64>) -> Vec<(Series, u64)> {
+fn sorted(map: &DashMap<Series, AtomicU64, FxBuild>) -> Vec<(Series, u64)> {
     let mut v: Vec<_> = map
         .iter()
         .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))

@@ -6,7 +6,7 @@ mod gotls;
 pub mod tcp_option;
 pub mod tls;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, TracePoint};
 use aya::{Ebpf, EbpfLoader, Pod};
 use thiserror::Error;
@@ -379,6 +379,26 @@ impl Capture {
             *slot = values.iter().sum();
         }
         Ok(out)
+    }
+
+    /// Ends the recovery of syscalls that were already blocked when the programs attached: from
+    /// now on a read or write exit without an entry record (every non-socket fd) returns at
+    /// once. A call blocked since before the agent started and still not returned by now (an idle
+    /// keep-alive connection) loses that one read; the parsers pick the connection up at its next
+    /// request.
+    pub fn end_recovery(&mut self) -> Result<(), CaptureError> {
+        let map = self
+            .ebpf
+            .map_mut("RECOVERY_DONE")
+            .ok_or(CaptureError::Invalid("no RECOVERY_DONE map".into()))?;
+        let mut done: Array<_, u32> = Array::try_from(map).map_err(|source| CaptureError::Map {
+            name: "RECOVERY_DONE",
+            source,
+        })?;
+        done.set(0, 1, 0).map_err(|source| CaptureError::Map {
+            name: "RECOVERY_DONE",
+            source,
+        })
     }
 
     /// Sets `flags` on the kernel's state of connection `sock` (e.g. stop copying payload).

@@ -175,9 +175,10 @@ pub struct ExportConfig {
     pub schedule_delay: Duration,
     /// Spans per export request.
     pub max_export_batch_size: usize,
-    /// Spans buffered before new ones are dropped. The default, 16384, is eight times the SDKs'
-    /// 2048: one agent exports for every process of a node, and the linking window releases spans
-    /// in bursts.
+    /// Spans buffered before new ones are dropped. The default, 65536, is 32 times the SDKs'
+    /// 2048: one agent exports for every process of a node, and when it catches up on a ring
+    /// buffer that filled while it was short of CPU, tens of thousands of spans arrive at once
+    /// (docs/performance.md). A queued span takes about 1 KB, so a full queue ~64 MB.
     pub max_queue_size: usize,
 }
 
@@ -190,7 +191,7 @@ impl Default for ExportConfig {
             timeout: Duration::from_millis(10_000),
             schedule_delay: Duration::from_millis(5_000),
             max_export_batch_size: 512,
-            max_queue_size: 16_384,
+            max_queue_size: 65_536,
         }
     }
 }
@@ -349,7 +350,7 @@ mod tests {
         assert_eq!(cfg.timeout, Duration::from_secs(10));
         assert_eq!(cfg.schedule_delay, Duration::from_secs(5));
         assert_eq!(cfg.max_export_batch_size, 512);
-        assert_eq!(cfg.max_queue_size, 16_384);
+        assert_eq!(cfg.max_queue_size, 65_536);
     }
 
     #[test]

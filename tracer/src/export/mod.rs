@@ -190,16 +190,18 @@ impl Batcher {
         // Set when the first span of a batch arrives: no span waits longer than the schedule delay.
         let mut due: Option<Instant> = None;
         let reply = loop {
+            // `send` empties a full batch, so there is always room for one more span.
+            let room = self.max_batch - batch.len();
             tokio::select! {
                 biased;
                 // `None`: every handle was dropped without a shutdown call; flush all the same.
                 req = shutdown.recv() => break req,
-                span = spans.recv() => {
-                    let Some(span) = span else { break None };
-                    if batch.is_empty() {
+                // Everything queued up to a full batch at once, not one select per span.
+                n = spans.recv_many(&mut batch, room) => {
+                    if n == 0 { break None };
+                    if due.is_none() {
                         due = Some(Instant::now() + self.schedule_delay);
                     }
-                    batch.push(span);
                     if batch.len() >= self.max_batch {
                         due = None;
                         self.send(&mut batch, &spans, Instant::now() + self.timeout).await;

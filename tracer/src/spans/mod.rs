@@ -439,8 +439,34 @@ fn url_host(host: &str) -> String {
 /// An IP in its usual text form (IPv4-mapped IPv6 shown as IPv4).
 pub(crate) fn ip_string(ip: IpAddr) -> compact_str::CompactString {
     use compact_str::ToCompactString as _;
-    // At most 39 characters (IPv6), usually inline: no allocation.
-    ip.to_canonical().to_compact_string()
+    match ip.to_canonical() {
+        // Every span formats one or two addresses: IPv4 digits are written straight into a
+        // stack buffer, without the formatting machinery (at most 15 characters: inline).
+        IpAddr::V4(v4) => {
+            let mut buf = [0u8; 15];
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    buf[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    buf[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                buf[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            // Only ASCII digits and dots were written.
+            compact_str::CompactString::from_utf8(&buf[..len]).unwrap_or_default()
+        }
+        // At most 39 characters, usually inline: no allocation.
+        v6 => v6.to_compact_string(),
+    }
 }
 
 /// The first element of a comma-separated header value.
@@ -501,10 +527,12 @@ pub fn http_span(
     }
 
     attributes.push(KeyValue::str("network.protocol.name", "http"));
-    attributes.push(KeyValue::str(
-        "network.protocol.version",
-        format!("1.{}", http.version),
-    ));
+    let version: compact_str::CompactString = match http.version {
+        0 => "1.0".into(),
+        1 => "1.1".into(),
+        v => compact_str::format_compact!("1.{v}"),
+    };
+    attributes.push(KeyValue::str("network.protocol.version", version));
     if let Some(a) = addrs {
         attributes.push(KeyValue::str(
             "network.peer.address",
@@ -762,6 +790,24 @@ mod tests {
     use crate::span::Value;
     use protocols::Detail;
     use std::time::{SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn ip_strings_match_the_standard_formatting() {
+        for v4 in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [10, 9, 99, 100],
+            [255, 255, 255, 255],
+            [1, 20, 200, 109],
+        ] {
+            let ip = IpAddr::from(v4);
+            assert_eq!(ip_string(ip), ip.to_string());
+        }
+        let mapped: IpAddr = "::ffff:192.168.1.20".parse().unwrap();
+        assert_eq!(ip_string(mapped), "192.168.1.20");
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(ip_string(v6), "2001:db8::1");
+    }
 
     fn resource() -> Arc<Resource> {
         Arc::new(Resource {
