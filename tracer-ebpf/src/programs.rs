@@ -296,10 +296,13 @@ fn arg(ctx: &TracePointContext, n: usize) -> u64 {
     ctx_field::<u64>(ctx, ARG0 + 8 * n)
 }
 
+/// The return value of a sys_exit record. Exit programs read their record through the helper,
+/// not with [`ctx_field`]: with the direct load, the 6.18 verifier rejects the 32-iovec exit
+/// program of writev as too complex (the agent would fall back to copying 8 iovecs).
 #[inline(always)]
 fn ret(ctx: &TracePointContext) -> i64 {
-    // sys_exit records hold the 8-byte return value at offset 16.
-    ctx_field::<i64>(ctx, RET)
+    // SAFETY: sys_exit records hold the 8-byte return value at offset 16.
+    unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1)
 }
 
 /// Whether the current process is traced at all.
@@ -725,8 +728,9 @@ const THREAD_SIZES: [u64; 2] = [16 << 10, 32 << 10];
 /// top of its kernel stack; checked against the syscall number the exit tracepoint reports.
 #[inline(always)]
 fn saved_args(ctx: &TracePointContext) -> Option<[u64; 3]> {
-    // sys_exit records hold the syscall number (an int) at offset 8.
-    let nr = ctx_field::<i32>(ctx, 8) as i64;
+    // SAFETY: sys_exit records hold the syscall number (an int) at offset 8; through the
+    // helper, as in `ret`.
+    let nr = unsafe { ctx.read_at::<i32>(8) }.ok()? as i64;
 
     // SAFETY: returns the current task pointer; only dereferenced through probe reads.
     let task = unsafe { bpf_get_current_task() };

@@ -23,7 +23,7 @@
 //! arrival + window it is exported; at arrival + 2 x window it is forgotten (until then a late
 //! child still finds its trace). At most `max_spans` are held: beyond that the oldest go early.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -119,8 +119,9 @@ impl Entry {
 }
 
 struct Entry {
-    /// The span, until it is exported.
-    span: Option<Span>,
+    /// The span, until it is exported; boxed, so an exported entry, kept for another window, is
+    /// small.
+    span: Option<Box<Span>>,
     kind: SpanKind,
     span_id: [u8; 8],
     /// The trace this span is in as far as known: its header's, or its chain top's once exported.
@@ -305,7 +306,7 @@ impl Linker {
             committed: false,
             parent: None,
             link,
-            span: Some(span),
+            span: Some(Box::new(span)),
         };
         let position = entry.link.position;
         let start = entry.link.start_ns;
@@ -561,7 +562,7 @@ impl Linker {
             span.parent_span_id = parent_span_id;
         }
         count_root(&span);
-        emit(span);
+        emit(*span);
     }
 
     fn forget(&mut self, id: u64) {
@@ -644,25 +645,43 @@ fn count_root(span: &Span) {
 
 fn remove_served<K: std::hash::Hash + Eq>(index: &mut FastMap<K, Served>, k: K, key: (u64, u64)) {
     if let Some(served) = index.get_mut(&k) {
-        served.starts.remove(&key);
+        served.remove(key);
         if served.starts.is_empty() {
             index.remove(&k);
         }
     }
 }
 
-/// Served requests held for one thread or process, by (start, entry), with the longest duration
-/// among them, which bounds how far back one that still encloses a given instant can have started.
+/// Served requests held for one thread or process, sorted by (start, entry), with the longest
+/// duration among them, which bounds how far back one that still encloses a given instant can
+/// have started. A sorted ring rather than a tree: SERVER spans arrive about in start order and
+/// are forgotten in arrival order, so inserts land near the back and removals near the front,
+/// without an allocation per entry.
 #[derive(Default)]
 struct Served {
-    starts: BTreeSet<(u64, u64)>,
+    starts: VecDeque<(u64, u64)>,
     longest: u64,
 }
 
 impl Served {
     fn insert(&mut self, start_ns: u64, id: u64, took_ns: u64) {
-        self.starts.insert((start_ns, id));
+        let key = (start_ns, id);
+        // Search from the back: the new request usually started after every held one.
+        let at = if self.starts.back().is_none_or(|&last| last < key) {
+            self.starts.len()
+        } else {
+            self.starts.partition_point(|&k| k < key)
+        };
+        self.starts.insert(at, key);
         self.longest = self.longest.max(took_ns);
+    }
+
+    fn remove(&mut self, key: (u64, u64)) {
+        if self.starts.front() == Some(&key) {
+            self.starts.pop_front();
+        } else if let Ok(at) = self.starts.binary_search(&key) {
+            self.starts.remove(at);
+        }
     }
 
     /// Up to [`MAX_CANDIDATES`] served requests that started at or before `start_ns` and may still
@@ -671,8 +690,11 @@ impl Served {
         served
             .into_iter()
             .flat_map(move |s| {
+                let end = s
+                    .starts
+                    .partition_point(|&(started, _)| started <= start_ns);
                 s.starts
-                    .range(..=(start_ns, u64::MAX))
+                    .range(..end)
                     .rev()
                     .take_while(move |&&(started, _)| start_ns - started <= s.longest)
             })
@@ -903,6 +925,25 @@ mod tests {
     }
 
     /// Spans leave one window after arrival and are forgotten after two; the bound is kept.
+    #[test]
+    fn served_requests_stay_sorted_by_start() {
+        let mut s = Served::default();
+        // Spans arrive in end order: a long request that started first arrives last.
+        for (start, id, took) in [(20, 2, 5), (30, 3, 5), (10, 1, 40), (25, 4, 1)] {
+            s.insert(start, id, took);
+        }
+        let order: Vec<u64> = s.starts.iter().map(|&(_, id)| id).collect();
+        assert_eq!(order, [1, 2, 4, 3]);
+        // Nearest start first, none that started later, none further back than the longest.
+        let found: Vec<u64> = Served::enclosing(Some(&s), 26).collect();
+        assert_eq!(found, [4, 2, 1]);
+        s.remove((20, 2));
+        s.remove((10, 1));
+        s.remove((99, 9));
+        let found: Vec<u64> = Served::enclosing(Some(&s), 40).collect();
+        assert_eq!(found, [3, 4]);
+    }
+
     #[test]
     fn window_timing_and_bound() {
         let mut l = Linker::new(LinkConfig {
