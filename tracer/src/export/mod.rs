@@ -190,8 +190,9 @@ impl Batcher {
         // Set when the first span of a batch arrives: no span waits longer than the schedule delay.
         let mut due: Option<Instant> = None;
         let reply = loop {
-            // `send` empties a full batch, so there is always room for one more span.
-            let room = self.max_batch - batch.len();
+            // `send` empties a full batch, so there is always room for one more span (at least
+            // one in any case: `recv_many` with no room would read as a closed queue).
+            let room = self.max_batch.saturating_sub(batch.len()).max(1);
             tokio::select! {
                 biased;
                 // `None`: every handle was dropped without a shutdown call; flush all the same.
