@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-
-use crate::fxhash::{FastMap, FxBuild};
 use protocols::tls::{HelloWatcher, TlsError, TlsVersion};
 use protocols::{ConnectionParser, Detail, Detection, Direction, Exchange, Output, Role, Timing};
 use tracer_ebpf::abi;
 
 use crate::capture::events::{Event, TraceContext};
+use crate::fxhash::{FastMap, FxBuild};
 use crate::linking::{ConnPosition, Finished, LinkInfo};
 use crate::metrics;
 use crate::process::ProcessTable;

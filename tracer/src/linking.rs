@@ -666,20 +666,13 @@ struct Served {
 impl Served {
     fn insert(&mut self, start_ns: u64, id: u64, took_ns: u64) {
         let key = (start_ns, id);
-        // Search from the back: the new request usually started after every held one.
-        let at = if self.starts.back().is_none_or(|&last| last < key) {
-            self.starts.len()
-        } else {
-            self.starts.partition_point(|&k| k < key)
-        };
+        let at = self.starts.partition_point(|&k| k < key);
         self.starts.insert(at, key);
         self.longest = self.longest.max(took_ns);
     }
 
     fn remove(&mut self, key: (u64, u64)) {
-        if self.starts.front() == Some(&key) {
-            self.starts.pop_front();
-        } else if let Ok(at) = self.starts.binary_search(&key) {
+        if let Ok(at) = self.starts.binary_search(&key) {
             self.starts.remove(at);
         }
     }
@@ -924,7 +917,6 @@ mod tests {
         assert_eq!((n, l.len()), (1, 0));
     }
 
-    /// Spans leave one window after arrival and are forgotten after two; the bound is kept.
     #[test]
     fn served_requests_stay_sorted_by_start() {
         let mut s = Served::default();
@@ -944,6 +936,7 @@ mod tests {
         assert_eq!(found, [3, 4]);
     }
 
+    /// Spans leave one window after arrival and are forgotten after two; the bound is kept.
     #[test]
     fn window_timing_and_bound() {
         let mut l = Linker::new(LinkConfig {
