@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::mem;
 
+use crate::headers::Headers;
 use crate::{
     ConnectionParser, Detail, Direction, Exchange, Origin, Outcome, Output, Protocol, Role,
     SkipReason, Timing,
@@ -28,13 +29,13 @@ pub struct HttpExchange {
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
     /// Request headers in order (at most [`MAX_HEADERS`], values cut at [`MAX_HEADER_VALUE`]).
-    pub request_headers: Vec<(String, String)>,
+    pub request_headers: Headers,
     /// Request body bytes (decoded size for chunked bodies).
     pub request_body_size: u64,
     /// Final (non-1xx) response status, when a response was seen.
     pub status: Option<u16>,
     /// Response headers of the final response.
-    pub response_headers: Vec<(String, String)>,
+    pub response_headers: Headers,
     /// Response body bytes.
     pub response_body_size: u64,
 }
@@ -64,19 +65,12 @@ const METHODS: &[&[u8]] = &[
 impl HttpExchange {
     /// First request header named `name` (case-insensitive).
     pub fn request_header(&self, name: &str) -> Option<&str> {
-        find(&self.request_headers, name)
+        self.request_headers.get(name)
     }
     /// First response header named `name` (case-insensitive).
     pub fn response_header(&self, name: &str) -> Option<&str> {
-        find(&self.response_headers, name)
+        self.response_headers.get(name)
     }
-}
-
-fn find<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
 }
 
 /// Whether bytes look like the start of an HTTP/1.x message.
@@ -453,7 +447,7 @@ enum StartLine {
 #[derive(Debug)]
 struct Head {
     start: StartLine,
-    headers: Vec<(String, String)>,
+    headers: Headers,
     length: Length,
     /// A Transfer-Encoding header was present.
     transfer_encoding: bool,
@@ -569,11 +563,14 @@ fn build_head(start: StartLine, raw: &[httparse::Header<'_>], len: usize) -> Hea
             }
         }
     }
-    let headers = raw
-        .iter()
-        .take(MAX_HEADERS)
-        .map(|h| (h.name.to_owned(), header_value(h.value)))
-        .collect();
+    let kept = &raw[..raw.len().min(MAX_HEADERS)];
+    let bytes = kept.iter().map(|h| h.name.len() + h.value.len()).sum();
+    let mut headers = Headers::with_capacity(kept.len(), bytes);
+    for h in kept {
+        headers.push_lossy(h.name, h.value, MAX_HEADER_VALUE);
+    }
+    // Invalid UTF-8 grew the text past what was reserved: hold no more than it uses.
+    headers.shrink_to_fit();
     Head {
         start,
         headers,
@@ -604,20 +601,6 @@ fn merge_length(acc: Length, value: &[u8]) -> Length {
         };
     }
     acc
-}
-
-/// Lossy UTF-8, cut to at most [`MAX_HEADER_VALUE`] bytes on a character boundary.
-fn header_value(raw: &[u8]) -> String {
-    let raw = &raw[..raw.len().min(MAX_HEADER_VALUE)];
-    let mut s = String::from_utf8_lossy(raw).into_owned();
-    if s.len() > MAX_HEADER_VALUE {
-        let mut cut = MAX_HEADER_VALUE;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
 }
 
 /// Whether `buf[from..]` holds the empty line that ends a head (`\n\n` or `\n\r\n`).
@@ -659,14 +642,11 @@ impl Http1Parser {
             .pending
             .iter()
             .map(|p| {
-                let strings = |hs: &[(String, String)]| {
-                    hs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-                };
                 mem::size_of::<Pending>()
                     + p.exchange.method.len()
                     + p.exchange.target.len()
-                    + strings(&p.exchange.request_headers)
-                    + strings(&p.exchange.response_headers)
+                    + p.exchange.request_headers.heap_bytes()
+                    + p.exchange.response_headers.heap_bytes()
             })
             .sum();
         heads + pending
@@ -1385,9 +1365,10 @@ mod tests {
     }
 
     /// Heap a connection may hold at worst: two head buffers (Vec growth may double them) and a
-    /// full pending queue whose strings came from heads (lossy UTF-8 at most triples bytes).
-    const HELD_BOUND: usize =
-        2 * 2 * (MAX_HEAD + 1) + MAX_PENDING * (mem::size_of::<Pending>() + 3 * MAX_HEAD);
+    /// full pending queue whose strings came from a request head and a response head (lossy
+    /// UTF-8 at most triples bytes), with the field positions of both.
+    const HELD_BOUND: usize = 2 * 2 * (MAX_HEAD + 1)
+        + MAX_PENDING * (mem::size_of::<Pending>() + 2 * 3 * MAX_HEAD + 2 * MAX_HEADERS * 8);
 
     fn check_bounds(p: &Http1Parser, out: &[Output]) {
         for half in &p.halves {
@@ -1412,7 +1393,7 @@ mod tests {
                 assert!(
                     h.request_headers
                         .iter()
-                        .chain(&h.response_headers)
+                        .chain(h.response_headers.iter())
                         .all(|(_, v)| v.len() <= MAX_HEADER_VALUE)
                 );
             }

@@ -13,6 +13,7 @@
 //! [`detect`] picks the protocol from the first bytes seen in either direction.
 
 pub mod detect;
+pub mod headers;
 pub mod http1;
 pub mod http2;
 pub mod postgres;

@@ -592,8 +592,9 @@ fn client_write(pid_tgid: u64, key: &TupleKey, conn_id: u64) -> Option<(TraceId,
     chosen
 }
 
-/// Whether a client connection with these `CONN_F_*` flags makes spans that a trace id could
-/// link: not one userspace ignores (unknown protocol, filtered out), unless it is TLS.
+/// Whether a connection with these `CONN_F_*` flags makes spans that a trace id could link: not
+/// one userspace ignores (unknown protocol, filtered out), unless it is TLS (its ciphertext is
+/// ignored, its plaintext makes the spans).
 #[inline(always)]
 fn wants_trace(flags: u8) -> bool {
     flags & CONN_F_NO_PAYLOAD == 0 || flags & CONN_F_TLS != 0
@@ -645,13 +646,15 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
     };
     // At entry, before the kernel sends a byte, so the option goes out with the request.
     if direction == DIR_SEND && trace_context() {
+        // A connection userspace ignores (unknown protocol, filtered out) makes no span to
+        // link: no trace id to send, no request served.
         // SAFETY: copied out of the map.
-        if let Some(conn) = unsafe { CONNS.get(inflight.sock) }.copied() {
+        if let Some(conn) = unsafe { CONNS.get(inflight.sock) }.copied()
+            && wants_trace(conn.flags)
+        {
             if conn.role == ROLE_SERVER {
                 serve_write(pid_tgid, inflight.sock);
-            } else if conn.role == ROLE_CLIENT && wants_trace(conn.flags) {
-                // A connection userspace ignores (unknown protocol, filtered out, TLS
-                // ciphertext) makes no span to link: no trace id to send.
+            } else if conn.role == ROLE_CLIENT {
                 let key = tuple_of(inflight.sock);
                 if let Some((id, origin)) = client_write(pid_tgid, &key, conn.conn_id) {
                     inflight.trace_id = id;
@@ -1017,6 +1020,11 @@ fn read_context(ctx: &TracePointContext) -> u32 {
     let Some(conn) = (unsafe { CONNS.get(sock) }).copied() else {
         return 0;
     };
+    // Requests on a connection userspace ignores make no span for anything to link to: the
+    // thread is not serving one as far as linking goes (its outgoing calls start traces).
+    if !wants_trace(conn.flags) {
+        return 0;
+    }
     let key = tuple_of(sock);
     if conn.role == ROLE_SERVER {
         // The sequence number of the first byte read, as the exit program computes it; recvmmsg
@@ -1033,7 +1041,7 @@ fn read_context(ctx: &TracePointContext) -> u32 {
             (*inf).trace_id = id;
             (*inf).trace_flags = EV_F_TRACE | origin;
         }
-    } else if conn.role == ROLE_CLIENT && wants_trace(conn.flags) {
+    } else if conn.role == ROLE_CLIENT {
         client_read(&key);
     }
     0

@@ -40,11 +40,14 @@ pub fn run(overrides: Overrides) -> anyhow::Result<()> {
     let cfg = Config::load(&overrides)?;
     check::require_privileges().map_err(anyhow::Error::msg)?;
     check::ensure_mounts()?;
-    let btf = btf::Btf::from_file(BTF_PATH).with_context(|| {
-        format!("cannot read kernel BTF at {BTF_PATH}; the agent needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")
-    })?;
-    let offsets = btf::resolve_offsets(&btf)
-        .context("this kernel's BTF lacks a struct member the agent reads")?;
+    // The parsed BTF (several MiB) is dropped once the offsets are read from it.
+    let offsets = {
+        let btf = btf::Btf::from_file(BTF_PATH).with_context(|| {
+            format!("cannot read kernel BTF at {BTF_PATH}; the agent needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+        })?;
+        btf::resolve_offsets(&btf)
+            .context("this kernel's BTF lacks a struct member the agent reads")?
+    };
     raise_memlock_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

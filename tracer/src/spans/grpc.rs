@@ -126,7 +126,7 @@ fn http_parts(
 
     // The HTTP/1 attribute builders read headers from an HttpExchange and the URL from a Target.
     let view = HttpExchange {
-        request_headers: h2.request_headers.clone(),
+        request_headers: h2.request_headers.iter().map(|(k, v)| (k, v)).collect(),
         ..HttpExchange::default()
     };
     let (path, query) = match h2.path.as_deref() {

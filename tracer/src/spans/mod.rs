@@ -830,13 +830,10 @@ mod tests {
             method: method.to_owned(),
             target: target.to_owned(),
             version: 1,
-            request_headers: headers
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
+            request_headers: headers.iter().copied().collect(),
             request_body_size: 0,
             status: Some(200),
-            response_headers: Vec::new(),
+            response_headers: Default::default(),
             response_body_size: 0,
         }
     }
