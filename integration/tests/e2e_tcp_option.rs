@@ -19,6 +19,7 @@ use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 use integration::{OtlpReceiver, ReceivedSpan, SpanKind};
@@ -735,4 +736,79 @@ async fn link_across_hosts(tls: bool) {
         traces.insert(first.trace_id.clone());
     }
     assert_eq!(traces.len(), REQUESTS, "one trace per request");
+}
+
+/// Opaque request/response rounds over one loopback connection: bytes no parser recognises, so
+/// the agent gives up on the connection after its first writes.
+const OPAQUE_PY: &str = r#"
+import socket, sys, time
+
+rounds = int(sys.argv[1])
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+client = socket.create_connection(srv.getsockname())
+server, _ = srv.accept()
+for s in (client, server):
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for i in range(rounds):
+    client.sendall(b"\x01\x02\x03\x04opaque-request-%06d" % i)
+    server.recv(64)
+    server.sendall(b"\x05\x06\x07\x08opaque-response-%06d" % i)
+    client.recv(64)
+    time.sleep(0.003)
+print("done", flush=True)
+"#;
+
+/// The value of `kernel_events_total{what}` in the agent's last metrics line.
+fn kernel_counter(stderr: &str, what: &str) -> u64 {
+    let key = format!("tracer_kernel_events_total{{what=\"{what}\"}}=");
+    let line = stderr
+        .lines()
+        .rfind(|l| l.contains("agent metrics"))
+        .unwrap_or_else(|| panic!("no metrics line in the agent's log:\n{stderr}"));
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix(key.as_str()))
+        .map_or(0, |v| v.parse().expect("counter value"))
+}
+
+/// A client connection the agent ignores (no protocol detected) is given trace ids by its first
+/// writes, before userspace has looked at its bytes. Once the agent gives up on it, the id is
+/// forgotten and the sock_ops program stops running for the socket: the option is not written on
+/// the rest of the connection's segments.
+#[test]
+fn ignored_connections_stop_carrying_trace_ids() {
+    require_root();
+    const ROUNDS: u64 = 400;
+    let dir = TempDir::new("tcpopt-ignored");
+    let mut agent = Agent::start(&dir, &[]);
+    assert!(
+        agent.stderr().contains("tcp_option=true"),
+        "the option should run on this kernel:\n{}",
+        agent.stderr()
+    );
+    let path = dir.write("opaque.py", OPAQUE_PY);
+    let mut cmd = Command::new(python());
+    cmd.arg(&path)
+        .arg(ROUNDS.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut script = Proc::spawn("opaque.py", cmd);
+    let out = Lines::new(script.take_stdout());
+    assert_eq!(out.next("opaque.py"), "done");
+    script.wait(Duration::from_secs(10));
+    agent.stop();
+    let log = agent.stderr();
+    let written = kernel_counter(&log, "tcp_option_written");
+    let stopped = kernel_counter(&log, "tcp_option_stopped");
+    assert!(
+        stopped >= 1,
+        "no socket stopped its option callbacks (written {written}):\n{log}"
+    );
+    // Each round is one client write (one segment). Detection gives up after a few of them;
+    // without the stop every round would carry the option.
+    assert!(
+        written > 0 && written < ROUNDS / 2,
+        "{written} options written over {ROUNDS} rounds"
+    );
 }

@@ -105,8 +105,37 @@ pub const CNT_TCP_OPT_READ: u32 = 9;
 /// Data segments of a socket with a trace to send that had no room left for the option (other
 /// options, such as SACK blocks, took the 40 bytes TCP allows): the segment went without it.
 pub const CNT_TCP_OPT_NO_ROOM: u32 = 10;
+/// Client sockets whose option callbacks were turned off because userspace ignores their
+/// connection (unknown protocol, filtered out): no trace id will be sent on them.
+pub const CNT_TCP_OPT_STOPPED: u32 = 11;
 /// Number of counters.
-pub const NUM_COUNTERS: u32 = 11;
+pub const NUM_COUNTERS: u32 = 12;
+
+/// A socket's tuple, built alike from `sock_common` in the syscall programs (`tuple_of`) and from
+/// the `bpf_sock_ops` context in the sock_ops program: the key that joins the two. No implicit
+/// padding, so every byte of the key is defined. Userspace builds it too, to forget the trace id
+/// of a client connection it stops watching (`OUT_CTX`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TupleKey {
+    /// AF_INET or AF_INET6, as the socket's family (a dual-stack socket is AF_INET6 with
+    /// IPv4-mapped addresses on both sides).
+    pub family: u16,
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+    /// Reserved, zero.
+    pub _pad: u16,
+    /// Network order; IPv4 in the first 4 bytes.
+    pub local_addr: [u8; 16],
+    /// Network order; IPv4 in the first 4 bytes.
+    pub remote_addr: [u8; 16],
+}
+
+/// Size of an `OUT_CTX` value (the trace id chosen for a client socket's requests); userspace only
+/// deletes entries, so it needs the size, not the layout.
+pub const OUT_CTX_VALUE_SIZE: usize = 32;
 
 /// Header of every ring-buffer record. A data event is followed by `captured` payload bytes.
 #[repr(C)]

@@ -170,26 +170,6 @@ struct Inflight {
 /// A trace id as the programs keep it; its bytes in memory order are the id.
 type TraceId = [u64; 2];
 
-/// A socket's tuple, built alike from `sock_common` in the syscall programs ([`tuple_of`]) and from
-/// the `bpf_sock_ops` context in the sock_ops program: the key that joins the two. No implicit
-/// padding, so every byte of the key is defined.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TupleKey {
-    /// AF_INET or AF_INET6, as the socket's family (a dual-stack socket is AF_INET6 with
-    /// IPv4-mapped addresses on both sides).
-    family: u16,
-    /// Host order.
-    local_port: u16,
-    /// Host order.
-    remote_port: u16,
-    _pad: u16,
-    /// Network order; IPv4 in the first 4 bytes.
-    local_addr: [u8; 16],
-    /// Network order; IPv4 in the first 4 bytes.
-    remote_addr: [u8; 16],
-}
-
 /// The request a thread serves: started by its first read on a server socket, answered by its
 /// first write back on that socket.
 #[repr(C)]
@@ -223,6 +203,7 @@ struct OutCtx {
     responded: u8,
     _pad: [u8; 6],
 }
+const _: () = assert!(core::mem::size_of::<OutCtx>() == OUT_CTX_VALUE_SIZE);
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -22,7 +22,9 @@ use aya_ebpf::macros::sock_ops;
 use aya_ebpf::programs::SockOpsContext;
 use tracer_ebpf::abi::*;
 
-use super::{AF_INET6, IN_CTX, InCtx, OUT_CTX, TraceId, TupleKey, count, trace_bytes};
+use super::{
+    AF_INET6, CONNS, IN_CTX, InCtx, OUT_CTX, TraceId, TupleKey, count, trace_bytes, wants_trace,
+};
 
 /// `args[0]` of `BPF_SOCK_OPS_HDR_OPT_LEN_CB` when the kernel computes the MSS: no segment is
 /// sent, but the room reserved now is taken off every segment's payload.
@@ -45,7 +47,7 @@ pub fn trace_tcp_opt(ctx: SockOpsContext) -> u32 {
             let flags = ctx.cb_flags() | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG;
             let _ = ctx.set_cb_flags(flags as i32);
         }
-        BPF_SOCK_OPS_HDR_OPT_LEN_CB => reserve(ops),
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => reserve(&ctx),
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB => write(ops),
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB => parse(ops),
         _ => {}
@@ -133,28 +135,43 @@ fn segment(ops: *mut bpf_sock_ops) -> Option<(u32, u32)> {
 /// `BPF_SOCK_OPS_HDR_OPT_LEN_CB`: room for the option on data segments of a socket with a trace
 /// to send, and in the MSS computed for it (so full-sized segments still fit the path MTU).
 #[inline(always)]
-fn reserve(ops: *mut bpf_sock_ops) {
-    // SAFETY: presence check only.
-    if unsafe { OUT_CTX.get(&tuple(ops)) }.is_none() {
-        return;
-    }
-    // SAFETY: a field of the context.
+fn reserve(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
     let mss = field(unsafe { addr_of!((*ops).__bindgen_anon_1.args[0]) })
         == BPF_WRITE_HDR_TCP_CURRENT_MSS;
-    // Before the header is written the length is the payload's: zero for pure ACKs.
-    // SAFETY: a field of the context.
     let data = field(unsafe { addr_of!((*ops).skb_len) }) != 0;
     if !mss && !data {
         return;
     }
-    // SAFETY: the context pointer is the program's own.
+    if unsafe { OUT_CTX.get(&tuple(ops)) }.is_none() {
+        if data && ignored(ops) {
+            // No write on this connection will choose a trace id: stop running for its
+            // segments (a new connection at the same address sets the flag again).
+            let flags = ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+            let _ = ctx.set_cb_flags(flags as i32);
+            count(CNT_TCP_OPT_STOPPED);
+        }
+        return;
+    }
     let rc = unsafe { bpf_reserve_hdr_opt(ops, TCP_OPT_LEN as u32, 0) };
     if rc != 0 && !mss {
         count(CNT_TCP_OPT_NO_ROOM);
     }
 }
 
-/// `BPF_SOCK_OPS_WRITE_HDR_OPT_CB`: the option itself, in the room reserved for this segment.
+/// Whether userspace ignores the connection of this segment (see `wants_trace`).
+#[inline(always)]
+fn ignored(ops: *mut bpf_sock_ops) -> bool {
+    // SAFETY: context field read; the verifier checks the access.
+    let sk = unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)) } as u64;
+    if sk == 0 {
+        return false;
+    }
+    // SAFETY: copied out of the map; the key is the `struct sock` address, as the syscall
+    // programs key it.
+    unsafe { CONNS.get(&sk) }.is_some_and(|c| !wants_trace(c.flags))
+}
+
 #[inline(always)]
 fn write(ops: *mut bpf_sock_ops) {
     // SAFETY: copied out of the map.
