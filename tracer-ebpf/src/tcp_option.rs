@@ -137,22 +137,28 @@ fn segment(ops: *mut bpf_sock_ops) -> Option<(u32, u32)> {
 #[inline(always)]
 fn reserve(ctx: &SockOpsContext) {
     let ops = ctx.ops;
+    // SAFETY: a field of the context.
     let mss = field(unsafe { addr_of!((*ops).__bindgen_anon_1.args[0]) })
         == BPF_WRITE_HDR_TCP_CURRENT_MSS;
+    // Before the header is written the length is the payload's: zero for pure ACKs.
+    // SAFETY: a field of the context.
     let data = field(unsafe { addr_of!((*ops).skb_len) }) != 0;
     if !mss && !data {
         return;
     }
+    // SAFETY: presence check only.
     if unsafe { OUT_CTX.get(&tuple(ops)) }.is_none() {
         if data && ignored(ops) {
-            // No write on this connection will choose a trace id: stop running for its
-            // segments (a new connection at the same address sets the flag again).
+            // No write on this connection will choose a trace id (userspace deleted the one its
+            // first writes chose): stop running for its segments. A new connection, even at the
+            // same address, sets the flag again when it is established.
             let flags = ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
             let _ = ctx.set_cb_flags(flags as i32);
             count(CNT_TCP_OPT_STOPPED);
         }
         return;
     }
+    // SAFETY: the context pointer is the program's own.
     let rc = unsafe { bpf_reserve_hdr_opt(ops, TCP_OPT_LEN as u32, 0) };
     if rc != 0 && !mss {
         count(CNT_TCP_OPT_NO_ROOM);
@@ -172,6 +178,7 @@ fn ignored(ops: *mut bpf_sock_ops) -> bool {
     unsafe { CONNS.get(&sk) }.is_some_and(|c| !wants_trace(c.flags))
 }
 
+/// `BPF_SOCK_OPS_WRITE_HDR_OPT_CB`: the option itself, in the room reserved for this segment.
 #[inline(always)]
 fn write(ops: *mut bpf_sock_ops) {
     // SAFETY: copied out of the map.
