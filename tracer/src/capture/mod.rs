@@ -130,16 +130,23 @@ pub enum CaptureError {
     },
 }
 
+/// The kernel map `name`, as the typed map `M` (a hash map, an array, ...).
+fn typed_map<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M, CaptureError>
+where
+    M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| CaptureError::Invalid(format!("no {name} map")))?;
+    M::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}
+
 /// Puts `keys` into the kernel hash map `name` (a set: values are 1).
 fn fill_set<K: Pod>(ebpf: &mut Ebpf, name: &'static str, keys: &[K]) -> Result<(), CaptureError> {
     if keys.is_empty() {
         return Ok(());
     }
-    let map = ebpf
-        .map_mut(name)
-        .ok_or_else(|| CaptureError::Invalid(format!("no {name} map")))?;
-    let mut set: BpfHashMap<_, K, u8> =
-        BpfHashMap::try_from(map).map_err(|source| CaptureError::Map { name, source })?;
+    let mut set: BpfHashMap<_, K, u8> = typed_map(ebpf, name)?;
     for key in keys {
         set.insert(key, 1, 0)
             .map_err(|source| CaptureError::Map { name, source })?;
@@ -425,14 +432,7 @@ impl Capture {
     /// keep-alive connection) loses that one read; the parsers pick the connection up at its next
     /// request.
     pub fn end_recovery(&mut self) -> Result<(), CaptureError> {
-        let map = self
-            .ebpf
-            .map_mut("RECOVERY_DONE")
-            .ok_or(CaptureError::Invalid("no RECOVERY_DONE map".into()))?;
-        let mut done: Array<_, u32> = Array::try_from(map).map_err(|source| CaptureError::Map {
-            name: "RECOVERY_DONE",
-            source,
-        })?;
+        let mut done: Array<_, u32> = typed_map(&mut self.ebpf, "RECOVERY_DONE")?;
         done.set(0, 1, 0).map_err(|source| CaptureError::Map {
             name: "RECOVERY_DONE",
             source,
@@ -451,15 +451,8 @@ impl Capture {
         if !self.tcp_option {
             return Ok(());
         }
-        let map = self
-            .ebpf
-            .map_mut("OUT_CTX")
-            .ok_or(CaptureError::Invalid("no OUT_CTX map".into()))?;
         let mut out: BpfHashMap<_, TupleKeyPod, [u8; abi::OUT_CTX_VALUE_SIZE]> =
-            BpfHashMap::try_from(map).map_err(|source| CaptureError::Map {
-                name: "OUT_CTX",
-                source,
-            })?;
+            typed_map(&mut self.ebpf, "OUT_CTX")?;
         for key in tuple_keys(local, remote) {
             // A key that is not there is the common case (server side, no trace chosen yet).
             let _ = out.remove(&TupleKeyPod(key));
@@ -474,15 +467,7 @@ impl Capture {
         conn_id: u64,
         flags: u8,
     ) -> Result<(), CaptureError> {
-        let map = self
-            .ebpf
-            .map_mut("CONNS")
-            .ok_or(CaptureError::Invalid("no CONNS map".into()))?;
-        let mut conns: BpfHashMap<_, u64, ConnStatePod> =
-            BpfHashMap::try_from(map).map_err(|source| CaptureError::Map {
-                name: "CONNS",
-                source,
-            })?;
+        let mut conns: BpfHashMap<_, u64, ConnStatePod> = typed_map(&mut self.ebpf, "CONNS")?;
         let Ok(ConnStatePod(mut state)) = conns.get(&sock, 0) else {
             return Ok(());
         };
