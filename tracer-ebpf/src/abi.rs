@@ -2,7 +2,7 @@
 //! `#[repr(C)]`, 8-byte aligned, and read by userspace with an unaligned copy of the ring-buffer record.
 
 /// Bumped on any layout change of the types in this module.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Compile-time ceiling of payload bytes copied per syscall. The runtime limit (`CAPTURE_LIMIT`) is
 /// at most this.
@@ -110,6 +110,21 @@ pub const CNT_TCP_OPT_NO_ROOM: u32 = 10;
 pub const CNT_TCP_OPT_STOPPED: u32 = 11;
 /// Number of counters.
 pub const NUM_COUNTERS: u32 = 12;
+
+/// Slots of `AFTER_CONTEXT`: a read's exit program, which its trace-context program
+/// (`sys_exit_*_trace`, attached to the read's exit tracepoint in its place when the TCP option
+/// runs) tail-calls once it stored the read's context.
+pub const AFTER_CONTEXT_READ: u32 = 0;
+/// See [`AFTER_CONTEXT_READ`].
+pub const AFTER_CONTEXT_READV: u32 = 1;
+/// See [`AFTER_CONTEXT_READ`].
+pub const AFTER_CONTEXT_RECVFROM: u32 = 2;
+/// See [`AFTER_CONTEXT_READ`].
+pub const AFTER_CONTEXT_RECVMSG: u32 = 3;
+/// See [`AFTER_CONTEXT_READ`].
+pub const AFTER_CONTEXT_RECVMMSG: u32 = 4;
+/// Number of `AFTER_CONTEXT` slots.
+pub const AFTER_CONTEXT_SLOTS: u32 = 5;
 
 /// A socket's tuple, built alike from `sock_common` in the syscall programs (`tuple_of`) and from
 /// the `bpf_sock_ops` context in the sock_ops program: the key that joins the two. No implicit
@@ -269,6 +284,10 @@ pub struct KernelOffsets {
     pub tcp_write_seq: u32,
     /// `tcp_sock.copied_seq`: sequence number after the last byte the process read.
     pub tcp_copied_seq: u32,
+    /// `file.f_op`
+    pub file_f_op: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
 }
 
 const _: () = assert!(HEADER_SIZE.is_multiple_of(8));

@@ -6,15 +6,16 @@ use core::ptr::read_volatile;
 use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_task, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-    bpf_probe_read_kernel, bpf_probe_read_user, bpf_ringbuf_output, bpf_ringbuf_query,
+    bpf_get_current_task, bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_smp_processor_id,
+    bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_ringbuf_output,
+    bpf_ringbuf_query,
 };
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
     bpf_probe_read_user as read_user,
 };
 use aya_ebpf::macros::{map, tracepoint};
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 use tracer_ebpf::abi::*;
 
@@ -46,6 +47,11 @@ static FILTER_PORTS: u8 = 0;
 /// program carrying trace ids in TCP options (`tcp_option.rs`) is attached.
 #[unsafe(no_mangle)]
 static TRACE_CONTEXT: u8 = 0;
+/// Set by userspace before load: non-zero when the kernel has `bpf_get_current_task_btf` (5.11),
+/// so the fd walk loads through typed task pointers instead of calling `bpf_probe_read_kernel`
+/// for each step.
+#[unsafe(no_mangle)]
+static TASK_BTF: u8 = 0;
 /// Set by userspace before load: struct offsets of the running kernel, from BTF.
 #[unsafe(no_mangle)]
 static OFFSETS: KernelOffsets = KernelOffsets {
@@ -69,6 +75,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     task_stack: 0,
     tcp_write_seq: 0,
     tcp_copied_seq: 0,
+    file_f_op: 0,
+    _pad: 0,
 };
 
 /// Events to userspace. Userspace resizes it at load time.
@@ -92,6 +100,18 @@ static SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 /// read instead of a lookup in `SEEN`.
 #[map]
 static RECOVERY_DONE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The exit programs of reads, by `AFTER_CONTEXT_*` slot, for their trace-context programs to
+/// tail-call (see `read_context`).
+#[map]
+static AFTER_CONTEXT: ProgramArray = ProgramArray::with_max_entries(AFTER_CONTEXT_SLOTS, 0);
+
+/// Slot 0: the address of the kernel's `socket_file_ops`, learned from the first socket the fd walk
+/// meets (every socket file has these operations), so that later walks tell a socket by one read
+/// of `file->f_op` instead of two (`file->f_inode->i_mode`). This kernel's kallsyms lists no data
+/// symbols, so userspace cannot look the address up.
+#[map]
+static SOCKET_FOPS: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Processes to trace when `FILTER_PIDS` is set.
 #[map]
@@ -322,23 +342,54 @@ fn sock_of_fd(fd: i64) -> Option<u64> {
         return None;
     }
     let o = offsets();
-    // SAFETY: returns the current task pointer; only dereferenced through probe reads.
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = kread(task + o.task_files as u64)?;
-    let fdt: u64 = kread(files + o.files_fdt as u64)?;
-    let max_fds: u32 = kread(fdt + o.fdt_max_fds as u64)?;
+    // SAFETY: plain read of a global set before load.
+    let (max_fds, fd_array) = if unsafe { read_volatile(&TASK_BTF) } != 0 {
+        // SAFETY: the current task as a BTF pointer. The verifier checks each load from it
+        // against the kernel's types (the offsets are constants of the frozen read-only data)
+        // and turns it into a plain load that cannot fault; `files` and `fdt` are typed
+        // pointers too, `fdt->fd` is not.
+        unsafe {
+            let task = bpf_get_current_task_btf() as u64;
+            let files: u64 = read_volatile((task + o.task_files as u64) as *const u64);
+            if files == 0 {
+                return None;
+            }
+            let fdt: u64 = read_volatile((files + o.files_fdt as u64) as *const u64);
+            if fdt == 0 {
+                return None;
+            }
+            (
+                read_volatile((fdt + o.fdt_max_fds as u64) as *const u32),
+                read_volatile((fdt + o.fdt_fd as u64) as *const u64),
+            )
+        }
+    } else {
+        // SAFETY: returns the current task pointer; only dereferenced through probe reads.
+        let task = unsafe { bpf_get_current_task() };
+        let files: u64 = kread(task + o.task_files as u64)?;
+        let fdt: u64 = kread(files + o.files_fdt as u64)?;
+        let max_fds: u32 = kread(fdt + o.fdt_max_fds as u64)?;
+        (max_fds, kread::<u64>(fdt + o.fdt_fd as u64)?)
+    };
     if fd as u64 >= max_fds as u64 {
         return None;
     }
-    let fd_array: u64 = kread(fdt + o.fdt_fd as u64)?;
     let file: u64 = kread(fd_array + 8 * fd as u64)?;
     if file == 0 {
         return None;
     }
-    let inode: u64 = kread(file + o.file_inode as u64)?;
-    let mode: u16 = kread(inode + o.inode_mode as u64)?;
-    if mode & S_IFMT != S_IFSOCK {
-        return None;
+    let known = SOCKET_FOPS.get(0).copied().unwrap_or(0);
+    if known != 0 {
+        let f_op: u64 = kread(file + o.file_f_op as u64)?;
+        if f_op != known {
+            return None;
+        }
+    } else {
+        let inode: u64 = kread(file + o.file_inode as u64)?;
+        let mode: u16 = kread(inode + o.inode_mode as u64)?;
+        if mode & S_IFMT != S_IFSOCK {
+            return None;
+        }
     }
     let socket: u64 = kread(file + o.file_private_data as u64)?;
     let sk: u64 = kread(socket + o.socket_sk as u64)?;
@@ -352,6 +403,17 @@ fn sock_of_fd(fd: i64) -> Option<u64> {
     let sk_type: u16 = kread(sk + o.sk_type as u64)?;
     if sk_type != SOCK_STREAM {
         return None;
+    }
+    // Learned only from a socket whose `struct sock` checked out: a file opened with O_PATH on a
+    // socket's path has a socket inode but other operations (and no socket).
+    if known == 0
+        && let (Some(f_op), Some(slot)) = (
+            kread::<u64>(file + o.file_f_op as u64),
+            SOCKET_FOPS.get_ptr_mut(0),
+        )
+    {
+        // SAFETY: pointer from a successful lookup; racing writers store the same value.
+        unsafe { *slot = f_op };
     }
     Some(sk)
 }
@@ -733,6 +795,12 @@ fn saved_args(ctx: &TracePointContext) -> Option<[u64; 3]> {
     None
 }
 
+/// Whether userspace ended the recovery of calls blocked at attach time.
+#[inline(always)]
+fn recovery_done() -> bool {
+    RECOVERY_DONE.get(0).is_some_and(|done| *done != 0)
+}
+
 /// A syscall exit without a recorded entry: either not a socket, or a call that was already
 /// blocked when the programs attached (a server waiting in recv on an old connection). Each
 /// thread is looked at once; its arguments come from its saved registers.
@@ -744,7 +812,7 @@ fn recover_inflight(
     direction: u8,
     buf_kind: u8,
 ) -> Option<Inflight> {
-    if RECOVERY_DONE.get(0).is_some_and(|done| *done != 0) {
+    if recovery_done() {
         return None;
     }
     // SAFETY: presence check only.
@@ -979,32 +1047,33 @@ macro_rules! io_tracepoints {
 
 /// The trace context of a read that returned bytes, stored in the thread's in-flight record for
 /// the exit program that emits the event: the request a server socket's read belongs to, or the
-/// end of a client socket's request. A program of its own, attached to the same tracepoints
-/// before the exit programs (programs on one tracepoint run in attach order), so the verifier
-/// checks it apart from their copy loops.
+/// end of a client socket's request. Runs in a program of its own, which then tail-calls the
+/// read's exit program (`AFTER_CONTEXT`), so the verifier checks it apart from their copy loops.
+/// Returns whether the exit program has anything to do: not when no entry was recorded (a read
+/// that is not on a socket) and no blocked call is being recovered.
 #[inline(always)]
-fn read_context(ctx: &TracePointContext) -> u32 {
-    if !trace_context() {
-        return 0;
-    }
+fn read_context(ctx: &TracePointContext) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(inf) = INFLIGHT.get_ptr_mut(pid_tgid) else {
-        return 0;
+        return !recovery_done();
     };
+    if !trace_context() {
+        return true;
+    }
     let rc = ret(ctx);
     if rc <= 0 {
-        return 0;
+        return true;
     }
     // SAFETY: pointer from a successful lookup; only this thread writes its own key.
     let (sock, mmsg) = unsafe { ((*inf).sock, (*inf).mmsg) };
     // SAFETY: copied out of the map.
     let Some(conn) = (unsafe { CONNS.get(sock) }).copied() else {
-        return 0;
+        return true;
     };
     // Requests on a connection userspace ignores make no span for anything to link to: the
     // thread is not serving one as far as linking goes (its outgoing calls start traces).
     if !wants_trace(conn.flags) {
-        return 0;
+        return true;
     }
     let key = tuple_of(sock);
     if conn.role == ROLE_SERVER {
@@ -1025,25 +1094,31 @@ fn read_context(ctx: &TracePointContext) -> u32 {
     } else if conn.role == ROLE_CLIENT {
         client_read(&key);
     }
-    0
+    true
 }
 
 macro_rules! read_context_tracepoints {
-    ($($name:ident;)*) => {$(
+    ($($name:ident, $after:expr;)*) => {$(
         #[tracepoint]
         pub fn $name(ctx: TracePointContext) -> u32 {
-            read_context(&ctx)
+            if read_context(&ctx) {
+                // SAFETY: the context is this program's own; userspace fills the slot with the
+                // read's exit program before it attaches this one.
+                unsafe { AFTER_CONTEXT.tail_call(&ctx, $after) };
+            }
+            0
         }
     )*};
 }
 
-// Named `<exit program>_trace`; userspace attaches each to its exit program's tracepoint.
+// Named `<exit program>_trace`; userspace attaches each to its exit program's tracepoint, in its
+// place, and puts the exit program in its `AFTER_CONTEXT` slot.
 read_context_tracepoints! {
-    sys_exit_read_trace;
-    sys_exit_readv_trace;
-    sys_exit_recvfrom_trace;
-    sys_exit_recvmsg_trace;
-    sys_exit_recvmmsg_trace;
+    sys_exit_read_trace, AFTER_CONTEXT_READ;
+    sys_exit_readv_trace, AFTER_CONTEXT_READV;
+    sys_exit_recvfrom_trace, AFTER_CONTEXT_RECVFROM;
+    sys_exit_recvmsg_trace, AFTER_CONTEXT_RECVMSG;
+    sys_exit_recvmmsg_trace, AFTER_CONTEXT_RECVMMSG;
 }
 
 /// Exit programs for the iovec syscalls that copy at most `SMALL_IOVECS` iovecs: older verifiers

@@ -678,6 +678,7 @@ pub fn resolve_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         fdt_fd: btf.member_offset("fdtable", &["fd"])?,
         file_inode: btf.member_offset("file", &["f_inode"])?,
         file_private_data: btf.member_offset("file", &["private_data"])?,
+        file_f_op: btf.member_offset("file", &["f_op"])?,
         inode_mode: btf.member_offset("inode", &["i_mode"])?,
         socket_sk: btf.member_offset("socket", &["sk"])?,
         sk_family: common("skc_family")?,
@@ -692,6 +693,7 @@ pub fn resolve_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         task_stack: btf.member_offset("task_struct", &["stack"])?,
         tcp_write_seq: btf.member_offset("tcp_sock", &["write_seq"])?,
         tcp_copied_seq: btf.member_offset("tcp_sock", &["copied_seq"])?,
+        _pad: 0,
     })
 }
 
@@ -1130,6 +1132,7 @@ mod tests {
             ("fdtable", o.fdt_fd, 8),
             ("file", o.file_inode, 8),
             ("file", o.file_private_data, 8),
+            ("file", o.file_f_op, 8),
             ("inode", o.inode_mode, 2),
             ("socket", o.socket_sk, 8),
         ] {
@@ -1143,11 +1146,13 @@ mod tests {
             o.fdt_fd,
             o.file_inode,
             o.file_private_data,
+            o.file_f_op,
             o.socket_sk,
         ] {
             assert_eq!(offset % 8, 0, "{o:?}");
         }
         assert_ne!(o.file_inode, o.file_private_data);
+        assert_ne!(o.file_f_op, o.file_inode);
         assert_ne!(o.fdt_max_fds, o.fdt_fd);
         assert!(btf.has_func("tcp_sendmsg"));
         assert!(!btf.has_func("tracer_no_such_function"));

@@ -8,7 +8,7 @@ pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
 use aya::programs::{ProgramError, TracePoint};
 use aya::{Ebpf, EbpfLoader, Pod};
 use thiserror::Error;
@@ -49,15 +49,14 @@ const SYSCALL_TRACEPOINTS: &[&str] = &[
     "sys_enter_close",
 ];
 
-/// Read exits whose trace context (`<name>_trace`) is attached before them when the TCP option
-/// runs: programs on one tracepoint run in attach order, and the exit program emits the context
-/// the other one stored.
-const READ_CONTEXT: &[&str] = &[
-    "sys_exit_read",
-    "sys_exit_readv",
-    "sys_exit_recvfrom",
-    "sys_exit_recvmsg",
-    "sys_exit_recvmmsg",
+/// Read exits whose trace-context program (`<name>_trace`) is attached in their place when the TCP
+/// option runs, with the `AFTER_CONTEXT` slot where it finds the exit program to tail-call.
+const READ_CONTEXT: &[(&str, u32)] = &[
+    ("sys_exit_read", abi::AFTER_CONTEXT_READ),
+    ("sys_exit_readv", abi::AFTER_CONTEXT_READV),
+    ("sys_exit_recvfrom", abi::AFTER_CONTEXT_RECVFROM),
+    ("sys_exit_recvmsg", abi::AFTER_CONTEXT_RECVMSG),
+    ("sys_exit_recvmmsg", abi::AFTER_CONTEXT_RECVMMSG),
 ];
 
 /// Exit programs that have a `<name>_small` variant with a shorter iovec loop.
@@ -223,17 +222,32 @@ pub struct Capture {
     tcp_option: bool,
 }
 
+/// Whether the fd walk loads through typed task pointers (`bpf_get_current_task_btf`, Linux 5.11):
+/// three fault-tolerant loads instead of three `bpf_probe_read_kernel` calls on every read and
+/// write on the host. `TRACER_TASK_BTF=0` turns them off.
+fn typed_task_loads() -> bool {
+    if std::env::var_os("TRACER_TASK_BTF").is_some_and(|v| v == "0") {
+        tracing::info!("typed task loads turned off by TRACER_TASK_BTF=0");
+        return false;
+    }
+    crate::check::kernel_release()
+        .and_then(|r| crate::check::kernel_version(&r))
+        .is_some_and(|v| v >= (5, 11))
+}
+
 /// Creates the maps and relocates the programs (loading each program into the kernel comes later).
 fn load_object(
     opts: &CaptureOptions,
     offsets: KernelOffsets,
     trace_context: bool,
+    task_btf: bool,
 ) -> Result<Ebpf, CaptureError> {
     let agent = std::process::id();
     let offsets = OffsetsPod(offsets);
     let filter_pids = u8::from(!opts.pids.is_empty());
     let filter_ports = u8::from(!opts.ports.is_empty());
     let trace_context = u8::from(trace_context);
+    let task_btf = u8::from(task_btf);
     let mut ebpf = EbpfLoader::new()
         .override_global("AGENT_TGID", &agent, true)
         .override_global("WAKEUP_BYTES", &wakeup_bytes(opts.ring_buffer_bytes), true)
@@ -241,6 +255,7 @@ fn load_object(
         .override_global("FILTER_PIDS", &filter_pids, true)
         .override_global("FILTER_PORTS", &filter_ports, true)
         .override_global("TRACE_CONTEXT", &trace_context, true)
+        .override_global("TASK_BTF", &task_btf, true)
         .override_global("OFFSETS", &offsets, true)
         .map_max_entries("EVENTS", opts.ring_buffer_bytes)
         .map_max_entries("SCRATCH", possible_cpus()?)
@@ -257,20 +272,21 @@ fn load_object(
 fn load_with_tcp_option(
     opts: &CaptureOptions,
     offsets: KernelOffsets,
+    task_btf: bool,
 ) -> Result<(Ebpf, bool), CaptureError> {
     if !opts.tcp_option {
         tracing::info!("trace-context TCP option turned off by configuration");
-        return Ok((load_object(opts, offsets, false)?, false));
+        return Ok((load_object(opts, offsets, false, task_btf)?, false));
     }
     let without = |err: tcp_option::TcpOptionError| {
         tracing::warn!(%err, "running without the trace-context TCP option");
-        Ok((load_object(opts, offsets, false)?, false))
+        Ok((load_object(opts, offsets, false, task_btf)?, false))
     };
     let cgroup = match tcp_option::prepare() {
         Ok(cgroup) => cgroup,
         Err(err) => return without(err),
     };
-    let mut ebpf = load_object(opts, offsets, true)?;
+    let mut ebpf = load_object(opts, offsets, true, task_btf)?;
     if let Err(err) = tcp_option::attach(&mut ebpf, &cgroup) {
         drop(ebpf);
         return without(err);
@@ -301,7 +317,31 @@ impl Capture {
                 opts.ring_buffer_bytes
             )));
         }
-        let (mut ebpf, tcp_option) = load_with_tcp_option(opts, offsets)?;
+        let task_btf = typed_task_loads();
+        match Self::start_with(opts, offsets, task_btf) {
+            // The typed loads are checked by the verifier against the kernel's own types; should a
+            // kernel refuse them, the probe-read walk works everywhere.
+            Err(CaptureError::Attach {
+                name,
+                source: ProgramError::LoadError { .. },
+            }) if task_btf => {
+                tracing::warn!(
+                    program = name,
+                    "the kernel's verifier refused the typed task loads; walking the fd table with probe reads instead"
+                );
+                Self::start_with(opts, offsets, false)
+            }
+            other => other,
+        }
+    }
+
+    /// [`Capture::start`] with the fd walk's typed task loads on or off.
+    fn start_with(
+        opts: &CaptureOptions,
+        offsets: KernelOffsets,
+        task_btf: bool,
+    ) -> Result<Capture, CaptureError> {
+        let (mut ebpf, tcp_option) = load_with_tcp_option(opts, offsets, task_btf)?;
 
         let tracepoints = SYSCALL_TRACEPOINTS
             .iter()
@@ -317,27 +357,28 @@ impl Capture {
             .is_some_and(|v| v >= (6, 8));
         let mut attached = 0;
         for (category, name) in tracepoints {
+            let load = |ebpf: &mut Ebpf, program: &str| -> Result<(), ProgramError> {
+                let prog: &mut TracePoint = ebpf
+                    .program_mut(program)
+                    .ok_or(ProgramError::UnexpectedProgramType)?
+                    .try_into()?;
+                prog.load()
+            };
             let attach = |ebpf: &mut Ebpf, program: &str| -> Result<(), ProgramError> {
                 let prog: &mut TracePoint = ebpf
                     .program_mut(program)
                     .ok_or(ProgramError::UnexpectedProgramType)?
                     .try_into()?;
-                prog.load()?;
                 prog.attach(category, name)?;
                 Ok(())
             };
-            if tcp_option && READ_CONTEXT.contains(&name) {
-                attach(&mut ebpf, &format!("{name}_trace"))
-                    .map_err(|source| CaptureError::Attach { name, source })?;
-                attached += 1;
-            }
             let first = if SMALL_VARIANTS.contains(&name) && !long_iovec_loop {
                 format!("{name}_small")
             } else {
                 name.to_owned()
             };
-            match attach(&mut ebpf, &first) {
-                Ok(()) => {}
+            let program = match load(&mut ebpf, &first) {
+                Ok(()) => first,
                 // Older verifiers reject the long iovec copy loop as too complex; these syscalls
                 // have a variant with a shorter loop.
                 Err(ProgramError::LoadError { .. })
@@ -350,10 +391,42 @@ impl Capture {
                         abi::MAX_IOVECS,
                         abi::SMALL_IOVECS
                     );
-                    attach(&mut ebpf, &small)
+                    load(&mut ebpf, &small)
                         .map_err(|source| CaptureError::Attach { name, source })?;
+                    small
                 }
                 Err(source) => return Err(CaptureError::Attach { name, source }),
+            };
+            let context = READ_CONTEXT
+                .iter()
+                .find(|(exit, _)| *exit == name)
+                .filter(|_| tcp_option);
+            if let Some(&(_, slot)) = context {
+                // The trace-context program runs first and tail-calls the exit program.
+                let fd = {
+                    let prog: &mut TracePoint = ebpf
+                        .program_mut(&program)
+                        .ok_or(ProgramError::UnexpectedProgramType)
+                        .and_then(|p| p.try_into())
+                        .map_err(|source| CaptureError::Attach { name, source })?;
+                    prog.fd()
+                        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+                        .map_err(|source| CaptureError::Attach { name, source })?
+                };
+                let mut slots: ProgramArray<&mut MapData> = typed_map(&mut ebpf, "AFTER_CONTEXT")?;
+                slots
+                    .set(slot, &fd, 0)
+                    .map_err(|source| CaptureError::Map {
+                        name: "AFTER_CONTEXT",
+                        source,
+                    })?;
+                let trace = format!("{name}_trace");
+                load(&mut ebpf, &trace)
+                    .and_then(|()| attach(&mut ebpf, &trace))
+                    .map_err(|source| CaptureError::Attach { name, source })?;
+            } else {
+                attach(&mut ebpf, &program)
+                    .map_err(|source| CaptureError::Attach { name, source })?;
             }
             attached += 1;
         }
