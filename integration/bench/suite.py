@@ -811,7 +811,8 @@ def report(ctx, res, meta):
                     drops[k] = drops.get(k, 0) + v
             label = {"http": "TCP, HTTP/1.1 request+response (copied, parsed, 2 spans per iteration)",
                      "opaque": "TCP, unknown protocol (payload copying stops after detection)",
-                     "pipe": "pipe (not a socket: fd-type check only)"}.get(mode, mode)
+                     "pipe": "pipe (not a socket: fd-type check only)",
+                     "untraced": "getppid, a syscall the agent does not trace (dispatch only)"}.get(mode, mode)
             dropped = ", ".join(f"{short(k)}={v}" for k, v in drops.items()) or "none"
             L.append(f"| {label} | {fmt(off)} | {fmt(on)} | {fmt(row['added'])} | {fmt(mc)} mcores | {dropped} |")
         if "http" in res["syscall"]:
@@ -1006,7 +1007,7 @@ def main():
     ctx.nginx_workers = env_int("NGINX_WORKERS", 1)
     ctx.loadgen_conns = env_int("LOADGEN_CONNS", 64)
     ctx.gunicorn_threads = env_int("GUNICORN_THREADS", 4)
-    ctx.syscall_modes = os.environ.get("SYSCALL_MODES", "http,opaque,pipe").split(",")
+    ctx.syscall_modes = os.environ.get("SYSCALL_MODES", "http,opaque,pipe,untraced").split(",")
     ctx.syscall_iters = env_int("SYSCALL_ITERS", 5_000_000)
     ctx.syscall_seconds = env_float("SYSCALL_SECONDS", 5)
     ctx.agent_args = os.environ.get("AGENT_ARGS", "").split()

@@ -8,6 +8,8 @@
 //   MODE opaque  loopback TCP pair carrying bytes no parser recognises (the agent gives up on the
 //                connection after detection and the kernel stops copying its payload)
 //   MODE pipe    two pipes (not sockets: the kernel programs only check the fd type)
+//   MODE untraced  getppid(2), a syscall the agent does not trace: what its raw sys_enter/sys_exit
+//                programs cost every other syscall on the host
 // Every iteration is 4 syscalls: write(a), read(b), write(b), read(a). Both ends live in this one
 // thread: a small write on loopback is already queued at the peer when write() returns, so no
 // read blocks and no context switch adds noise. The loop stops after ITERATIONS or MAX_SECONDS,
@@ -24,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -99,7 +102,7 @@ static void read_exact(int fd, char *buf, size_t n) {
 
 int main(int argc, char **argv) {
     if (argc != 4) {
-        fprintf(stderr, "usage: %s http|opaque|pipe ITERATIONS MAX_SECONDS\n", argv[0]);
+        fprintf(stderr, "usage: %s http|opaque|pipe|untraced ITERATIONS MAX_SECONDS\n", argv[0]);
         return 2;
     }
     const char *mode = argv[1];
@@ -111,9 +114,10 @@ int main(int argc, char **argv) {
     }
 
     // a_out/b_in carry requests, b_out/a_in carry responses.
-    int a_out, b_in, b_out, a_in;
-    const char *req, *resp;
-    size_t req_len, resp_len;
+    int a_out = -1, b_in = -1, b_out = -1, a_in = -1;
+    const char *req = NULL, *resp = NULL;
+    size_t req_len = 0, resp_len = 0;
+    int untraced = 0;
     if (strcmp(mode, "http") == 0 || strcmp(mode, "opaque") == 0) {
         int client, server;
         tcp_pair(&client, &server);
@@ -135,13 +139,19 @@ int main(int argc, char **argv) {
         resp = OPAQUE_RESPONSE;
         req_len = sizeof OPAQUE_REQUEST - 1;
         resp_len = sizeof OPAQUE_RESPONSE - 1;
+    } else if (strcmp(mode, "untraced") == 0) {
+        untraced = 1;
     } else {
         fprintf(stderr, "unknown mode %s\n", mode);
         return 2;
     }
 
     char buf[256];
-    for (int i = 0; i < WARMUP_ITERATIONS; i++) {
+    if (untraced) {
+        // glibc does not cache getppid; syscall() keeps it a real syscall either way.
+        for (int i = 0; i < WARMUP_ITERATIONS; i++) syscall(SYS_getppid);
+    }
+    for (int i = 0; !untraced && i < WARMUP_ITERATIONS; i++) {
         write_all(a_out, req, req_len);
         read_exact(b_in, buf, req_len);
         write_all(b_out, resp, resp_len);
@@ -153,10 +163,14 @@ int main(int argc, char **argv) {
     long long done = 0;
     double end = start;
     while (done < iterations) {
-        write_all(a_out, req, req_len);
-        read_exact(b_in, buf, req_len);
-        write_all(b_out, resp, resp_len);
-        read_exact(a_in, buf, resp_len);
+        if (untraced) {
+            for (int i = 0; i < SYSCALLS_PER_ITERATION; i++) syscall(SYS_getppid);
+        } else {
+            write_all(a_out, req, req_len);
+            read_exact(b_in, buf, req_len);
+            write_all(b_out, resp, resp_len);
+            read_exact(a_in, buf, resp_len);
+        }
         done++;
         if (done % CHECK_EVERY == 0) {
             end = now_s();
