@@ -95,6 +95,8 @@ fn check_kernel(meta: &str, version_prefix: &str) {
     // the kernel counters (logged at exit when non-zero) saw the option written and read.
     let log = section(&console, "agent log").join("\n");
     assert!(log.contains("tcp_option=true"), "{log}");
+    // The fd walk's typed task loads passed this verifier (no fall back to probe reads).
+    assert!(!log.contains("refused the typed task loads"), "{log}");
     for what in ["tcp_option_written", "tcp_option_read"] {
         assert!(
             log.contains(&format!("{{what=\"{what}\"}}=")),
