@@ -811,4 +811,7 @@ fn ignored_connections_stop_carrying_trace_ids() {
         written > 0 && written < ROUNDS / 2,
         "{written} options written over {ROUNDS} rounds"
     );
+    // Every read on these sockets ran its trace-context program, which handed over to the exit
+    // program each time.
+    assert_eq!(kernel_counter(&log, "tail_call_failed"), 0, "{log}");
 }

@@ -108,8 +108,11 @@ pub const CNT_TCP_OPT_NO_ROOM: u32 = 10;
 /// Client sockets whose option callbacks were turned off because userspace ignores their
 /// connection (unknown protocol, filtered out): no trace id will be sent on them.
 pub const CNT_TCP_OPT_STOPPED: u32 = 11;
+/// Reads whose trace-context program could not hand over to the exit program (an empty
+/// `AFTER_CONTEXT` slot): the read went without an event.
+pub const CNT_TAIL_CALL_FAILED: u32 = 12;
 /// Number of counters.
-pub const NUM_COUNTERS: u32 = 12;
+pub const NUM_COUNTERS: u32 = 13;
 
 /// Slots of `AFTER_CONTEXT`: a read's exit program, which its trace-context program
 /// (`sys_exit_*_trace`, attached to the read's exit tracepoint in its place when the TCP option

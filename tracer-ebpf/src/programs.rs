@@ -1105,6 +1105,8 @@ macro_rules! read_context_tracepoints {
                 // SAFETY: the context is this program's own; userspace fills the slot with the
                 // read's exit program before it attaches this one.
                 unsafe { AFTER_CONTEXT.tail_call(&ctx, $after) };
+                // Only reached when the tail call failed.
+                count(CNT_TAIL_CALL_FAILED);
             }
             0
         }

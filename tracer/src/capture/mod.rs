@@ -83,6 +83,7 @@ pub const COUNTER_NAMES: [&str; abi::NUM_COUNTERS as usize] = [
     "tcp_option_read",
     "tcp_option_no_room",
     "tcp_option_stopped",
+    "tail_call_failed",
 ];
 
 /// What the capture needs from the configuration.
@@ -233,6 +234,31 @@ fn typed_task_loads() -> bool {
     crate::check::kernel_release()
         .and_then(|r| crate::check::kernel_version(&r))
         .is_some_and(|v| v >= (5, 11))
+}
+
+/// Puts the loaded exit program `program` of tracepoint `name` in slot `slot` of
+/// `AFTER_CONTEXT`, where its trace-context program finds it.
+fn after_context(
+    ebpf: &mut Ebpf,
+    program: &str,
+    slot: u32,
+    name: &'static str,
+) -> Result<(), CaptureError> {
+    let attach_err = |source| CaptureError::Attach { name, source };
+    let prog: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or(ProgramError::UnexpectedProgramType)
+        .and_then(|p| p.try_into())
+        .map_err(attach_err)?;
+    let fd = prog
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+        .map_err(attach_err)?;
+    let mut slots: ProgramArray<&mut MapData> = typed_map(ebpf, "AFTER_CONTEXT")?;
+    slots.set(slot, &fd, 0).map_err(|source| CaptureError::Map {
+        name: "AFTER_CONTEXT",
+        source,
+    })
 }
 
 /// Creates the maps and relocates the programs (loading each program into the kernel comes later).
@@ -403,23 +429,7 @@ impl Capture {
                 .filter(|_| tcp_option);
             if let Some(&(_, slot)) = context {
                 // The trace-context program runs first and tail-calls the exit program.
-                let fd = {
-                    let prog: &mut TracePoint = ebpf
-                        .program_mut(&program)
-                        .ok_or(ProgramError::UnexpectedProgramType)
-                        .and_then(|p| p.try_into())
-                        .map_err(|source| CaptureError::Attach { name, source })?;
-                    prog.fd()
-                        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
-                        .map_err(|source| CaptureError::Attach { name, source })?
-                };
-                let mut slots: ProgramArray<&mut MapData> = typed_map(&mut ebpf, "AFTER_CONTEXT")?;
-                slots
-                    .set(slot, &fd, 0)
-                    .map_err(|source| CaptureError::Map {
-                        name: "AFTER_CONTEXT",
-                        source,
-                    })?;
+                after_context(&mut ebpf, &program, slot, name)?;
                 let trace = format!("{name}_trace");
                 load(&mut ebpf, &trace)
                     .and_then(|()| attach(&mut ebpf, &trace))
