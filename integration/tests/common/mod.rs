@@ -824,6 +824,8 @@ pub async fn collect_exact(
         )
         .await;
     if let Err(spans) = waited {
+        // Stopped first, so the log ends with the agent's counters (drops, parser skips).
+        agent.stop();
         panic!(
             "expected {servers} SERVER and {clients} CLIENT spans within {WAIT:?}; got {} and {}:\n{}\nagent stderr:\n{}",
             count(&spans, SpanKind::Server),
