@@ -225,15 +225,24 @@ pub struct Capture {
 
 /// Whether the fd walk loads through typed task pointers (`bpf_get_current_task_btf`, Linux 5.11):
 /// three fault-tolerant loads instead of three `bpf_probe_read_kernel` calls on every read and
-/// write on the host. `TRACER_TASK_BTF=0` turns them off.
-fn typed_task_loads() -> bool {
+/// write on the host, on a `kernel` (major, minor) that has it. `TRACER_TASK_BTF=0` turns them
+/// off.
+fn typed_task_loads(kernel: Option<(u32, u32)>) -> bool {
     if std::env::var_os("TRACER_TASK_BTF").is_some_and(|v| v == "0") {
         tracing::info!("typed task loads turned off by TRACER_TASK_BTF=0");
         return false;
     }
-    crate::check::kernel_release()
-        .and_then(|r| crate::check::kernel_version(&r))
-        .is_some_and(|v| v >= (5, 11))
+    kernel.is_some_and(|v| v >= (5, 11))
+}
+
+/// The tracepoint program `program` of the object.
+fn tracepoint_program<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &str,
+) -> Result<&'a mut TracePoint, ProgramError> {
+    ebpf.program_mut(program)
+        .ok_or(ProgramError::UnexpectedProgramType)?
+        .try_into()
 }
 
 /// Puts the loaded exit program `program` of tracepoint `name` in slot `slot` of
@@ -245,13 +254,8 @@ fn after_context(
     name: &'static str,
 ) -> Result<(), CaptureError> {
     let attach_err = |source| CaptureError::Attach { name, source };
-    let prog: &mut TracePoint = ebpf
-        .program_mut(program)
-        .ok_or(ProgramError::UnexpectedProgramType)
-        .and_then(|p| p.try_into())
-        .map_err(attach_err)?;
-    let fd = prog
-        .fd()
+    let fd = tracepoint_program(ebpf, program)
+        .and_then(|prog| prog.fd())
         .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
         .map_err(attach_err)?;
     let mut slots: ProgramArray<&mut MapData> = typed_map(ebpf, "AFTER_CONTEXT")?;
@@ -343,8 +347,9 @@ impl Capture {
                 opts.ring_buffer_bytes
             )));
         }
-        let task_btf = typed_task_loads();
-        match Self::start_with(opts, offsets, task_btf) {
+        let kernel = crate::check::kernel_release().and_then(|r| crate::check::kernel_version(&r));
+        let task_btf = typed_task_loads(kernel);
+        match Self::start_with(opts, offsets, kernel, task_btf) {
             // The typed loads are checked by the verifier against the kernel's own types; should a
             // kernel refuse them, the probe-read walk works everywhere.
             Err(CaptureError::Attach {
@@ -355,16 +360,17 @@ impl Capture {
                     program = name,
                     "the kernel's verifier refused the typed task loads; walking the fd table with probe reads instead"
                 );
-                Self::start_with(opts, offsets, false)
+                Self::start_with(opts, offsets, kernel, false)
             }
             other => other,
         }
     }
 
-    /// [`Capture::start`] with the fd walk's typed task loads on or off.
+    /// [`Capture::start`] on `kernel` (major, minor) with the fd walk's typed task loads on or off.
     fn start_with(
         opts: &CaptureOptions,
         offsets: KernelOffsets,
+        kernel: Option<(u32, u32)>,
         task_btf: bool,
     ) -> Result<Capture, CaptureError> {
         let (mut ebpf, tcp_option) = load_with_tcp_option(opts, offsets, task_btf)?;
@@ -378,24 +384,12 @@ impl Capture {
             ]);
         // Verifiers before 6.8 spend their whole budget on the long iovec loop and reject it (after
         // seconds of work), so those kernels get the short loop straight away.
-        let long_iovec_loop = crate::check::kernel_release()
-            .and_then(|r| crate::check::kernel_version(&r))
-            .is_some_and(|v| v >= (6, 8));
+        let long_iovec_loop = kernel.is_some_and(|v| v >= (6, 8));
         let mut attached = 0;
         for (category, name) in tracepoints {
-            let load = |ebpf: &mut Ebpf, program: &str| -> Result<(), ProgramError> {
-                let prog: &mut TracePoint = ebpf
-                    .program_mut(program)
-                    .ok_or(ProgramError::UnexpectedProgramType)?
-                    .try_into()?;
-                prog.load()
-            };
+            let load = |ebpf: &mut Ebpf, program: &str| tracepoint_program(ebpf, program)?.load();
             let attach = |ebpf: &mut Ebpf, program: &str| -> Result<(), ProgramError> {
-                let prog: &mut TracePoint = ebpf
-                    .program_mut(program)
-                    .ok_or(ProgramError::UnexpectedProgramType)?
-                    .try_into()?;
-                prog.attach(category, name)?;
+                tracepoint_program(ebpf, program)?.attach(category, name)?;
                 Ok(())
             };
             let first = if SMALL_VARIANTS.contains(&name) && !long_iovec_loop {
