@@ -47,8 +47,23 @@ pub fn detect(dir: Direction, data: &[u8]) -> Detection {
 
 /// A fresh parser for a connection of protocol `p`.
 pub fn new_parser(p: Protocol) -> Box<dyn ConnectionParser> {
+    new_parser_with(p, &ParserOptions::default())
+}
+
+/// What a consumer needs of the parsers' output, so they can skip the rest.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ParserOptions {
+    /// HTTP/1.x header fields to keep in exchanges; `None`: all.
+    pub http1_headers: Option<http1::HeaderFilter>,
+}
+
+/// A fresh parser for a connection of protocol `p`, with `opts`.
+pub fn new_parser_with(p: Protocol, opts: &ParserOptions) -> Box<dyn ConnectionParser> {
     match p {
-        Protocol::Http1 => Box::new(Http1Parser::new()),
+        Protocol::Http1 => Box::new(match opts.http1_headers {
+            Some(keep) => Http1Parser::keeping(keep),
+            None => Http1Parser::new(),
+        }),
         Protocol::Http2 => Box::<Http2Parser>::default(),
         Protocol::Postgres => Box::<PgParser>::default(),
     }

@@ -125,9 +125,15 @@ pub(crate) fn message_start(data: &[u8]) -> Start {
     best
 }
 
+/// Which header fields a parser keeps, by name (as sent, any case): a consumer that reads a few
+/// fields need not pay for copying every field of every message.
+pub type HeaderFilter = fn(&str) -> bool;
+
 /// HTTP/1.x parser for one connection (both directions).
 #[derive(Debug, Default)]
 pub struct Http1Parser {
+    /// Header fields kept in the exchanges; `None`: all (up to [`MAX_HEADERS`]).
+    keep: Option<HeaderFilter>,
     /// Framing state per direction, indexed by [`slot`].
     halves: [Half; 2],
     /// Requests waiting for (or receiving) their response, oldest first.
@@ -485,14 +491,15 @@ fn looks_like_response(buf: &[u8]) -> bool {
     buf[..n] == PREFIX[..n]
 }
 
-fn parse_head(buf: &[u8]) -> HeadParse {
+fn parse_head(buf: &[u8], keep: Option<HeaderFilter>) -> HeadParse {
     let mut slots = [httparse::EMPTY_HEADER; PARSE_HEADERS];
     if looks_like_response(buf) {
         let mut resp = httparse::Response::new(&mut slots);
         match resp.parse(buf) {
             Ok(httparse::Status::Complete(len)) => match resp.code {
                 Some(code) => {
-                    HeadParse::Complete(build_head(StartLine::Response { code }, resp.headers, len))
+                    let start = StartLine::Response { code };
+                    HeadParse::Complete(build_head(start, resp.headers, len, keep))
                 }
                 None => HeadParse::Invalid,
             },
@@ -510,7 +517,7 @@ fn parse_head(buf: &[u8]) -> HeadParse {
                         target: target.to_owned(),
                         version,
                     };
-                    HeadParse::Complete(build_head(start, req.headers, len))
+                    HeadParse::Complete(build_head(start, req.headers, len, keep))
                 }
                 _ => HeadParse::Invalid,
             },
@@ -543,7 +550,12 @@ fn partial_start_line(buf: &[u8]) -> Option<StartLine> {
     }
 }
 
-fn build_head(start: StartLine, raw: &[httparse::Header<'_>], len: usize) -> Head {
+fn build_head(
+    start: StartLine,
+    raw: &[httparse::Header<'_>],
+    len: usize,
+    keep: Option<HeaderFilter>,
+) -> Head {
     let mut length = Length::Absent;
     let mut transfer_encoding = false;
     let mut chunked = false;
@@ -563,10 +575,19 @@ fn build_head(start: StartLine, raw: &[httparse::Header<'_>], len: usize) -> Hea
             }
         }
     }
-    let kept = &raw[..raw.len().min(MAX_HEADERS)];
-    let bytes = kept.iter().map(|h| h.name.len() + h.value.len()).sum();
-    let mut headers = Headers::with_capacity(kept.len(), bytes);
-    for h in kept {
+    let kept = || {
+        raw.iter()
+            .filter(|h| keep.is_none_or(|keep| keep(h.name)))
+            .take(MAX_HEADERS)
+    };
+    let (fields, bytes) = kept().fold((0, 0), |(n, b), h| {
+        (
+            n + 1,
+            b + h.name.len() + h.value.len().min(MAX_HEADER_VALUE),
+        )
+    });
+    let mut headers = Headers::with_capacity(fields, bytes);
+    for h in kept() {
         headers.push_lossy(h.name, h.value, MAX_HEADER_VALUE);
     }
     // Invalid UTF-8 grew the text past what was reserved: hold no more than it uses.
@@ -633,6 +654,15 @@ impl Http1Parser {
     /// A parser for a new connection; both directions start unsynchronised.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A parser whose exchanges keep only the header fields `keep` accepts. Framing
+    /// (`Content-Length`, `Transfer-Encoding`) is read from every field either way.
+    pub fn keeping(keep: HeaderFilter) -> Self {
+        Http1Parser {
+            keep: Some(keep),
+            ..Self::default()
+        }
     }
 
     /// Approximate heap bytes held for this connection (head buffers and pending requests).
@@ -806,7 +836,7 @@ impl Http1Parser {
             }
             self.half(dir).head_start = Origin::new(timing, at);
             // Most heads arrive whole: parse them in place without copying.
-            match parse_head(data) {
+            match parse_head(data, self.keep) {
                 HeadParse::Complete(head) => {
                     let len = head.len;
                     self.on_message(dir, head, timing, out);
@@ -837,7 +867,8 @@ impl Http1Parser {
             && (has_head_end(&half.head, old.saturating_sub(2))
                 || old.leading_zeros() != new.leading_zeros());
         if check {
-            match parse_head(&half.head) {
+            let keep = self.keep;
+            match parse_head(&self.half(dir).head, keep) {
                 HeadParse::Complete(head) => {
                     let used = head.len.saturating_sub(old);
                     let half = self.half(dir);

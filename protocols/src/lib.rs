@@ -19,7 +19,7 @@ pub mod http2;
 pub mod postgres;
 pub mod tls;
 
-pub use detect::{Detection, detect, new_parser};
+pub use detect::{Detection, ParserOptions, detect, new_parser, new_parser_with};
 
 /// Which way bytes went, seen from the traced process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

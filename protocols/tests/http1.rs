@@ -1162,3 +1162,32 @@ fn head_lost_in_a_gap_is_placed_where_the_gap_met_the_boundary() {
         ]
     );
 }
+
+#[test]
+fn a_header_filter_keeps_only_its_fields_and_framing_still_works() {
+    let mut c = Conn::new();
+    c.parser = Http1Parser::keeping(|name| name.eq_ignore_ascii_case("user-agent"));
+    c.feed(RECV, &get("/a"));
+    // Split head: the filter applies to heads parsed from the buffer too.
+    let response = chunked_response(b"0123456789", 4);
+    c.feed(SEND, &response[..20]);
+    c.feed(SEND, &response[20..]);
+    c.feed(
+        RECV,
+        b"POST /b HTTP/1.1\r\nContent-Length: 3\r\nX-Other: 1\r\n\r\nabc",
+    );
+    c.feed(SEND, &ok(201, "done"));
+    let ex = c.exchanges();
+    assert_eq!(ex.len(), 2, "{:?}", c.out);
+    let (a, b) = (http(ex[0]), http(ex[1]));
+    assert_eq!(
+        a.request_headers.iter().collect::<Vec<_>>(),
+        [("User-Agent", "test")]
+    );
+    assert!(a.response_headers.is_empty());
+    assert_eq!((a.status, a.response_body_size), (Some(200), 10));
+    assert!(b.request_headers.is_empty());
+    assert_eq!((b.target.as_str(), b.request_body_size), ("/b", 3));
+    assert_eq!((b.status, b.response_body_size), (Some(201), 4));
+    assert!(c.skips().is_empty());
+}

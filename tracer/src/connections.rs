@@ -488,11 +488,12 @@ impl Connections {
                     if let Some(version) = tls_version {
                         spans::tls_attributes(version, &mut span.attributes);
                     }
+                    // Literal label sets: no interning lookup per span.
                     let kind = match span.kind {
-                        crate::span::SpanKind::Server => "server",
-                        crate::span::SpanKind::Client => "client",
+                        crate::span::SpanKind::Server => "kind=\"server\"",
+                        crate::span::SpanKind::Client => "kind=\"client\"",
                     };
-                    metrics::add("spans_created_total", metrics::labels(&[("kind", kind)]), 1);
+                    metrics::add("spans_created_total", kind, 1);
                     let link = link_info(&ex, link, addrs);
                     emit(Finished { span, link });
                 }
@@ -577,7 +578,10 @@ fn feed(
                         metrics::labels(&[("protocol", proto.as_str())]),
                         1,
                     );
-                    let mut parser = protocols::new_parser(proto);
+                    let opts = protocols::ParserOptions {
+                        http1_headers: Some(crate::spans::http1_header_used),
+                    };
+                    let mut parser = protocols::new_parser_with(proto, &opts);
                     // The stash holds the bytes just before this piece.
                     *base = Some(at.saturating_sub((bytes.len() - data.len()) as u64));
                     parser.feed(dir, bytes, timing, outputs);
