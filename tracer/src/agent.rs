@@ -19,6 +19,7 @@ use crate::export::Exporter;
 use crate::linking::{Finished, Linker};
 use crate::metrics;
 use crate::process::ProcessTable;
+use crate::span::Span;
 use crate::spans::Clock;
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -132,7 +133,8 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         "tracer ready"
     );
 
-    let mut export = |span| exporter.submit(span);
+    // Spans leave for the exporter once per turn of the loop, in one batch.
+    let mut ready: Vec<Span> = Vec::new();
     let recovery_end = tokio::time::sleep(RECOVER_FOR);
     tokio::pin!(recovery_end);
     let mut recovering = true;
@@ -146,30 +148,31 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll failed")?;
-                intake(guard.get_inner_mut(), &mut conns, &mut linker, &mut capture, &mut export);
+                intake(guard.get_inner_mut(), &mut conns, &mut linker, &mut capture, &mut ready);
                 guard.clear_ready();
             }
             _ = drain_tick.tick() => {
-                intake(ring.get_mut(), &mut conns, &mut linker, &mut capture, &mut export);
+                intake(ring.get_mut(), &mut conns, &mut linker, &mut capture, &mut ready);
             }
             _ = sweep.tick() => {
                 let now = monotonic_ns();
-                conns.sweep(now, &mut |f: Finished| linker.submit(f, now, &mut export));
+                conns.sweep(now, &mut |f: Finished| linker.submit(f, now, &mut |s| ready.push(s)));
             }
-            _ = link_tick.tick() => linker.advance(monotonic_ns(), &mut export),
+            _ = link_tick.tick() => linker.advance(monotonic_ns(), &mut |s| ready.push(s)),
             _ = kernel_counters.tick() => publish_kernel_counters(&capture),
             _ = tls_scan.tick() => { capture.scan_tls(); }
             _ = report.tick() => log_metrics(),
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
         }
+        exporter.submit_all(&mut ready);
     }
 
     // Detach every program first so nothing new arrives, then take what is still queued.
     publish_kernel_counters(&capture);
     drop(capture);
     let now = monotonic_ns();
-    let mut held = Vec::new();
+    let mut held = ready;
     let mut hold = |span| held.push(span);
     drain(
         ring.get_mut(),
@@ -180,9 +183,7 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     linker.flush(&mut hold);
     // The linking window holds up to `link_max_spans`, more than the export queue: wait for room
     // instead of dropping the last second of spans.
-    for span in held {
-        exporter.submit_wait(span).await;
-    }
+    exporter.submit_unbounded(held);
     exporter.shutdown().await;
     if let Err(err) = export_task.await {
         warn!(%err, "exporter task ended abnormally");
@@ -199,12 +200,12 @@ fn intake(
     conns: &mut Connections,
     linker: &mut Linker,
     capture: &mut Capture,
-    export: &mut dyn FnMut(crate::span::Span),
+    ready: &mut Vec<Span>,
 ) {
     let mut execs = Vec::new();
     let now = monotonic_ns();
     drain(ring, conns, &mut execs, &mut |f: Finished| {
-        linker.submit(f, now, export)
+        linker.submit(f, now, &mut |s| ready.push(s))
     });
     apply_stop_payload(capture, conns);
     if !execs.is_empty() {

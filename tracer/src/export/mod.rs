@@ -10,8 +10,8 @@ mod otlp;
 mod stdout;
 mod transport;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -61,12 +61,28 @@ impl std::fmt::Display for ExportStats {
 }
 
 /// Handle to the export task; cheap to clone, [`Exporter::submit`] never blocks.
+///
+/// Spans travel in batches (one per drain of the ring buffer or step of the linking window),
+/// so the export task is woken once per batch, not once per span; the queue's bound counts
+/// spans, shared by every handle.
 #[derive(Clone)]
 pub struct Exporter {
-    spans: mpsc::Sender<Span>,
+    spans: mpsc::UnboundedSender<Vec<Span>>,
     shutdown: mpsc::Sender<oneshot::Sender<ExportStats>>,
     queue_full: Arc<AtomicU64>,
+    /// Spans queued and not yet taken by the export task.
+    queued: Arc<AtomicUsize>,
+    max_queue: usize,
+    /// Emptied batch vectors coming back from the export task, so a batch of a few thousand
+    /// spans does not grow a fresh vector (reallocations, page faults) every time.
+    spare: Arc<Mutex<Vec<Vec<Span>>>>,
 }
+
+/// Emptied batch vectors kept for reuse.
+const SPARE_VECS: usize = 4;
+/// Largest vector kept for reuse, in spans (~1.5 MiB): a burst at saturation does not stay
+/// allocated.
+const SPARE_CAPACITY: usize = 8192;
 
 impl Exporter {
     /// Starts the export task for `cfg` (must run inside a tokio runtime). Nothing is sent until the
@@ -90,9 +106,11 @@ impl Exporter {
     }
 
     fn spawn(cfg: &ExportConfig, sink: Sink) -> (Exporter, JoinHandle<()>) {
-        let (spans_tx, spans_rx) = mpsc::channel(cfg.max_queue_size.max(1));
+        let (spans_tx, spans_rx) = mpsc::unbounded_channel();
         let (shutdown_tx, shutdown_rx) = mpsc::channel(1);
         let queue_full = Arc::new(AtomicU64::new(0));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let spare = Arc::new(Mutex::new(Vec::new()));
         let task = Batcher {
             sink,
             max_batch: cfg.max_export_batch_size.max(1),
@@ -100,6 +118,8 @@ impl Exporter {
             timeout: cfg.timeout,
             stats: ExportStats::default(),
             queue_full: Arc::clone(&queue_full),
+            queued: Arc::clone(&queued),
+            spare: Arc::clone(&spare),
             warn: WarnLimiter::default(),
             encoder: otlp::RequestEncoder::default(),
             buffers: Vec::new(),
@@ -111,30 +131,66 @@ impl Exporter {
                 spans: spans_tx,
                 shutdown: shutdown_tx,
                 queue_full,
+                queued,
+                max_queue: cfg.max_queue_size.max(1),
+                spare,
             },
             handle,
         )
     }
 
     /// Queues a finished span; drops it (counted) when the queue is full.
+    #[cfg(test)]
     pub fn submit(&self, span: Span) {
-        match self.spans.try_send(span) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.queue_full.fetch_add(1, Ordering::Relaxed);
-                metrics::add("spans_dropped_total", "reason=\"queue_full\"", 1);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                metrics::add("spans_dropped_total", "reason=\"shutdown\"", 1)
-            }
+        self.submit_all(&mut vec![span]);
+    }
+
+    /// Queues finished spans, emptying `spans`: as many as the queue has room for, in order;
+    /// the rest are dropped (counted).
+    pub fn submit_all(&self, spans: &mut Vec<Span>) {
+        let n = spans.len();
+        if n == 0 {
+            return;
+        }
+        // Reserve room for as many as fit; the export task frees it as it takes them.
+        let mut room = 0;
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                room = self.max_queue.saturating_sub(queued).min(n);
+                Some(queued + room)
+            });
+        if room < n {
+            let lost = (n - room) as u64;
+            spans.truncate(room);
+            self.queue_full.fetch_add(lost, Ordering::Relaxed);
+            metrics::add("spans_dropped_total", "reason=\"queue_full\"", lost);
+        }
+        if room > 0 {
+            let empty = self
+                .spare
+                .lock()
+                .ok()
+                .and_then(|mut spare| spare.pop())
+                .unwrap_or_default();
+            self.send(std::mem::replace(spans, empty), room);
         }
     }
 
-    /// Queues a finished span, waiting for room when the queue is full (shutdown: the linking
-    /// window may hold more spans than the queue, and nothing else competes for it then).
-    pub async fn submit_wait(&self, span: Span) {
-        if self.spans.send(span).await.is_err() {
-            metrics::add("spans_dropped_total", "reason=\"shutdown\"", 1);
+    /// Queues finished spans whatever the queue holds (shutdown: the linking window may hold
+    /// more spans than the queue, they are in memory already, and nothing else competes then).
+    pub fn submit_unbounded(&self, spans: Vec<Span>) {
+        let n = spans.len();
+        if n > 0 {
+            self.queued.fetch_add(n, Ordering::AcqRel);
+            self.send(spans, n);
+        }
+    }
+
+    fn send(&self, spans: Vec<Span>, n: usize) {
+        if self.spans.send(spans).is_err() {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            metrics::add("spans_dropped_total", "reason=\"shutdown\"", n as u64);
         }
     }
 
@@ -161,6 +217,10 @@ struct Batcher {
     timeout: Duration,
     stats: ExportStats,
     queue_full: Arc<AtomicU64>,
+    /// Spans queued, shared with the handles.
+    queued: Arc<AtomicUsize>,
+    /// Emptied vectors for the handles to reuse.
+    spare: Arc<Mutex<Vec<Vec<Span>>>>,
     warn: WarnLimiter,
     /// Encodes OTLP requests, reusing its scratch space.
     encoder: otlp::RequestEncoder,
@@ -183,34 +243,31 @@ struct Sent {
 impl Batcher {
     async fn run(
         mut self,
-        mut spans: mpsc::Receiver<Span>,
+        mut spans: mpsc::UnboundedReceiver<Vec<Span>>,
         mut shutdown: mpsc::Receiver<oneshot::Sender<ExportStats>>,
     ) {
         let mut batch: Vec<Span> = Vec::with_capacity(self.max_batch);
         // Set when the first span of a batch arrives: no span waits longer than the schedule delay.
         let mut due: Option<Instant> = None;
         let reply = loop {
-            // `send` empties a full batch, so there is always room for one more span (at least
-            // one in any case: `recv_many` with no room would read as a closed queue).
-            let room = self.max_batch.saturating_sub(batch.len()).max(1);
             tokio::select! {
                 biased;
                 // `None`: every handle was dropped without a shutdown call; flush all the same.
                 req = shutdown.recv() => break req,
-                // Everything queued up to a full batch at once, not one select per span.
-                n = spans.recv_many(&mut batch, room) => {
-                    if n == 0 { break None };
-                    if due.is_none() {
-                        due = Some(Instant::now() + self.schedule_delay);
-                    }
-                    if batch.len() >= self.max_batch {
+                got = spans.recv() => {
+                    let Some(got) = got else { break None };
+                    self.take(got, &mut batch);
+                    if self.send_full(&mut batch, None).await {
                         due = None;
-                        self.send(&mut batch, &spans, Instant::now() + self.timeout).await;
+                    }
+                    if due.is_none() && !batch.is_empty() {
+                        due = Some(Instant::now() + self.schedule_delay);
                     }
                 }
                 () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                     due = None;
-                    self.send(&mut batch, &spans, Instant::now() + self.timeout).await;
+                    self.send(&batch, Instant::now() + self.timeout).await;
+                    batch.clear();
                 }
                 Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
                     self.finished(done);
@@ -220,13 +277,12 @@ impl Batcher {
 
         spans.close();
         let deadline = Instant::now() + self.timeout;
-        while let Some(span) = spans.recv().await {
-            batch.push(span);
-            if batch.len() >= self.max_batch {
-                self.send(&mut batch, &spans, deadline).await;
-            }
+        while let Some(got) = spans.recv().await {
+            self.take(got, &mut batch);
+            self.send_full(&mut batch, Some(deadline)).await;
         }
-        self.send(&mut batch, &spans, deadline).await;
+        self.send(&batch, deadline).await;
+        batch.clear();
         while let Some(done) = self.in_flight.join_next().await {
             self.finished(done);
         }
@@ -237,17 +293,46 @@ impl Batcher {
         }
     }
 
-    /// Exports and empties `batch`, counting the outcome.
-    async fn send(
-        &mut self,
-        batch: &mut Vec<Span>,
-        queue: &mpsc::Receiver<Span>,
-        deadline: Instant,
-    ) {
+    /// Moves spans taken from the queue to the batch (the first ones of a batch without a copy).
+    fn take(&mut self, mut got: Vec<Span>, batch: &mut Vec<Span>) {
+        self.queued.fetch_sub(got.len(), Ordering::AcqRel);
+        if batch.is_empty() {
+            std::mem::swap(batch, &mut got);
+        } else {
+            batch.append(&mut got);
+        }
+        if (1..=SPARE_CAPACITY).contains(&got.capacity())
+            && let Ok(mut spare) = self.spare.lock()
+            && spare.len() < SPARE_VECS
+        {
+            spare.push(got);
+        }
+    }
+
+    /// Exports every full batch at the front of `batch` and removes them; says whether it sent
+    /// any. `deadline`: for each export, else the timeout from when it starts.
+    async fn send_full(&mut self, batch: &mut Vec<Span>, deadline: Option<Instant>) -> bool {
+        let mut sent = 0;
+        while batch.len() - sent >= self.max_batch {
+            let deadline = deadline.unwrap_or_else(|| Instant::now() + self.timeout);
+            self.send(&batch[sent..sent + self.max_batch], deadline)
+                .await;
+            sent += self.max_batch;
+        }
+        batch.drain(..sent);
+        sent > 0
+    }
+
+    /// Exports `batch`, counting the outcome.
+    async fn send(&mut self, batch: &[Span], deadline: Instant) {
         if batch.is_empty() {
             return;
         }
-        metrics::set_gauge("export_queue_spans", "", queue.len() as u64);
+        metrics::set_gauge(
+            "export_queue_spans",
+            "",
+            self.queued.load(Ordering::Relaxed) as u64,
+        );
         let n = batch.len() as u64;
         let transport = match &mut self.sink {
             Sink::Stdout(w) => {
@@ -256,7 +341,6 @@ impl Batcher {
                     .await
                     .map(|()| transport::Accepted::default())
                     .map_err(ExportError::from);
-                batch.clear();
                 return self.account(n, result);
             }
             Sink::Otlp(t) => t.clone(),
@@ -269,7 +353,6 @@ impl Batcher {
         }
         let mut buf = self.buffers.pop().unwrap_or_default();
         self.encoder.encode(batch, &mut buf);
-        batch.clear();
         let payload = buf.freeze();
         let mut transport = transport;
         self.in_flight.spawn(async move {

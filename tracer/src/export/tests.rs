@@ -384,6 +384,36 @@ async fn queue_overflow_drops_and_counts() {
 }
 
 #[tokio::test]
+async fn a_batch_larger_than_the_room_keeps_its_first_spans() {
+    let (w, mut r) = tokio::io::duplex(1 << 20);
+    let mut cfg = config(None, Protocol::HttpProtobuf);
+    cfg.max_queue_size = 4;
+    let (exporter, _handle) = Exporter::spawn(&cfg, Sink::Stdout(LineWriter::new(Box::new(w))));
+    let res = resource("svc", 1);
+    exporter.submit(span(0, &res));
+    let mut batch: Vec<Span> = (1..6).map(|n| span(n, &res)).collect();
+    exporter.submit_all(&mut batch);
+    assert!(batch.is_empty());
+    // At shutdown the bound does not apply.
+    exporter.submit_unbounded((6..12).map(|n| span(n, &res)).collect());
+    let stats = exporter.shutdown().await.unwrap();
+    assert_eq!((stats.exported, stats.dropped_queue_full), (10, 2));
+    let mut buf = vec![0; 1 << 20];
+    let n = r.read(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let ids: Vec<&str> = text
+        .lines()
+        .map(|l| {
+            l.split('"')
+                .nth(1)
+                .unwrap()
+                .trim_start_matches("GET /item/")
+        })
+        .collect();
+    assert_eq!(ids, ["0", "1", "2", "3", "6", "7", "8", "9", "10", "11"]);
+}
+
+#[tokio::test]
 async fn submit_after_shutdown_is_counted() {
     let (w, _r) = tokio::io::duplex(1 << 16);
     let cfg = config(None, Protocol::HttpProtobuf);
