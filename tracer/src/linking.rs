@@ -217,7 +217,14 @@ pub struct Linker {
 }
 
 fn count_link(rule: &'static str) {
-    metrics::add("spans_linked_total", metrics::labels(&[("rule", rule)]), 1);
+    // The per-span rules as literal label sets: no interning lookup per span.
+    let labels = match rule {
+        "connection" => "rule=\"connection\"",
+        "thread" => "rule=\"thread\"",
+        "tcp_option" => "rule=\"tcp_option\"",
+        _ => metrics::labels(&[("rule", rule)]),
+    };
+    metrics::add("spans_linked_total", labels, 1);
 }
 
 fn count_unlinked(reason: &'static str) {
@@ -635,11 +642,12 @@ pub fn wire_span_id(pos: ConnPosition) -> Option<[u8; 8]> {
 
 fn count_root(span: &Span) {
     if span.parent_span_id.is_none() {
+        // Literal label sets (as `metrics::labels` writes them): no interning lookup per span.
         let kind = match span.kind {
-            SpanKind::Server => "server",
-            SpanKind::Client => "client",
+            SpanKind::Server => "kind=\"server\"",
+            SpanKind::Client => "kind=\"client\"",
         };
-        metrics::add("spans_root_total", metrics::labels(&[("kind", kind)]), 1);
+        metrics::add("spans_root_total", kind, 1);
     }
 }
 
@@ -666,13 +674,21 @@ struct Served {
 impl Served {
     fn insert(&mut self, start_ns: u64, id: u64, took_ns: u64) {
         let key = (start_ns, id);
-        let at = self.starts.partition_point(|&k| k < key);
-        self.starts.insert(at, key);
+        // Most arrive in start order: the back is the place, without a search.
+        if self.starts.back().is_none_or(|&last| last < key) {
+            self.starts.push_back(key);
+        } else {
+            let at = self.starts.partition_point(|&k| k < key);
+            self.starts.insert(at, key);
+        }
         self.longest = self.longest.max(took_ns);
     }
 
     fn remove(&mut self, key: (u64, u64)) {
-        if let Ok(at) = self.starts.binary_search(&key) {
+        // Forgotten in arrival order, about start order: mostly the front.
+        if self.starts.front() == Some(&key) {
+            self.starts.pop_front();
+        } else if let Ok(at) = self.starts.binary_search(&key) {
             self.starts.remove(at);
         }
     }
