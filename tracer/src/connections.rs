@@ -372,19 +372,15 @@ impl Connections {
                 thread: h.tid,
             },
         };
-        let mut pieces = Vec::with_capacity(3);
         let mut at = streams[d].expected().unwrap_or(h.stream_offset);
-        if streams[d]
-            .accept(h.stream_offset, h.bytes, ev.payload, &mut pieces)
-            .is_err()
-        {
+        let Ok(pieces) = streams[d].accept(h.stream_offset, h.bytes, ev.payload) else {
             metrics::add(
                 "events_dropped_total",
                 metrics::labels(&[("reason", "stream_overlap")]),
                 1,
             );
             return;
-        }
+        };
         let base = &mut conn.link.base[usize::from(tls)][d];
         for piece in pieces {
             let stop_as = StopPayload {
@@ -410,6 +406,10 @@ impl Connections {
                 conn.tls_version = Some(version);
             }
             at += len;
+        }
+        // Most events finish no exchange.
+        if self.outputs.is_empty() {
+            return;
         }
         let addrs = ConnAddrs { tls, ..conn.addrs };
         let resource = Arc::clone(&conn.resource);

@@ -5,12 +5,42 @@
 //! after, instead of gluing unrelated bytes together.
 
 /// What the assembler hands on for one event, in order.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Piece<'a> {
     /// Bytes contiguous with what came before.
     Data(&'a [u8]),
     /// This many bytes were transferred but are not available.
     Gap(u64),
+}
+
+/// The pieces of one event: at most a gap, data and a gap, held without an allocation.
+#[derive(Debug)]
+pub struct Pieces<'a> {
+    items: [Piece<'a>; 3],
+    len: usize,
+}
+
+impl<'a> Pieces<'a> {
+    fn new() -> Self {
+        Pieces {
+            items: [Piece::Gap(0); 3],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, p: Piece<'a>) {
+        self.items[self.len] = p;
+        self.len += 1;
+    }
+}
+
+impl<'a> IntoIterator for Pieces<'a> {
+    type Item = Piece<'a>;
+    type IntoIter = std::iter::Take<std::array::IntoIter<Piece<'a>, 3>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.into_iter().take(self.len)
+    }
 }
 
 /// Why an event was not used.
@@ -40,8 +70,8 @@ impl Assembler {
         offset: u64,
         bytes: u64,
         payload: &'a [u8],
-        out: &mut Vec<Piece<'a>>,
-    ) -> Result<(), Stale> {
+    ) -> Result<Pieces<'a>, Stale> {
+        let mut out = Pieces::new();
         let expected = self.next.unwrap_or(offset);
         if offset < expected {
             return Err(Stale::Overlap);
@@ -57,7 +87,7 @@ impl Assembler {
             out.push(Piece::Gap(bytes - captured as u64));
         }
         self.next = Some(offset + bytes);
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -71,8 +101,7 @@ mod tests {
         bytes: u64,
         payload: &[u8],
     ) -> Result<Vec<String>, Stale> {
-        let mut out = Vec::new();
-        a.accept(offset, bytes, payload, &mut out)?;
+        let out = a.accept(offset, bytes, payload)?;
         Ok(out
             .into_iter()
             .map(|p| match p {
