@@ -731,7 +731,7 @@ mod tests {
             kind,
             start_unix_ns: 0,
             end_unix_ns: 0,
-            attributes: Vec::new(),
+            attributes: Default::default(),
             status: Status::Unset,
             resource: Arc::new(Resource {
                 service_name: "test".into(),

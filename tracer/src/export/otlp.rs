@@ -80,8 +80,6 @@ const SPAN_KIND: u8 = key(6, VARINT);
 const SPAN_START: u8 = key(7, FIXED64);
 /// `Span.end_time_unix_nano`.
 const SPAN_END: u8 = key(8, FIXED64);
-/// `Span.attributes`.
-const SPAN_ATTRIBUTES: u8 = key(9, LEN);
 /// `Span.status`.
 const SPAN_STATUS: u8 = key(15, LEN);
 /// `Status.message`.
@@ -319,9 +317,8 @@ fn span_len(span: &Span) -> usize {
     if span.end_unix_ns != 0 {
         len += 9;
     }
-    for kv in &span.attributes {
-        len += delimited_len(key_value_len(kv.key, AnyRef::from(&kv.value)));
-    }
+    // Already in wire form (`Span.attributes` fields).
+    len += span.attributes.wire().len();
     if let Status::Error(message) = &span.status {
         len += delimited_len(status_len(message.as_deref().unwrap_or_default()));
     }
@@ -389,9 +386,7 @@ fn put_span(buf: &mut BytesMut, span: &Span, len: usize) {
         buf.put_u8(SPAN_END);
         buf.put_u64_le(span.end_unix_ns);
     }
-    for kv in &span.attributes {
-        put_key_value(buf, SPAN_ATTRIBUTES, kv.key, AnyRef::from(&kv.value));
-    }
+    buf.put_slice(span.attributes.wire());
     if let Status::Error(message) = &span.status {
         let message = message.as_deref().unwrap_or_default();
         put_header(buf, SPAN_STATUS, status_len(message));
@@ -466,7 +461,8 @@ pub(crate) mod tests {
             attributes: vec![
                 KeyValue::str("http.request.method", "GET"),
                 KeyValue::int("http.response.status_code", 200),
-            ],
+            ]
+            .into(),
             status: Status::Unset,
             resource: Arc::clone(resource),
         }
@@ -692,7 +688,8 @@ pub(crate) mod tests {
             KeyValue::str("url.full", long(128)),
             KeyValue::str("http.request.header.cookie", long(20_000)),
             KeyValue::str("unicode", "ünïcødé ✓ 日本語 🚀"),
-        ];
+        ]
+        .into();
         spans.push(s);
 
         let mut s = span(5, &full);
@@ -868,7 +865,8 @@ pub(crate) mod tests {
                     "user_agent.original",
                     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)",
                 ),
-            ],
+            ]
+            .into(),
             status: Status::Unset,
             resource: Arc::clone(resource),
         }

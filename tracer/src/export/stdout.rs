@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 
-use crate::span::{Span, SpanKind, Status, Value};
+use crate::span::{Span, SpanKind, Status, ValueRef};
 
 /// Writes formatted spans through a buffer flushed once per batch.
 pub(crate) struct LineWriter {
@@ -62,12 +62,7 @@ pub(crate) fn format_span(span: &Span, out: &mut String) {
         (dur_ns % 1_000_000) / 1_000
     );
 
-    let attr = |key: &str| {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .map(|kv| &kv.value)
-    };
+    let attr = |key: &str| span.attributes.get(key);
     push_attr(out, "method", attr("http.request.method"));
     push_attr(out, "url", attr("url.full"));
     if attr("url.full").is_none() {
@@ -91,7 +86,7 @@ pub(crate) fn format_span(span: &Span, out: &mut String) {
     }
 }
 
-fn push_attr(out: &mut String, label: &str, value: Option<&Value>) {
+fn push_attr(out: &mut String, label: &str, value: Option<ValueRef<'_>>) {
     if let Some(v) = value {
         out.push(' ');
         out.push_str(label);
@@ -100,7 +95,12 @@ fn push_attr(out: &mut String, label: &str, value: Option<&Value>) {
     }
 }
 
-fn push_address(out: &mut String, label: &str, addr: Option<&Value>, port: Option<&Value>) {
+fn push_address(
+    out: &mut String,
+    label: &str,
+    addr: Option<ValueRef<'_>>,
+    port: Option<ValueRef<'_>>,
+) {
     let Some(addr) = addr else { return };
     out.push(' ');
     out.push_str(label);
@@ -112,14 +112,14 @@ fn push_address(out: &mut String, label: &str, addr: Option<&Value>, port: Optio
     }
 }
 
-fn push_value(out: &mut String, v: &Value) {
+fn push_value(out: &mut String, v: ValueRef<'_>) {
     let _ = match v {
-        Value::Str(s) => {
+        ValueRef::Str(s) => {
             push_text(out, s);
             Ok(())
         }
-        Value::Int(i) => write!(out, "{i}"),
-        Value::Bool(b) => write!(out, "{b}"),
+        ValueRef::Int(i) => write!(out, "{i}"),
+        ValueRef::Bool(b) => write!(out, "{b}"),
     };
 }
 
@@ -208,7 +208,8 @@ mod tests {
             KeyValue::str("client.address", "10.0.0.9"),
             KeyValue::int("client.port", 51234),
             KeyValue::str("network.peer.address", "10.0.0.1"),
-        ];
+        ]
+        .into();
         let mut line = String::new();
         format_span(&s, &mut line);
         assert_eq!(
@@ -230,7 +231,8 @@ mod tests {
             KeyValue::str("url.path", "/x"),
             KeyValue::str("network.peer.address", "10.1.1.1"),
             KeyValue::int("network.peer.port", 80),
-        ];
+        ]
+        .into();
         let mut line = String::new();
         format_span(&s, &mut line);
         assert!(line.contains(" web CLIENT \"GET /item/2\" ERROR(\"timed out\") 0.001ms url=http://api/x?q=1 peer=10.1.1.1:80 "), "{line}");
@@ -246,7 +248,7 @@ mod tests {
         });
         let mut s = span(3, &res);
         s.name = "GET /\r\nforged line".into();
-        s.attributes = vec![KeyValue::str("url.path", "/a b\n")];
+        s.attributes = vec![KeyValue::str("url.path", "/a b\n")].into();
         let mut line = String::new();
         format_span(&s, &mut line);
         assert!(

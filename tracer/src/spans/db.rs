@@ -39,7 +39,7 @@ use protocols::postgres::PgExchange;
 use protocols::{Exchange, Outcome, Role};
 
 use super::{Clock, ConnAddrs, ERROR_NO_RESPONSE, ip_string, random_id};
-use crate::span::{KeyValue, Resource, Span, SpanKind, Status, Value};
+use crate::span::{Attributes, KeyValue, Resource, Span, SpanKind, Status, Value};
 
 /// `db.system.name`, also the span name when nothing better is known.
 const SYSTEM: &str = "postgresql";
@@ -64,10 +64,10 @@ pub fn postgres_span(
         Role::Client => SpanKind::Client,
         Role::Server => SpanKind::Server,
     };
-    let mut attributes = Vec::with_capacity(16);
-    attributes.push(KeyValue::str("db.system.name", SYSTEM));
+    let mut attributes = Attributes::with_capacity(512);
+    attributes.push_str("db.system.name", SYSTEM);
     if let Some(ns) = pg.database.as_deref().or(pg.user.as_deref()) {
-        attributes.push(KeyValue::str("db.namespace", ns));
+        attributes.push_str("db.namespace", ns);
     }
 
     let described = pg.query.as_deref().map(describe);
@@ -83,27 +83,27 @@ pub fn postgres_span(
         } else {
             sql.clone()
         };
-        attributes.push(KeyValue::str("db.query.text", text));
+        attributes.push_str("db.query.text", &text);
     }
     let summary = described.as_ref().and_then(|d| d.summary.clone());
     if let Some(s) = &summary {
-        attributes.push(KeyValue::str("db.query.summary", s.clone()));
+        attributes.push_str("db.query.summary", s);
     }
     if let Some(op) = &operation {
-        attributes.push(KeyValue::str("db.operation.name", op.clone()));
+        attributes.push_str("db.operation.name", op);
     }
     if let Some(d) = &described {
         if let Some(c) = &d.collection {
-            attributes.push(KeyValue::str("db.collection.name", c.clone()));
+            attributes.push_str("db.collection.name", c);
         }
         if let Some(p) = &d.procedure {
-            attributes.push(KeyValue::str("db.stored_procedure.name", p.clone()));
+            attributes.push_str("db.stored_procedure.name", p);
         }
         if d.statements > 1 {
-            attributes.push(KeyValue::int(
+            attributes.push_int(
                 "db.operation.batch.size",
                 i64::try_from(d.statements).unwrap_or(i64::MAX),
-            ));
+            );
         }
     }
     if pg.query.is_none() {
@@ -112,7 +112,7 @@ pub fn postgres_span(
             value: Value::Bool(true),
         });
         if let Some(name) = pg.statement_name.as_deref().filter(|n| !n.is_empty()) {
-            attributes.push(KeyValue::str("db.postgresql.statement_name", name));
+            attributes.push_str("db.postgresql.statement_name", name);
         }
     } else if pg.query_truncated {
         attributes.push(KeyValue {
@@ -121,10 +121,10 @@ pub fn postgres_span(
         });
     }
     if let Some(rows) = returned_rows(pg, ex.outcome) {
-        attributes.push(KeyValue::int(
+        attributes.push_int(
             "db.response.returned_rows",
             i64::try_from(rows).unwrap_or(i64::MAX),
-        ));
+        );
     }
 
     if let Some(a) = addrs {
@@ -132,14 +132,14 @@ pub fn postgres_span(
             SpanKind::Client => (a.remote, a.remote),
             SpanKind::Server => (a.local, a.remote),
         };
-        attributes.push(KeyValue::str("server.address", ip_string(server.ip())));
-        attributes.push(KeyValue::int("server.port", i64::from(server.port())));
+        attributes.push_str("server.address", &ip_string(server.ip()));
+        attributes.push_int("server.port", i64::from(server.port()));
         if kind == SpanKind::Server {
-            attributes.push(KeyValue::str("client.address", ip_string(peer.ip())));
-            attributes.push(KeyValue::int("client.port", i64::from(peer.port())));
+            attributes.push_str("client.address", &ip_string(peer.ip()));
+            attributes.push_int("client.port", i64::from(peer.port()));
         }
-        attributes.push(KeyValue::str("network.peer.address", ip_string(peer.ip())));
-        attributes.push(KeyValue::int("network.peer.port", i64::from(peer.port())));
+        attributes.push_str("network.peer.address", &ip_string(peer.ip()));
+        attributes.push_int("network.peer.port", i64::from(peer.port()));
     }
 
     let status = classify(pg, ex.outcome, &mut attributes);
@@ -161,9 +161,9 @@ pub fn postgres_span(
 }
 
 /// Span status, and `db.response.status_code` / `error.type` pushed onto `attrs`.
-fn classify(pg: &PgExchange, outcome: Outcome, attrs: &mut Vec<KeyValue>) -> Status {
+fn classify(pg: &PgExchange, outcome: Outcome, attrs: &mut Attributes) -> Status {
     if pg.aborted {
-        attrs.push(KeyValue::str("error.type", ERROR_PIPELINE_ABORTED));
+        attrs.push_str("error.type", ERROR_PIPELINE_ABORTED);
         return Status::Error(Some(
             "not executed: an earlier statement of its batch failed".to_owned(),
         ));
@@ -171,16 +171,16 @@ fn classify(pg: &PgExchange, outcome: Outcome, attrs: &mut Vec<KeyValue>) -> Sta
     if let Some(err) = &pg.error {
         let code = err.sqlstate.as_deref();
         if let Some(code) = code {
-            attrs.push(KeyValue::str("db.response.status_code", code));
+            attrs.push_str("db.response.status_code", code);
         }
         // Class 00 (success) and 01 (warning) are not errors; ErrorResponse never carries them.
         if code.is_none_or(|c| !(c.starts_with("00") || c.starts_with("01"))) {
-            attrs.push(KeyValue::str("error.type", code.unwrap_or(ERROR_OTHER)));
+            attrs.push_str("error.type", code.unwrap_or(ERROR_OTHER));
             return Status::Error(err.message.clone());
         }
     }
     if outcome == Outcome::NoResponse {
-        attrs.push(KeyValue::str("error.type", ERROR_NO_RESPONSE));
+        attrs.push_str("error.type", ERROR_NO_RESPONSE);
         return Status::Error(Some("connection closed before the answer".to_owned()));
     }
     Status::Unset
@@ -926,6 +926,7 @@ fn scan(toks: &[Token<'_>], mut i: usize, p: &mut Parts) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::span::ValueRef;
     use protocols::Detail;
     use protocols::postgres::PgError;
 
@@ -975,16 +976,13 @@ mod tests {
         span_of(Role::Client, Outcome::Complete, pg, true)
     }
 
-    fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .map(|kv| &kv.value)
+    fn attr<'a>(span: &'a Span, key: &str) -> Option<ValueRef<'a>> {
+        span.attributes.get(key)
     }
 
     fn int(span: &Span, key: &str) -> Option<i64> {
         match attr(span, key) {
-            Some(Value::Int(i)) => Some(*i),
+            Some(ValueRef::Int(i)) => Some(i),
             _ => None,
         }
     }
@@ -1328,7 +1326,7 @@ mod tests {
         assert_eq!(s.attr_str("db.query.summary"), None);
         assert_eq!(
             attr(&s, "tracer.db.query_text_unknown"),
-            Some(&Value::Bool(true))
+            Some(ValueRef::Bool(true))
         );
         assert_eq!(s.attr_str("db.postgresql.statement_name"), Some("P_2"));
         assert_eq!(s.attr_str("db.operation.name"), Some("SELECT"));
@@ -1388,7 +1386,7 @@ mod tests {
         let s = span(&pg);
         assert_eq!(
             attr(&s, "tracer.db.query_text_truncated"),
-            Some(&Value::Bool(true))
+            Some(ValueRef::Bool(true))
         );
     }
 }

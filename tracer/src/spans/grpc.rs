@@ -30,7 +30,7 @@ use super::{
     server_attributes,
 };
 use crate::metrics;
-use crate::span::{KeyValue, Resource, Span, SpanKind, Status};
+use crate::span::{Attributes, Resource, Span, SpanKind, Status};
 
 /// Span name of a gRPC call whose method is not known.
 const UNKNOWN_METHOD_NAME: &str = "grpc";
@@ -101,7 +101,7 @@ pub fn http2_span(
 /// What differs between gRPC and HTTP spans.
 struct Parts {
     name: String,
-    attributes: Vec<KeyValue>,
+    attributes: Attributes,
     status: Status,
 }
 
@@ -112,16 +112,13 @@ fn http_parts(
     kind: SpanKind,
     addrs: Option<&ConnAddrs>,
 ) -> Parts {
-    let mut attrs = Vec::with_capacity(20);
+    let mut attrs = Attributes::with_capacity(640);
     let method = h2.method.as_deref();
     let known = method.filter(|m| known_methods().iter().any(|k| k == m));
     let name = known.unwrap_or("HTTP").to_owned();
-    attrs.push(KeyValue::str(
-        "http.request.method",
-        known.unwrap_or("_OTHER"),
-    ));
+    attrs.push_str("http.request.method", known.unwrap_or("_OTHER"));
     if let Some(m) = method.filter(|_| known.is_none()) {
-        attrs.push(KeyValue::str("http.request.method_original", m));
+        attrs.push_str("http.request.method_original", m);
     }
 
     // The HTTP/1 attribute builders read headers from an HttpExchange and the URL from a Target.
@@ -149,11 +146,11 @@ fn http_parts(
     }
     if h2.path.is_none() {
         // A URL without its (undecoded) path would name another resource.
-        attrs.retain(|kv| kv.key != "url.full");
+        attrs.remove("url.full");
     }
 
-    attrs.push(KeyValue::str("network.protocol.name", "http"));
-    attrs.push(KeyValue::str("network.protocol.version", "2"));
+    attrs.push_str("network.protocol.name", "http");
+    attrs.push_str("network.protocol.version", "2");
     peer_attributes(addrs, &mut attrs);
     let status = exchange_attributes(
         &mut attrs,
@@ -177,20 +174,20 @@ fn grpc_parts(
     kind: SpanKind,
     addrs: Option<&ConnAddrs>,
 ) -> Parts {
-    let mut attrs = Vec::with_capacity(16);
+    let mut attrs = Attributes::with_capacity(512);
     let call = h2.path.as_deref().and_then(service_method);
     let name = match call {
         Some((service, method)) => format!("{service}/{method}"),
         None => UNKNOWN_METHOD_NAME.to_owned(),
     };
-    attrs.push(KeyValue::str("rpc.system", "grpc"));
+    attrs.push_str("rpc.system", "grpc");
     if let Some((service, method)) = call {
-        attrs.push(KeyValue::str("rpc.service", service));
-        attrs.push(KeyValue::str("rpc.method", method));
+        attrs.push_str("rpc.service", service);
+        attrs.push_str("rpc.method", method);
     }
     let code = grpc_code(h2);
     if let Some(code) = code {
-        attrs.push(KeyValue::int("rpc.grpc.status_code", i64::from(code)));
+        attrs.push_int("rpc.grpc.status_code", i64::from(code));
     }
 
     // The server the client addressed: :authority, else the connection's server end.
@@ -205,22 +202,22 @@ fn grpc_parts(
         (None, None) => None,
     };
     if let Some((host, port)) = server {
-        attrs.push(KeyValue::str("server.address", host));
+        attrs.push_str("server.address", &host);
         if let Some(port) = port {
-            attrs.push(KeyValue::int("server.port", i64::from(port)));
+            attrs.push_int("server.port", i64::from(port));
         }
     }
     if let (SpanKind::Server, Some(a)) = (kind, addrs) {
-        attrs.push(KeyValue::str("client.address", ip_string(a.remote.ip())));
-        attrs.push(KeyValue::int("client.port", i64::from(a.remote.port())));
+        attrs.push_str("client.address", &ip_string(a.remote.ip()));
+        attrs.push_int("client.port", i64::from(a.remote.port()));
     }
-    attrs.push(KeyValue::str("network.protocol.name", "http"));
-    attrs.push(KeyValue::str("network.protocol.version", "2"));
+    attrs.push_str("network.protocol.name", "http");
+    attrs.push_str("network.protocol.version", "2");
     peer_attributes(addrs, &mut attrs);
 
     let (status, error_type) = grpc_status(kind, h2, code, ex.outcome);
     if let Some(error_type) = error_type {
-        attrs.push(KeyValue::str("error.type", error_type));
+        attrs.push_str("error.type", &error_type);
     }
     Parts {
         name,
@@ -302,24 +299,12 @@ fn grpc_status(
 }
 
 /// `network.peer.*` and `network.local.*` from the connection's endpoints.
-fn peer_attributes(addrs: Option<&ConnAddrs>, attrs: &mut Vec<KeyValue>) {
+fn peer_attributes(addrs: Option<&ConnAddrs>, attrs: &mut Attributes) {
     if let Some(a) = addrs {
-        attrs.push(KeyValue::str(
-            "network.peer.address",
-            ip_string(a.remote.ip()),
-        ));
-        attrs.push(KeyValue::int(
-            "network.peer.port",
-            i64::from(a.remote.port()),
-        ));
-        attrs.push(KeyValue::str(
-            "network.local.address",
-            ip_string(a.local.ip()),
-        ));
-        attrs.push(KeyValue::int(
-            "network.local.port",
-            i64::from(a.local.port()),
-        ));
+        attrs.push_str("network.peer.address", &ip_string(a.remote.ip()));
+        attrs.push_int("network.peer.port", i64::from(a.remote.port()));
+        attrs.push_str("network.local.address", &ip_string(a.local.ip()));
+        attrs.push_int("network.local.port", i64::from(a.local.port()));
     }
 }
 
@@ -358,7 +343,7 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::span::Value;
+    use crate::span::ValueRef;
     use protocols::Detail;
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -412,13 +397,10 @@ mod tests {
     }
 
     fn int(span: &Span, key: &str) -> Option<i64> {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| match kv.value {
-                Value::Int(i) => Some(i),
-                _ => None,
-            })
+        match span.attributes.get(key) {
+            Some(ValueRef::Int(i)) => Some(i),
+            _ => None,
+        }
     }
 
     #[test]

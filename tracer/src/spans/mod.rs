@@ -20,7 +20,7 @@ use protocols::http1::HttpExchange;
 use protocols::{Exchange, Outcome, Role};
 
 use crate::metrics;
-use crate::span::{KeyValue, Resource, Span, SpanKind, Status};
+use crate::span::{Attributes, Resource, Span, SpanKind, Status};
 
 /// How often the monotonic-to-wall-clock offset is measured again, so wall-clock steps are followed.
 const CLOCK_RESYNC_NS: u64 = 60_000_000_000;
@@ -443,12 +443,9 @@ fn redact_query(query: &str) -> String {
 
 /// `tls.protocol.name` and `tls.protocol.version` of a span read from TLS plaintext whose
 /// handshake was seen.
-pub fn tls_attributes(version: protocols::tls::TlsVersion, attrs: &mut Vec<KeyValue>) {
-    attrs.push(KeyValue::str("tls.protocol.name", version.protocol_name()));
-    attrs.push(KeyValue::str(
-        "tls.protocol.version",
-        version.protocol_version(),
-    ));
+pub fn tls_attributes(version: protocols::tls::TlsVersion, attrs: &mut Attributes) {
+    attrs.push_str("tls.protocol.name", version.protocol_name());
+    attrs.push_str("tls.protocol.version", version.protocol_version());
 }
 
 /// `https` for an exchange read from TLS plaintext, else `http`.
@@ -539,7 +536,7 @@ pub fn http_span(
         Role::Server => SpanKind::Server,
         Role::Client => SpanKind::Client,
     };
-    let mut attributes = Vec::with_capacity(20);
+    let mut attributes = Attributes::with_capacity(640);
 
     let known = known_methods().contains(&http.method);
     let name = if known {
@@ -548,13 +545,10 @@ pub fn http_span(
         "HTTP".to_owned()
     };
     if known {
-        attributes.push(KeyValue::str("http.request.method", http.method.clone()));
+        attributes.push_str("http.request.method", &http.method);
     } else {
-        attributes.push(KeyValue::str("http.request.method", "_OTHER"));
-        attributes.push(KeyValue::str(
-            "http.request.method_original",
-            http.method.clone(),
-        ));
+        attributes.push_str("http.request.method", "_OTHER");
+        attributes.push_str("http.request.method_original", &http.method);
     }
 
     let target = parse_target(&http.target, &http.method);
@@ -563,30 +557,18 @@ pub fn http_span(
         SpanKind::Client => client_attributes(http, &target, addrs, &mut attributes),
     }
 
-    attributes.push(KeyValue::str("network.protocol.name", "http"));
+    attributes.push_str("network.protocol.name", "http");
     let version: compact_str::CompactString = match http.version {
         0 => "1.0".into(),
         1 => "1.1".into(),
         v => compact_str::format_compact!("1.{v}"),
     };
-    attributes.push(KeyValue::str("network.protocol.version", version));
+    attributes.push_str("network.protocol.version", &version);
     if let Some(a) = addrs {
-        attributes.push(KeyValue::str(
-            "network.peer.address",
-            ip_string(a.remote.ip()),
-        ));
-        attributes.push(KeyValue::int(
-            "network.peer.port",
-            i64::from(a.remote.port()),
-        ));
-        attributes.push(KeyValue::str(
-            "network.local.address",
-            ip_string(a.local.ip()),
-        ));
-        attributes.push(KeyValue::int(
-            "network.local.port",
-            i64::from(a.local.port()),
-        ));
+        attributes.push_str("network.peer.address", &ip_string(a.remote.ip()));
+        attributes.push_int("network.peer.port", i64::from(a.remote.port()));
+        attributes.push_str("network.local.address", &ip_string(a.local.ip()));
+        attributes.push_int("network.local.port", i64::from(a.local.port()));
     }
     let status = exchange_attributes(
         &mut attributes,
@@ -624,7 +606,7 @@ pub fn http_span(
 /// The attributes HTTP/1 and HTTP/2 spans share once the addresses are in: user agent, body sizes,
 /// status code and `error.type`; returns the span status.
 pub(crate) fn exchange_attributes(
-    attributes: &mut Vec<KeyValue>,
+    attributes: &mut Attributes,
     kind: SpanKind,
     outcome: Outcome,
     user_agent: Option<&str>,
@@ -632,22 +614,22 @@ pub(crate) fn exchange_attributes(
     (request_body, response_body): (u64, u64),
 ) -> Status {
     if let Some(ua) = user_agent {
-        attributes.push(KeyValue::str("user_agent.original", ua));
+        attributes.push_str("user_agent.original", ua);
     }
-    attributes.push(KeyValue::int(
+    attributes.push_int(
         "http.request.body.size",
         i64::try_from(request_body).unwrap_or(i64::MAX),
-    ));
+    );
     if let Some(code) = status_code {
-        attributes.push(KeyValue::int("http.response.status_code", i64::from(code)));
-        attributes.push(KeyValue::int(
+        attributes.push_int("http.response.status_code", i64::from(code));
+        attributes.push_int(
             "http.response.body.size",
             i64::try_from(response_body).unwrap_or(i64::MAX),
-        ));
+        );
     }
     let (status, error_type) = classify(kind, status_code, outcome);
     if let Some(error_type) = error_type {
-        attributes.push(KeyValue::str("error.type", error_type));
+        attributes.push_str("error.type", &error_type);
     }
     status
 }
@@ -657,7 +639,7 @@ pub(crate) fn server_attributes(
     http: &HttpExchange,
     target: &Target<'_>,
     addrs: Option<&ConnAddrs>,
-    attrs: &mut Vec<KeyValue>,
+    attrs: &mut Attributes,
 ) {
     let forwarded = http.request_header("forwarded");
     let forwarded_proto = forwarded
@@ -692,16 +674,16 @@ pub(crate) fn server_attributes(
         addrs.map(|c| (ip_string(c.local.ip()), c.local.port()))
     };
 
-    attrs.push(KeyValue::str("url.scheme", scheme));
+    attrs.push_str("url.scheme", &scheme);
     if let Some(path) = target.path {
-        attrs.push(KeyValue::str("url.path", path));
+        attrs.push_str("url.path", path);
     }
     if let Some(query) = target.query.filter(|q| !q.is_empty()) {
-        attrs.push(KeyValue::str("url.query", redact_query(query)));
+        attrs.push_str("url.query", &redact_query(query));
     }
     if let Some((host, port)) = server {
-        attrs.push(KeyValue::str("server.address", host));
-        attrs.push(KeyValue::int("server.port", i64::from(port)));
+        attrs.push_str("server.address", &host);
+        attrs.push_int("server.port", i64::from(port));
     }
 
     let original_client = forwarded
@@ -710,14 +692,14 @@ pub(crate) fn server_attributes(
         .and_then(forwarded_ip);
     match (original_client, addrs) {
         (Some((ip, port)), _) => {
-            attrs.push(KeyValue::str("client.address", ip_string(ip)));
+            attrs.push_str("client.address", &ip_string(ip));
             if let Some(port) = port {
-                attrs.push(KeyValue::int("client.port", i64::from(port)));
+                attrs.push_int("client.port", i64::from(port));
             }
         }
         (None, Some(c)) => {
-            attrs.push(KeyValue::str("client.address", ip_string(c.remote.ip())));
-            attrs.push(KeyValue::int("client.port", i64::from(c.remote.port())));
+            attrs.push_str("client.address", &ip_string(c.remote.ip()));
+            attrs.push_int("client.port", i64::from(c.remote.port()));
         }
         (None, None) => {}
     }
@@ -728,7 +710,7 @@ pub(crate) fn client_attributes(
     http: &HttpExchange,
     target: &Target<'_>,
     addrs: Option<&ConnAddrs>,
-    attrs: &mut Vec<KeyValue>,
+    attrs: &mut Attributes,
 ) {
     let scheme = target
         .scheme
@@ -768,7 +750,7 @@ pub(crate) fn client_attributes(
         })
     };
 
-    attrs.push(KeyValue::str("url.scheme", scheme));
+    attrs.push_str("url.scheme", scheme);
     if let Some((host, port, authority)) = server {
         let credentials = match target.credentials {
             Some(true) => "REDACTED:REDACTED@",
@@ -783,9 +765,9 @@ pub(crate) fn client_attributes(
             url.push('?');
             url.push_str(&redact_query(query));
         }
-        attrs.push(KeyValue::str("url.full", url));
-        attrs.push(KeyValue::str("server.address", host));
-        attrs.push(KeyValue::int("server.port", i64::from(port)));
+        attrs.push_str("url.full", &url);
+        attrs.push_str("server.address", &host);
+        attrs.push_int("server.port", i64::from(port));
     }
 }
 
@@ -824,7 +806,7 @@ pub(crate) fn classify(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::span::Value;
+    use crate::span::{KeyValue, ValueRef};
     use protocols::Detail;
     use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -895,13 +877,10 @@ mod tests {
     }
 
     fn int(span: &Span, key: &str) -> Option<i64> {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| match kv.value {
-                Value::Int(i) => Some(i),
-                _ => None,
-            })
+        match span.attributes.get(key) {
+            Some(ValueRef::Int(i)) => Some(i),
+            _ => None,
+        }
     }
 
     fn addrs(local: &str, remote: &str) -> ConnAddrs {

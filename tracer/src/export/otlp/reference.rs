@@ -12,7 +12,7 @@ use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span as ProtoSpan, Status as ProtoStatus,
 };
 
-use crate::span::{KeyValue, Resource, Span, SpanKind, Status, Value};
+use crate::span::{KeyValue, Resource, Span, SpanKind, Status, Value, ValueRef};
 
 /// Instrumentation scope name on every exported span.
 const SCOPE_NAME: &str = "tracer";
@@ -96,10 +96,23 @@ fn convert_span(span: Span) -> ProtoSpan {
         kind: kind as i32,
         start_time_unix_nano: span.start_unix_ns,
         end_time_unix_nano: span.end_unix_ns,
-        attributes: span.attributes.iter().map(convert_kv).collect(),
+        attributes: span
+            .attributes
+            .iter()
+            .map(|(key, value)| convert_ref(key, value))
+            .collect(),
         status,
         ..Default::default()
     }
+}
+
+fn convert_ref(key: &str, value: ValueRef<'_>) -> ProtoKeyValue {
+    let value = match value {
+        ValueRef::Str(s) => any_value::Value::StringValue(s.to_string()),
+        ValueRef::Int(i) => any_value::Value::IntValue(i),
+        ValueRef::Bool(b) => any_value::Value::BoolValue(b),
+    };
+    kv(key, value)
 }
 
 fn convert_kv(attr: &KeyValue) -> ProtoKeyValue {
