@@ -95,6 +95,33 @@ pub(crate) fn varint_len(v: u64) -> usize {
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
+/// Tags and lengths of one attribute, assembled on the stack (at most two tags and two varints).
+#[derive(Default)]
+struct Frame {
+    buf: [u8; 24],
+    len: usize,
+}
+
+impl Frame {
+    fn byte(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.byte((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.byte(v as u8);
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+#[cfg(test)]
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -162,30 +189,38 @@ impl Attributes {
             1 + varint_len(key.len() as u64) + key.len()
         };
         let kv_len = key_len + 1 + varint_len(any_len as u64) + any_len;
+        // Tags and lengths go through a stack buffer: four copies per attribute, not a push
+        // (with its capacity check) per byte.
         let w = &mut self.wire;
         w.reserve(1 + varint_len(kv_len as u64) + kv_len);
-        w.push(wire::SPAN_ATTRIBUTE);
-        put_varint(w, kv_len as u64);
+        let mut head = Frame::default();
+        head.byte(wire::SPAN_ATTRIBUTE);
+        head.varint(kv_len as u64);
         if !key.is_empty() {
-            w.push(wire::KEY);
-            put_varint(w, key.len() as u64);
-            w.extend_from_slice(key.as_bytes());
+            head.byte(wire::KEY);
+            head.varint(key.len() as u64);
         }
-        w.push(wire::VALUE);
-        put_varint(w, any_len as u64);
+        w.extend_from_slice(head.bytes());
+        w.extend_from_slice(key.as_bytes());
+        let mut value_head = Frame::default();
+        value_head.byte(wire::VALUE);
+        value_head.varint(any_len as u64);
         match value {
             ValueRef::Str(s) => {
-                w.push(wire::STRING);
-                put_varint(w, s.len() as u64);
+                value_head.byte(wire::STRING);
+                value_head.varint(s.len() as u64);
+                w.extend_from_slice(value_head.bytes());
                 w.extend_from_slice(s.as_bytes());
             }
             ValueRef::Int(i) => {
-                w.push(wire::INT);
-                put_varint(w, i as u64);
+                value_head.byte(wire::INT);
+                value_head.varint(i as u64);
+                w.extend_from_slice(value_head.bytes());
             }
             ValueRef::Bool(b) => {
-                w.push(wire::BOOL);
-                w.push(u8::from(b));
+                value_head.byte(wire::BOOL);
+                value_head.byte(u8::from(b));
+                w.extend_from_slice(value_head.bytes());
             }
         }
     }
