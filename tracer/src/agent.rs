@@ -181,8 +181,8 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         &mut |f: Finished| linker.submit(f, now, &mut hold),
     );
     linker.flush(&mut hold);
-    // The linking window holds up to `link_max_spans`, more than the export queue: wait for room
-    // instead of dropping the last second of spans.
+    // The linking window holds up to `link_max_spans`, more than the export queue: queue them
+    // past its bound (they are in memory already) instead of dropping the last second of spans.
     exporter.submit_unbounded(held);
     exporter.shutdown().await;
     if let Err(err) = export_task.await {

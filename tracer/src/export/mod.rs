@@ -60,7 +60,7 @@ impl std::fmt::Display for ExportStats {
     }
 }
 
-/// Handle to the export task; cheap to clone, [`Exporter::submit`] never blocks.
+/// Handle to the export task; cheap to clone, [`Exporter::submit_all`] never blocks.
 ///
 /// Spans travel in batches (one per drain of the ring buffer or step of the linking window),
 /// so the export task is woken once per batch, not once per span; the queue's bound counts
@@ -268,6 +268,7 @@ impl Batcher {
                     due = None;
                     self.send(&batch, Instant::now() + self.timeout).await;
                     batch.clear();
+                    self.trim(&mut batch);
                 }
                 Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
                     self.finished(done);
@@ -320,7 +321,16 @@ impl Batcher {
             sent += self.max_batch;
         }
         batch.drain(..sent);
+        self.trim(batch);
         sent > 0
+    }
+
+    /// Gives back the room a burst made the batch vector take (it may be a whole queue's worth
+    /// of spans, taken over from a handle without a copy).
+    fn trim(&self, batch: &mut Vec<Span>) {
+        if batch.capacity() > SPARE_CAPACITY {
+            batch.shrink_to(self.max_batch.max(batch.len()));
+        }
     }
 
     /// Exports `batch`, counting the outcome.
