@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use compact_str::CompactString;
+use prost::encoding::{decode_varint, encode_varint, encoded_len_varint};
 
 /// An attribute value.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +75,7 @@ pub struct Attributes {
 }
 
 /// Wire keys (field number << 3 | wire type) of the messages an attribute is made of.
-mod wire {
+pub(crate) mod wire {
     /// `Span.attributes`, length-delimited.
     pub const SPAN_ATTRIBUTE: u8 = (9 << 3) | 2;
     /// `KeyValue.key`.
@@ -87,12 +88,6 @@ mod wire {
     pub const BOOL: u8 = 2 << 3;
     /// `AnyValue.int_value`, varint.
     pub const INT: u8 = 3 << 3;
-}
-
-/// Bytes of `v` as a protobuf varint.
-pub(crate) fn varint_len(v: u64) -> usize {
-    // 1 byte per 7 bits, at least one.
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// Tags and lengths of one attribute, assembled on the stack (at most two tags and two varints).
@@ -108,12 +103,11 @@ impl Frame {
         self.len += 1;
     }
 
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.byte((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.byte(v as u8);
+    fn varint(&mut self, v: u64) {
+        let mut rest = &mut self.buf[self.len..];
+        let room = rest.len();
+        encode_varint(v, &mut rest);
+        self.len += room - rest.len();
     }
 
     fn bytes(&self) -> &[u8] {
@@ -121,24 +115,9 @@ impl Frame {
     }
 }
 
-#[cfg(test)]
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn read_varint(buf: &[u8]) -> Option<(u64, &[u8])> {
-    let mut v = 0u64;
-    for (i, &b) in buf.iter().enumerate().take(10) {
-        v |= u64::from(b & 0x7f) << (7 * i);
-        if b < 0x80 {
-            return Some((v, &buf[i + 1..]));
-        }
-    }
-    None
+fn read_varint(mut buf: &[u8]) -> Option<(u64, &[u8])> {
+    let v = decode_varint(&mut buf).ok()?;
+    Some((v, buf))
 }
 
 /// The body of the length-delimited field `key` at the start of `buf`, and what follows it.
@@ -179,20 +158,20 @@ impl Attributes {
     /// (proto3), a string value is written even when empty (a oneof member).
     pub fn push_ref(&mut self, key: &str, value: ValueRef<'_>) {
         let any_len = match value {
-            ValueRef::Str(s) => 1 + varint_len(s.len() as u64) + s.len(),
-            ValueRef::Int(i) => 1 + varint_len(i as u64),
+            ValueRef::Str(s) => 1 + encoded_len_varint(s.len() as u64) + s.len(),
+            ValueRef::Int(i) => 1 + encoded_len_varint(i as u64),
             ValueRef::Bool(_) => 2,
         };
         let key_len = if key.is_empty() {
             0
         } else {
-            1 + varint_len(key.len() as u64) + key.len()
+            1 + encoded_len_varint(key.len() as u64) + key.len()
         };
-        let kv_len = key_len + 1 + varint_len(any_len as u64) + any_len;
+        let kv_len = key_len + 1 + encoded_len_varint(any_len as u64) + any_len;
         // Tags and lengths go through a stack buffer: four copies per attribute, not a push
         // (with its capacity check) per byte.
         let w = &mut self.wire;
-        w.reserve(1 + varint_len(kv_len as u64) + kv_len);
+        w.reserve(1 + encoded_len_varint(kv_len as u64) + kv_len);
         let mut head = Frame::default();
         head.byte(wire::SPAN_ATTRIBUTE);
         head.varint(kv_len as u64);
@@ -428,12 +407,13 @@ mod tests {
     }
 
     #[test]
-    fn varint_lengths() {
+    fn frame_varints_read_back() {
         for v in [0u64, 1, 127, 128, 16_383, 16_384, u64::MAX] {
-            let mut out = Vec::new();
-            put_varint(&mut out, v);
-            assert_eq!(out.len(), varint_len(v), "{v}");
-            assert_eq!(read_varint(&out), Some((v, &[][..])));
+            let mut f = Frame::default();
+            f.byte(wire::KEY);
+            f.varint(v);
+            assert_eq!(f.bytes().len(), 1 + encoded_len_varint(v), "{v}");
+            assert_eq!(read_varint(&f.bytes()[1..]), Some((v, &[][..])));
         }
     }
 }

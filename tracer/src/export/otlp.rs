@@ -29,7 +29,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 use prost::encoding::{encode_varint, encoded_len_varint};
 
-use crate::span::{Resource, Span, SpanKind, Status, Value};
+use crate::span::{Resource, Span, SpanKind, Status, ValueRef, wire};
 
 /// Instrumentation scope name on every exported span.
 const SCOPE_NAME: &str = "tracer";
@@ -86,16 +86,6 @@ const SPAN_STATUS: u8 = key(15, LEN);
 const STATUS_MESSAGE: u8 = key(2, LEN);
 /// `Status.code`.
 const STATUS_CODE: u8 = key(3, VARINT);
-/// `KeyValue.key`.
-const KV_KEY: u8 = key(1, LEN);
-/// `KeyValue.value`.
-const KV_VALUE: u8 = key(2, LEN);
-/// `AnyValue.string_value`.
-const ANY_STRING: u8 = key(1, LEN);
-/// `AnyValue.bool_value`.
-const ANY_BOOL: u8 = key(2, VARINT);
-/// `AnyValue.int_value`.
-const ANY_INT: u8 = key(3, VARINT);
 
 /// `Span.SpanKind.SPAN_KIND_SERVER`.
 const KIND_SERVER: u8 = 2;
@@ -230,36 +220,15 @@ impl RequestEncoder {
     }
 }
 
-/// An attribute value, borrowed.
-#[derive(Debug, Clone, Copy)]
-enum AnyRef<'a> {
-    /// `AnyValue.string_value`.
-    Str(&'a str),
-    /// `AnyValue.int_value`.
-    Int(i64),
-    /// `AnyValue.bool_value`.
-    Bool(bool),
-}
-
-impl<'a> From<&'a Value> for AnyRef<'a> {
-    fn from(value: &'a Value) -> Self {
-        match value {
-            Value::Str(s) => AnyRef::Str(s),
-            Value::Int(i) => AnyRef::Int(*i),
-            Value::Bool(b) => AnyRef::Bool(*b),
-        }
-    }
-}
-
 /// The resource attributes as exported: the resource's own, then `service.name` and `process.pid`
 /// when it lacks them (the grouping key must be visible to the backend).
-fn resource_attributes(res: &Resource) -> impl Iterator<Item = (&str, AnyRef<'_>)> {
+fn resource_attributes(res: &Resource) -> impl Iterator<Item = (&str, ValueRef<'_>)> {
     let has = |key: &str| res.attributes.iter().any(|kv| kv.key == key);
-    let name = (!has("service.name")).then_some(("service.name", AnyRef::Str(&res.service_name)));
-    let pid = (!has("process.pid")).then_some(("process.pid", AnyRef::Int(i64::from(res.pid))));
+    let name = (!has("service.name")).then_some(("service.name", ValueRef::Str(&res.service_name)));
+    let pid = (!has("process.pid")).then_some(("process.pid", ValueRef::Int(i64::from(res.pid))));
     res.attributes
         .iter()
-        .map(|kv| (kv.key, AnyRef::from(&kv.value)))
+        .map(|kv| (kv.key, ValueRef::from(&kv.value)))
         .chain(name)
         .chain(pid)
 }
@@ -284,16 +253,16 @@ fn scope_len() -> usize {
 }
 
 /// Length of an `AnyValue` message (a oneof member is written even when it is the default).
-fn any_value_len(value: AnyRef<'_>) -> usize {
+fn any_value_len(value: ValueRef<'_>) -> usize {
     match value {
-        AnyRef::Str(s) => delimited_len(s.len()),
-        AnyRef::Int(i) => 1 + encoded_len_varint(i as u64),
-        AnyRef::Bool(_) => 2,
+        ValueRef::Str(s) => delimited_len(s.len()),
+        ValueRef::Int(i) => 1 + encoded_len_varint(i as u64),
+        ValueRef::Bool(_) => 2,
     }
 }
 
 /// Length of a `KeyValue` message.
-fn key_value_len(key: &str, value: AnyRef<'_>) -> usize {
+fn key_value_len(key: &str, value: ValueRef<'_>) -> usize {
     str_len(key) + delimited_len(any_value_len(value))
 }
 
@@ -345,19 +314,19 @@ fn put_str(buf: &mut BytesMut, key: u8, s: &str) {
 }
 
 /// Writes a `KeyValue` as field `field_key` of the enclosing message.
-fn put_key_value(buf: &mut BytesMut, field_key: u8, key: &str, value: AnyRef<'_>) {
+fn put_key_value(buf: &mut BytesMut, field_key: u8, key: &str, value: ValueRef<'_>) {
     let any_len = any_value_len(value);
     put_header(buf, field_key, str_len(key) + delimited_len(any_len));
-    put_str(buf, KV_KEY, key);
-    put_header(buf, KV_VALUE, any_len);
+    put_str(buf, wire::KEY, key);
+    put_header(buf, wire::VALUE, any_len);
     match value {
-        AnyRef::Str(s) => put_bytes(buf, ANY_STRING, s.as_bytes()),
-        AnyRef::Int(i) => {
-            buf.put_u8(ANY_INT);
+        ValueRef::Str(s) => put_bytes(buf, wire::STRING, s.as_bytes()),
+        ValueRef::Int(i) => {
+            buf.put_u8(wire::INT);
             encode_varint(i as u64, buf);
         }
-        AnyRef::Bool(b) => {
-            buf.put_u8(ANY_BOOL);
+        ValueRef::Bool(b) => {
+            buf.put_u8(wire::BOOL);
             buf.put_u8(u8::from(b));
         }
     }
@@ -412,7 +381,7 @@ pub(crate) mod tests {
     use rand::{Rng as _, SeedableRng as _};
 
     use super::*;
-    use crate::span::KeyValue;
+    use crate::span::{KeyValue, Value};
 
     /// Encodes `spans` directly and decodes the bytes back.
     fn build_request(spans: &[Span]) -> ExportTraceServiceRequest {
