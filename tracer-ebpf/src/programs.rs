@@ -422,18 +422,23 @@ fn sock_of_fd(fd: i64) -> Option<u64> {
 /// this event; advances that direction's byte count by `bytes`.
 #[inline(always)]
 fn conn_advance(sk: u64, now: u64, direction: u8, bytes: u64) -> (ConnState, u64) {
-    if CONNS.get_ptr(sk).is_none() {
-        let fresh = ConnState {
-            conn_id: now,
-            ..ConnState::default()
-        };
-        if CONNS.insert(sk, fresh, BPF_NOEXIST).is_err() && CONNS.get_ptr(sk).is_none() {
-            count(CNT_CONN_FULL);
-            return (fresh, 0);
+    // One lookup for a known connection: every captured syscall comes here.
+    let c = match CONNS.get_ptr_mut(sk) {
+        Some(c) => c,
+        None => {
+            let fresh = ConnState {
+                conn_id: now,
+                ..ConnState::default()
+            };
+            if CONNS.insert(sk, fresh, BPF_NOEXIST).is_err() && CONNS.get_ptr(sk).is_none() {
+                count(CNT_CONN_FULL);
+                return (fresh, 0);
+            }
+            let Some(c) = CONNS.get_ptr_mut(sk) else {
+                return (ConnState::default(), 0);
+            };
+            c
         }
-    }
-    let Some(c) = CONNS.get_ptr_mut(sk) else {
-        return (ConnState::default(), 0);
     };
     // SAFETY: pointer from a successful lookup. Two threads writing one socket at once may race
     // on the counter; userspace then sees a small bogus gap, never a crash.
@@ -556,8 +561,9 @@ fn in_band(key: &TupleKey, seq: Option<u32>) -> Option<TraceId> {
 /// ambiguous when the thread still owes another socket an answer.
 #[inline(always)]
 fn serve_read(pid_tgid: u64, sock: u64, key: &TupleKey, seq: Option<u32>) -> (TraceId, u8) {
+    let slot = SERVING.get_ptr_mut(pid_tgid);
     // SAFETY: copied out of the map; only this thread writes its own key.
-    let prev = unsafe { SERVING.get(pid_tgid) }.copied();
+    let prev = slot.map(|p| unsafe { *p });
     let mut state = 0;
     if let Some(p) = prev
         && p.state & SERVING_ANSWERED == 0
@@ -578,7 +584,15 @@ fn serve_read(pid_tgid: u64, sock: u64, key: &TupleKey, seq: Option<u32>) -> (Tr
         state,
         _pad: [0; 6],
     };
-    let _ = SERVING.insert(pid_tgid, entry, 0);
+    // In place when the thread has an entry: no other thread reads or writes this key, and an
+    // LRU map's update allocates a new element and frees the old one every time.
+    match slot {
+        // SAFETY: pointer from a successful lookup; only this thread uses its own key.
+        Some(p) => unsafe { *p = entry },
+        None => {
+            let _ = SERVING.insert(pid_tgid, entry, 0);
+        }
+    }
     (trace_id, origin)
 }
 
@@ -687,14 +701,25 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
     let Some(mut inflight) = inflight_of(args, source, direction, buf_kind) else {
         return 0;
     };
+    // SAFETY: copied out of the map.
+    let conn = unsafe { CONNS.get(inflight.sock) }.copied();
+    if let Some(conn) = conn
+        && !wants_trace(conn.flags)
+    {
+        // A connection userspace ignores (unknown protocol, filtered out): nothing to record,
+        // so no in-flight entry and nothing for the exit program to do. Its byte counts stop
+        // advancing; only data events read them. An SSL call running on this thread still
+        // learns its socket (a protocol upgraded to TLS after plaintext userspace ignored).
+        tls::socket_io(pid_tgid, inflight.sock, inflight.fd, conn.conn_id);
+        return 0;
+    }
+    // SAFETY: reads the monotonic clock.
+    inflight.enter_ns = unsafe { bpf_ktime_get_ns() };
     // At entry, before the kernel sends a byte, so the option goes out with the request.
     if direction == DIR_SEND && trace_context() {
-        // A connection userspace ignores (unknown protocol, filtered out) makes no span to
-        // link: no trace id to send, no request served.
-        // SAFETY: copied out of the map.
-        if let Some(conn) = unsafe { CONNS.get(inflight.sock) }.copied()
-            && wants_trace(conn.flags)
-        {
+        // Every connection left here makes spans (a TLS one from its plaintext, whose client
+        // writes still choose the trace id the SSL probes report).
+        if let Some(conn) = conn {
             if conn.role == ROLE_SERVER {
                 serve_write(pid_tgid, inflight.sock);
             } else if conn.role == ROLE_CLIENT {
@@ -721,9 +746,6 @@ fn inflight_of(args: [u64; 3], source: u8, direction: u8, buf_kind: u8) -> Optio
     if !port_wanted(sock) {
         return None;
     }
-    // Only now: every read and write on the host gets this far, most of them not on a socket.
-    // SAFETY: reads the monotonic clock.
-    let now = unsafe { bpf_ktime_get_ns() };
     let (buf, len, mmsg) = match buf_kind {
         BUF_PLAIN | BUF_IOVEC => (args[1], args[2], 0),
         BUF_KERNEL => (0, 0, 0),
@@ -743,7 +765,8 @@ fn inflight_of(args: [u64; 3], source: u8, direction: u8, buf_kind: u8) -> Optio
         }
     };
     Some(Inflight {
-        enter_ns: now,
+        // Set by the caller once it keeps the record: most calls here are not kept.
+        enter_ns: 0,
         sock,
         buf,
         len,
@@ -821,7 +844,10 @@ fn recover_inflight(
     }
     let _ = SEEN.insert(pid_tgid, 1, 0);
     let args = saved_args(ctx)?;
-    inflight_of(args, source, direction, buf_kind)
+    let mut inflight = inflight_of(args, source, direction, buf_kind)?;
+    // SAFETY: reads the monotonic clock.
+    inflight.enter_ns = unsafe { bpf_ktime_get_ns() };
+    Some(inflight)
 }
 
 /// `v`, through a volatile stack slot, so the compiler forgets what it knew about its range and
