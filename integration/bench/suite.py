@@ -479,7 +479,11 @@ def scenario_syscall(ctx):
                         [str(ctx.syscall_loop), mode, str(ctx.syscall_iters), str(ctx.syscall_seconds)],
                         capture_output=True, text=True, timeout=ctx.syscall_seconds + 60, check=True).stdout
                     return {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", out)}
-                res, a = with_agent(ctx, f"syscall-{mode}-{r}", cfg == "on", load)
+                # The steady state: an agent stops recovering calls blocked at its start after
+                # a minute (--recover-blocked-secs), which costs every exit without an entry
+                # one more map lookup while it lasts; each run here is seconds long.
+                res, a = with_agent(ctx, f"syscall-{mode}-{r}", cfg == "on", load,
+                                    extra=("--recover-blocked-secs", "0"))
                 res["agent"] = a
                 runs[cfg].append(res)
                 log(f"syscall {mode} round {r} {cfg}: {res['ns_per_syscall']:.0f} ns/syscall")
@@ -1019,6 +1023,12 @@ def main():
     ctx.work.mkdir(parents=True, exist_ok=True)
 
     only = [s for s in args.only.split(",") if s]
+    # BPF run-time statistics add two clock reads to every program run: left on (by a profile
+    # run that was interrupted, or by hand), they would inflate every figure with the agent.
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    if stats.exists() and stats.read_text().strip() != "0":
+        log("kernel.bpf_stats_enabled was on; turning it off for the measurements")
+        stats.write_text("0")
     scenarios = {"syscall": scenario_syscall, "nginx": scenario_nginx, "chain": scenario_chain,
                  "latency": scenario_latency,
                  "python": scenario_python, "parsers": scenario_parsers}

@@ -32,9 +32,6 @@ const DRAIN_EVERY: Duration = Duration::from_millis(10);
 const LINK_TICK: Duration = Duration::from_millis(100);
 /// How often new processes are looked at for SSL libraries to probe.
 const TLS_SCAN_EVERY: Duration = Duration::from_secs(1);
-/// How long after attaching the kernel programs still recover syscalls that were blocked at
-/// attach time (`Capture::end_recovery`).
-const RECOVER_FOR: Duration = Duration::from_secs(60);
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(overrides: Overrides) -> anyhow::Result<()> {
@@ -130,12 +127,14 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         capture_bytes = cfg.capture_bytes,
         linking = cfg.linking.enabled,
         link_window_ms = cfg.linking.window.as_millis() as u64,
+        recover_blocked_secs = cfg.recover_blocked.as_secs(),
         "tracer ready"
     );
 
     // Spans leave for the exporter once per turn of the loop, in one batch.
     let mut ready: Vec<Span> = Vec::new();
-    let recovery_end = tokio::time::sleep(RECOVER_FOR);
+    // Recovery of syscalls blocked at attach time ends then (`Capture::end_recovery`).
+    let recovery_end = tokio::time::sleep(cfg.recover_blocked);
     tokio::pin!(recovery_end);
     let mut recovering = true;
     loop {

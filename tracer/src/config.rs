@@ -76,6 +76,8 @@ pub struct FileConfig {
     pub link_max_spans: Option<usize>,
     /// See [`Config::tcp_option`].
     pub tcp_option: Option<bool>,
+    /// See [`Config::recover_blocked`], in seconds.
+    pub recover_blocked_secs: Option<u64>,
     /// Standard OpenTelemetry variables (`OTEL_EXPORTER_OTLP_ENDPOINT` = "...", ...), used when
     /// the environment does not set them.
     #[serde(default)]
@@ -111,6 +113,8 @@ pub struct Overrides {
     pub link_window_ms: Option<u64>,
     /// `--no-tcp-option`.
     pub no_tcp_option: bool,
+    /// `--recover-blocked-secs`.
+    pub recover_blocked_secs: Option<u64>,
 }
 
 /// The agent's configuration.
@@ -141,6 +145,10 @@ pub struct Config {
     /// Carry trace ids to other hosts in a TCP header option and read theirs (default true, where
     /// the kernel can).
     pub tcp_option: bool,
+    /// How long after attaching the kernel programs still recover the socket calls that were
+    /// already blocked at attach time (a server waiting in `recv` on an old connection), at a
+    /// few tens of ns per read or write exit on the host while it lasts (default 60 s; 0: none).
+    pub recover_blocked: Duration,
     /// Span export.
     pub export: ExportConfig,
 }
@@ -210,6 +218,11 @@ impl Config {
                 }
             },
             tcp_option: !o.no_tcp_option && file.tcp_option.unwrap_or(true),
+            recover_blocked: Duration::from_secs(
+                o.recover_blocked_secs
+                    .or(file.recover_blocked_secs)
+                    .unwrap_or(60),
+            ),
             export,
         };
         cfg.validate()?;
@@ -315,6 +328,25 @@ mod tests {
         };
         let off = Config::build(FileConfig::default(), &o, &|_| None).expect("config");
         assert!(!off.sanitize_query_text);
+    }
+
+    #[test]
+    fn recovery_of_blocked_calls_lasts_a_minute_unless_set() {
+        let d = Config::build(FileConfig::default(), &Overrides::default(), &|_| None);
+        assert_eq!(d.expect("config").recover_blocked, Duration::from_secs(60));
+        let file: FileConfig = toml::from_str("recover_blocked_secs = 5").expect("toml");
+        let o = Overrides {
+            recover_blocked_secs: Some(0),
+            ..Default::default()
+        };
+        let from_file = Config::build(file, &Overrides::default(), &|_| None);
+        assert_eq!(
+            from_file.expect("config").recover_blocked,
+            Duration::from_secs(5)
+        );
+        let file: FileConfig = toml::from_str("recover_blocked_secs = 5").expect("toml");
+        let flag = Config::build(file, &o, &|_| None).expect("config");
+        assert_eq!(flag.recover_blocked, Duration::ZERO);
     }
 
     #[test]

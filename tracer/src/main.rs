@@ -128,6 +128,10 @@ struct RunArgs {
     /// Do not carry trace ids to other hosts in a TCP header option (nor read them).
     #[arg(long)]
     no_tcp_option: bool,
+    /// For how long after start-up the kernel programs recover reads and writes already blocked
+    /// at start (default 60; 0: not at all).
+    #[arg(long, env = "TRACER_RECOVER_BLOCKED_SECS", value_name = "SECS")]
+    recover_blocked_secs: Option<u64>,
 }
 
 impl RunArgs {
@@ -146,6 +150,7 @@ impl RunArgs {
             no_linking: self.no_linking,
             link_window_ms: self.link_window_ms,
             no_tcp_option: self.no_tcp_option,
+            recover_blocked_secs: self.recover_blocked_secs,
         }
     }
 }
