@@ -131,7 +131,36 @@ fn read_delimited(buf: &[u8], key: u8) -> Option<(&[u8], &[u8])> {
     (rest.len() >= len).then(|| rest.split_at(len))
 }
 
+thread_local! {
+    /// The buffer [`Attributes::scratch`] lends out: reused span after span, so it stays in the
+    /// cache.
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Room left after [`Attributes::finish`] for attributes added later (TLS version, ...).
+const FINISH_SPARE: usize = 64;
+
 impl Attributes {
+    /// Empty attributes written into this thread's reused buffer; [`Attributes::finish`] copies
+    /// them out. A span's attributes are built in a dozen small writes and then held for the
+    /// linking window: written straight into a fresh allocation, each write lands in memory
+    /// that went cold while earlier spans held it, and they cost ~7 % of the agent's time at
+    /// 10k req/s. Copied out in one piece, the cold lines are written once, in sequence.
+    pub fn scratch() -> Self {
+        let mut wire = SCRATCH.take();
+        wire.clear();
+        Attributes { wire }
+    }
+
+    /// The attributes built in [`Attributes::scratch`], in an allocation of their size (plus
+    /// a little room); the buffer goes back for the next span.
+    pub fn finish(self) -> Self {
+        let mut wire = Vec::with_capacity(self.wire.len() + FINISH_SPARE);
+        wire.extend_from_slice(&self.wire);
+        SCRATCH.set(self.wire);
+        Attributes { wire }
+    }
+
     /// Room for `bytes` bytes of encoded attributes.
     pub fn with_capacity(bytes: usize) -> Self {
         Attributes {

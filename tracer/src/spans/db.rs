@@ -64,7 +64,7 @@ pub fn postgres_span(
         Role::Client => SpanKind::Client,
         Role::Server => SpanKind::Server,
     };
-    let mut attributes = Attributes::with_capacity(512);
+    let mut attributes = Attributes::scratch();
     attributes.push_str("db.system.name", SYSTEM);
     if let Some(ns) = pg.database.as_deref().or(pg.user.as_deref()) {
         attributes.push_str("db.namespace", ns);
@@ -154,7 +154,7 @@ pub fn postgres_span(
         kind,
         start_unix_ns,
         end_unix_ns: clock.to_unix_ns(ex.end_ns).max(start_unix_ns),
-        attributes,
+        attributes: attributes.finish(),
         status,
         resource,
     }

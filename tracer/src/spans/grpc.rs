@@ -112,7 +112,7 @@ fn http_parts(
     kind: SpanKind,
     addrs: Option<&ConnAddrs>,
 ) -> Parts {
-    let mut attrs = Attributes::with_capacity(640);
+    let mut attrs = Attributes::scratch();
     let method = h2.method.as_deref();
     let known = method.filter(|m| known_methods().iter().any(|k| k == m));
     let name = known.unwrap_or("HTTP").to_owned();
@@ -174,7 +174,7 @@ fn grpc_parts(
     kind: SpanKind,
     addrs: Option<&ConnAddrs>,
 ) -> Parts {
-    let mut attrs = Attributes::with_capacity(512);
+    let mut attrs = Attributes::scratch();
     let call = h2.path.as_deref().and_then(service_method);
     let name = match call {
         Some((service, method)) => format!("{service}/{method}"),
@@ -334,7 +334,7 @@ fn finish(
         kind,
         start_unix_ns,
         end_unix_ns: clock.to_unix_ns(ex.end_ns).max(start_unix_ns),
-        attributes: parts.attributes,
+        attributes: parts.attributes.finish(),
         status: parts.status,
         resource,
     }

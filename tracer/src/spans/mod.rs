@@ -536,7 +536,7 @@ pub fn http_span(
         Role::Server => SpanKind::Server,
         Role::Client => SpanKind::Client,
     };
-    let mut attributes = Attributes::with_capacity(640);
+    let mut attributes = Attributes::scratch();
 
     let known = known_methods().contains(&http.method);
     let name = if known {
@@ -597,7 +597,7 @@ pub fn http_span(
         kind,
         start_unix_ns,
         end_unix_ns: clock.to_unix_ns(ex.end_ns).max(start_unix_ns),
-        attributes,
+        attributes: attributes.finish(),
         status,
         resource,
     }
