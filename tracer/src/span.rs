@@ -139,13 +139,16 @@ thread_local! {
 
 /// Room left after [`Attributes::finish`] for attributes added later (TLS version, ...).
 const FINISH_SPARE: usize = 64;
+/// A scratch buffer grown past this by a span with huge attributes is not kept.
+const SCRATCH_MAX: usize = 64 << 10;
 
 impl Attributes {
     /// Empty attributes written into this thread's reused buffer; [`Attributes::finish`] copies
     /// them out. A span's attributes are built in a dozen small writes and then held for the
     /// linking window: written straight into a fresh allocation, each write lands in memory
-    /// that went cold while earlier spans held it, and they cost ~7 % of the agent's time at
-    /// 10k req/s. Copied out in one piece, the cold lines are written once, in sequence.
+    /// that went cold while earlier spans held it (those copies were ~7 % of the agent's
+    /// samples at 10k req/s). Copied out in one piece, the cold lines are written once, in
+    /// sequence; the agent's CPU moved within the noise (docs/performance.md, item 32).
     pub fn scratch() -> Self {
         let mut wire = SCRATCH.take();
         wire.clear();
@@ -157,7 +160,9 @@ impl Attributes {
     pub fn finish(self) -> Self {
         let mut wire = Vec::with_capacity(self.wire.len() + FINISH_SPARE);
         wire.extend_from_slice(&self.wire);
-        SCRATCH.set(self.wire);
+        if self.wire.capacity() <= SCRATCH_MAX {
+            SCRATCH.set(self.wire);
+        }
         Attributes { wire }
     }
 
@@ -394,6 +399,24 @@ impl Span {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_attributes_finish_as_built_and_start_empty() {
+        let mut direct = Attributes::with_capacity(64);
+        direct.push_str("http.request.method", "GET");
+        direct.push_int("http.response.status_code", 200);
+        let mut built = Attributes::scratch();
+        built.push_str("http.request.method", "GET");
+        built.push_int("http.response.status_code", 200);
+        let built = built.finish();
+        assert_eq!(built.wire(), direct.wire());
+        // The next span's buffer is the same one, emptied.
+        let next = Attributes::scratch();
+        assert!(next.is_empty());
+        let mut later = next.finish();
+        later.push_str("tls.protocol.name", "tls");
+        assert_eq!(later.len(), 1);
+    }
 
     #[test]
     fn attributes_come_back_as_written() {
