@@ -54,6 +54,18 @@ pub enum ValueRef<'a> {
     Bool(bool),
 }
 
+impl ValueRef<'_> {
+    /// Length of the value as an OTLP `AnyValue` message (a oneof member is written even when it
+    /// is the default): what both [`Attributes::push_ref`] and the exporter frame it with.
+    pub(crate) fn encoded_len(self) -> usize {
+        match self {
+            ValueRef::Str(s) => 1 + encoded_len_varint(s.len() as u64) + s.len(),
+            ValueRef::Int(i) => 1 + encoded_len_varint(i as u64),
+            ValueRef::Bool(_) => 2,
+        }
+    }
+}
+
 impl<'a> From<&'a Value> for ValueRef<'a> {
     fn from(value: &'a Value) -> Self {
         match value {
@@ -191,11 +203,7 @@ impl Attributes {
     /// Appends an attribute, encoded as the OTLP exporter writes it: an empty key is left out
     /// (proto3), a string value is written even when empty (a oneof member).
     pub fn push_ref(&mut self, key: &str, value: ValueRef<'_>) {
-        let any_len = match value {
-            ValueRef::Str(s) => 1 + encoded_len_varint(s.len() as u64) + s.len(),
-            ValueRef::Int(i) => 1 + encoded_len_varint(i as u64),
-            ValueRef::Bool(_) => 2,
-        };
+        let any_len = value.encoded_len();
         let key_len = if key.is_empty() {
             0
         } else {

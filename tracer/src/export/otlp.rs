@@ -252,18 +252,9 @@ fn scope_len() -> usize {
     str_len(SCOPE_NAME) + str_len(SCOPE_VERSION)
 }
 
-/// Length of an `AnyValue` message (a oneof member is written even when it is the default).
-fn any_value_len(value: ValueRef<'_>) -> usize {
-    match value {
-        ValueRef::Str(s) => delimited_len(s.len()),
-        ValueRef::Int(i) => 1 + encoded_len_varint(i as u64),
-        ValueRef::Bool(_) => 2,
-    }
-}
-
 /// Length of a `KeyValue` message.
 fn key_value_len(key: &str, value: ValueRef<'_>) -> usize {
-    str_len(key) + delimited_len(any_value_len(value))
+    str_len(key) + delimited_len(value.encoded_len())
 }
 
 /// Length of an error `Status` message.
@@ -315,7 +306,7 @@ fn put_str(buf: &mut BytesMut, key: u8, s: &str) {
 
 /// Writes a `KeyValue` as field `field_key` of the enclosing message.
 fn put_key_value(buf: &mut BytesMut, field_key: u8, key: &str, value: ValueRef<'_>) {
-    let any_len = any_value_len(value);
+    let any_len = value.encoded_len();
     put_header(buf, field_key, str_len(key) + delimited_len(any_len));
     put_str(buf, wire::KEY, key);
     put_header(buf, wire::VALUE, any_len);
