@@ -12,7 +12,7 @@ use tracer_ebpf::abi;
 
 use crate::capture::events::{Event, TraceContext};
 use crate::fxhash::{FastMap, FxBuild};
-use crate::linking::{ConnPosition, Finished, LinkInfo};
+use crate::linking::{ConnPosition, Evidence, Finished, LinkInfo};
 use crate::metrics;
 use crate::process::ProcessTable;
 use crate::span::Resource;
@@ -709,18 +709,19 @@ fn ignore(state: &mut ProtoState, stop_as: StopPayload, stop: &mut Vec<StopPaylo
 fn link_info(ex: &Exchange, ctx: &LinkCtx, addrs: &ConnAddrs) -> LinkInfo {
     let (target, request_id) = match &ex.detail {
         Detail::Http(http) => (
-            Some(format!("{} {}", http.method, http.target).into_boxed_str()),
-            http.request_header("x-request-id").map(Into::into),
+            Some(Evidence::of(&[&http.method, &http.target])),
+            http.request_header("x-request-id")
+                .map(|id| Evidence::of(&[id])),
         ),
         Detail::Http2(h2) => (
             h2.method
                 .as_deref()
                 .zip(h2.path.as_deref())
-                .map(|(m, p)| format!("{m} {p}").into_boxed_str()),
+                .map(|(m, p)| Evidence::of(&[m, p])),
             h2.request_headers
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case("x-request-id"))
-                .map(|(_, v)| v.as_str().into()),
+                .map(|(_, v)| Evidence::of(&[v])),
         ),
         Detail::Postgres(_) => (None, None),
     };

@@ -24,11 +24,13 @@
 //! child still finds its trace). At most `max_spans` are held: beyond that the oldest go early.
 
 use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::capture::events::TraceContext;
-use crate::fxhash::FastMap;
+use crate::fxhash::{FastMap, FxBuild};
 use crate::metrics;
 use crate::span::{Span, SpanKind};
 
@@ -59,6 +61,27 @@ pub enum ConnPosition {
     },
 }
 
+/// A request target or request id, for the evidence rule, which only asks whether two are the
+/// same: a 64-bit digest instead of the text, so a span's linking facts need no formatting and
+/// no allocation. The text comes from traffic, so the digest is keyed (SipHash with this
+/// process's random keys): nobody can choose two requests that collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evidence(u64);
+
+impl Evidence {
+    /// The digest of `parts` in order (`["GET", "/a"]` for a method and target).
+    pub fn of(parts: &[&str]) -> Self {
+        static KEYS: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+        let mut h = KEYS.get_or_init(Default::default).build_hasher();
+        for part in parts {
+            h.write(part.as_bytes());
+            // A byte no UTF-8 text has ends each part: ("ab", "c") and ("a", "bc") differ.
+            h.write_u8(0xff);
+        }
+        Evidence(h.finish())
+    }
+}
+
 /// What linking needs to know of a span besides the span itself.
 #[derive(Debug, Clone, Default)]
 pub struct LinkInfo {
@@ -72,10 +95,10 @@ pub struct LinkInfo {
     pub start_ns: u64,
     /// Last byte of the exchange, monotonic ns.
     pub end_ns: u64,
-    /// Method and target (`GET /a?b`), for HTTP.
-    pub target: Option<Box<str>>,
+    /// Method and target (`GET`, `/a?b`), for HTTP.
+    pub target: Option<Evidence>,
     /// `X-Request-ID` of the request.
-    pub request_id: Option<Box<str>>,
+    pub request_id: Option<Evidence>,
     /// The trace id the kernel sent with the request in a TCP option (CLIENT), or read with it
     /// (SERVER): see [`Linker::submit`].
     pub kernel_trace: Option<TraceContext>,
@@ -209,11 +232,23 @@ pub struct Linker {
     to_decide: VecDeque<(u64, u64)>,
     to_export: VecDeque<(u64, u64)>,
     to_forget: VecDeque<(u64, u64)>,
-    /// Client and server entry of each request position.
-    by_position: FastMap<ConnPosition, [Option<u64>; 2]>,
+    /// Client and server entry ([`NO_ENTRY`] for none) of each request position, by the
+    /// position's digest ([`position_key`]): a position is up to 80 bytes, and this map holds two
+    /// windows of spans, so small buckets keep its probes in cache. Digests of two positions can
+    /// be equal; the entries' own positions decide.
+    by_position: FastMap<u64, [u64; 2]>,
     /// Served requests per (process, thread) and per process, by request start.
     served_by_thread: FastMap<(u32, u32), Served>,
     served_by_process: FastMap<u32, Served>,
+}
+
+/// No entry on this side of a position (ids count up from 0 and never reach it).
+const NO_ENTRY: u64 = u64::MAX;
+
+/// The key of a position in [`Linker::by_position`]. Positions come from the kernel (addresses,
+/// sequence numbers, offsets), not from traffic content.
+fn position_key(pos: &ConnPosition) -> u64 {
+    FxBuild::default().hash_one(pos)
 }
 
 fn count_link(rule: &'static str) {
@@ -320,11 +355,19 @@ impl Linker {
         let (tgid, thread) = (entry.link.tgid, entry.link.thread);
         self.entries.insert(id, entry);
         if let Some(pos) = position {
-            let slot = self.by_position.entry(pos).or_default();
+            let slot = self
+                .by_position
+                .entry(position_key(&pos))
+                .or_insert([NO_ENTRY; 2]);
             let side = usize::from(kind == SpanKind::Server);
-            slot[side] = Some(id);
+            slot[side] = id;
             let other = slot[1 - side];
-            if let Some(other) = other {
+            if other != NO_ENTRY
+                && self
+                    .entries
+                    .get(&other)
+                    .is_some_and(|e| e.link.position == Some(pos))
+            {
                 let (child, parent) = if kind == SpanKind::Server {
                     (id, other)
                 } else {
@@ -576,16 +619,17 @@ impl Linker {
         let Some(e) = self.entries.remove(&id) else {
             return;
         };
-        if let Some(pos) = e.link.position
-            && let Some(slot) = self.by_position.get_mut(&pos)
-        {
-            for side in slot.iter_mut() {
-                if *side == Some(id) {
-                    *side = None;
+        if let Some(pos) = e.link.position {
+            let key = position_key(&pos);
+            if let Some(slot) = self.by_position.get_mut(&key) {
+                for side in slot.iter_mut() {
+                    if *side == id {
+                        *side = NO_ENTRY;
+                    }
                 }
-            }
-            if slot.iter().all(Option::is_none) {
-                self.by_position.remove(&pos);
+                if slot.iter().all(|&side| side == NO_ENTRY) {
+                    self.by_position.remove(&key);
+                }
             }
         }
         if e.kind == SpanKind::Server {
@@ -816,6 +860,15 @@ mod tests {
         assert!(out.values().all(|s| s.parent_span_id.is_none()));
     }
 
+    /// Evidence digests tell parts apart by where they end, and are the same within the process.
+    #[test]
+    fn evidence_keeps_part_boundaries() {
+        assert_eq!(Evidence::of(&["GET", "/a"]), Evidence::of(&["GET", "/a"]));
+        assert_ne!(Evidence::of(&["GET", "/a"]), Evidence::of(&["GET /", "a"]));
+        assert_ne!(Evidence::of(&["GET", "/a"]), Evidence::of(&["GET", "/b"]));
+        assert_ne!(Evidence::of(&["ab"]), Evidence::of(&["ab", ""]));
+    }
+
     /// Two requests open at once on one event-loop thread: the target decides, and without it
     /// the client span stays a root.
     #[test]
@@ -824,9 +877,9 @@ mod tests {
         let mut b = finished(SpanKind::Server, 2, (2, 20), (1, 10), None);
         let mut c = finished(SpanKind::Client, 3, (2, 20), (2, 8), None);
         let d = finished(SpanKind::Client, 4, (2, 20), (3, 8), None);
-        a.link.target = Some("GET /a".into());
-        b.link.target = Some("GET /b".into());
-        c.link.target = Some("GET /b".into());
+        a.link.target = Some(Evidence::of(&["GET", "/a"]));
+        b.link.target = Some(Evidence::of(&["GET", "/b"]));
+        c.link.target = Some(Evidence::of(&["GET", "/b"]));
         let out = run(&mut linker(), vec![c, d, a, b]);
         assert_eq!(out[&3].parent_span_id, Some([2; 8]));
         assert_eq!(out[&3].trace_id, out[&2].trace_id);

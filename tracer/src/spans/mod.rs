@@ -431,14 +431,25 @@ fn parse_target<'a>(target: &'a str, method: &str) -> Target<'a> {
 
 /// The query with the values of [`REDACTED_QUERY_KEYS`] replaced by `REDACTED`.
 fn redact_query(query: &str) -> String {
-    query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if REDACTED_QUERY_KEYS.contains(&k) => format!("{k}=REDACTED"),
-            _ => pair.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    let mut out = String::with_capacity(query.len());
+    push_redacted_query(&mut out, query);
+    out
+}
+
+/// Appends the query with the values of [`REDACTED_QUERY_KEYS`] replaced by `REDACTED`.
+fn push_redacted_query(out: &mut String, query: &str) {
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((k, _)) if REDACTED_QUERY_KEYS.contains(&k) => {
+                out.push_str(k);
+                out.push_str("=REDACTED");
+            }
+            _ => out.push_str(pair),
+        }
+    }
 }
 
 /// `tls.protocol.name` and `tls.protocol.version` of a span read from TLS plaintext whose
@@ -462,12 +473,31 @@ fn default_port(scheme: &str) -> u16 {
 }
 
 /// A host as written in a URL: IPv6 in brackets.
-fn url_host(host: &str) -> String {
+fn push_url_host(out: &mut String, host: &str) {
     if host.contains(':') {
-        format!("[{host}]")
+        out.push('[');
+        out.push_str(host);
+        out.push(']');
     } else {
-        host.to_owned()
+        out.push_str(host);
     }
+}
+
+/// Appends a port in decimal, without the formatting machinery (one per client span).
+fn push_port(out: &mut String, port: u16) {
+    let mut buf = [0u8; 5];
+    let mut at = buf.len();
+    let mut n = port;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
 }
 
 /// An IP in its usual text form (IPv4-mapped IPv6 shown as IPv4).
@@ -716,54 +746,51 @@ pub(crate) fn client_attributes(
         .scheme
         .as_deref()
         .unwrap_or_else(|| transport_scheme(addrs));
-    // (server.address, server.port, authority as written in url.full)
+    // (server.address, server.port, whether url.full names the port)
     let server = if let Some(a) = target.authority {
-        let authority = match a.port {
-            Some(p) => format!("{}:{p}", url_host(a.host)),
-            None => url_host(a.host),
-        };
         Some((
             compact_str::CompactString::from(a.host),
             a.port.unwrap_or_else(|| default_port(scheme)),
-            authority,
+            a.port.is_some(),
         ))
     } else if let Some(a) = http.request_header("host").and_then(parse_authority) {
         let port = a
             .port
             .or(addrs.map(|c| c.remote.port()))
             .unwrap_or_else(|| default_port(scheme));
-        let authority = match a.port {
-            Some(p) => format!("{}:{p}", url_host(a.host)),
-            None => url_host(a.host),
-        };
-        Some((a.host.into(), port, authority))
+        Some((a.host.into(), port, a.port.is_some()))
     } else {
         addrs.map(|c| {
-            let ip = ip_string(c.remote.ip());
             let port = c.remote.port();
-            let authority = if port == default_port(scheme) {
-                url_host(&ip)
-            } else {
-                format!("{}:{port}", url_host(&ip))
-            };
-            (ip, port, authority)
+            (ip_string(c.remote.ip()), port, port != default_port(scheme))
         })
     };
 
     attrs.push_str("url.scheme", scheme);
-    if let Some((host, port, authority)) = server {
+    if let Some((host, port, port_in_url)) = server {
         let credentials = match target.credentials {
             Some(true) => "REDACTED:REDACTED@",
             Some(false) => "REDACTED@",
             None => "",
         };
-        let mut url = format!(
-            "{scheme}://{credentials}{authority}{}",
-            target.path.unwrap_or("")
+        let path = target.path.unwrap_or("");
+        let query = target.query.unwrap_or("");
+        // Built by appending (one allocation, no formatting machinery): every client span has one.
+        let mut url = String::with_capacity(
+            scheme.len() + 3 + credentials.len() + host.len() + 8 + path.len() + query.len() + 1,
         );
+        url.push_str(scheme);
+        url.push_str("://");
+        url.push_str(credentials);
+        push_url_host(&mut url, &host);
+        if port_in_url {
+            url.push(':');
+            push_port(&mut url, port);
+        }
+        url.push_str(path);
         if let Some(query) = target.query {
             url.push('?');
-            url.push_str(&redact_query(query));
+            push_redacted_query(&mut url, query);
         }
         attrs.push_str("url.full", &url);
         attrs.push_str("server.address", &host);
@@ -809,6 +836,15 @@ mod tests {
     use crate::span::{KeyValue, ValueRef};
     use protocols::Detail;
     use std::time::{SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn ports_match_the_standard_formatting() {
+        for port in [0u16, 7, 10, 99, 100, 8080, 10000, 65535] {
+            let mut out = String::from(":");
+            push_port(&mut out, port);
+            assert_eq!(out, format!(":{port}"));
+        }
+    }
 
     #[test]
     fn ip_strings_match_the_standard_formatting() {
