@@ -161,7 +161,28 @@ struct Entry {
     committed: bool,
     /// Parent found by a rule.
     parent: Option<u64>,
-    link: LinkInfo,
+    link: Held,
+}
+
+/// The linking facts an entry keeps after arrival: [`LinkInfo`] without what only arrival uses
+/// (the position, 88 bytes, and the kernel's trace context), so the window's entries stay small.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    tgid: u32,
+    thread: u32,
+    start_ns: u64,
+    end_ns: u64,
+    target: Option<Evidence>,
+    request_id: Option<Evidence>,
+    /// The request position's key in [`Linker::by_position`].
+    position_key: Option<u64>,
+}
+
+/// The entries of one request position still waiting for their other end.
+struct PositionSlot {
+    position: ConnPosition,
+    /// Client and server entry, [`NO_ENTRY`] for none.
+    ids: [u64; 2],
 }
 
 /// The held entries by id. Ids are given in arrival order and forgotten in arrival order (every
@@ -232,11 +253,11 @@ pub struct Linker {
     to_decide: VecDeque<(u64, u64)>,
     to_export: VecDeque<(u64, u64)>,
     to_forget: VecDeque<(u64, u64)>,
-    /// Client and server entry ([`NO_ENTRY`] for none) of each request position, by the
-    /// position's digest ([`position_key`]): a position is up to 80 bytes, and this map holds two
-    /// windows of spans, so small buckets keep its probes in cache. Digests of two positions can
-    /// be equal; the entries' own positions decide.
-    by_position: FastMap<u64, [u64; 2]>,
+    /// Request positions whose other end has not arrived, by the position's digest
+    /// ([`position_key`]). A position leaves when both ends have met (a request's position is
+    /// unique, so nothing else can use it) or when its entries are forgotten: on a host where
+    /// both ends are traced the map stays small enough for its probes to stay in cache.
+    by_position: FastMap<u64, PositionSlot>,
     /// Served requests per (process, thread) and per process, by request start.
     served_by_thread: FastMap<(u32, u32), Served>,
     served_by_process: FastMap<u32, Served>,
@@ -338,6 +359,8 @@ impl Linker {
                 }
             }
         }
+        let position_key = link.position.as_ref().map(position_key);
+        let (start, end, tgid, thread) = (link.start_ns, link.end_ns, link.tgid, link.thread);
         let entry = Entry {
             kind,
             span_id: span.span_id,
@@ -347,27 +370,44 @@ impl Linker {
             remote_parent,
             committed: false,
             parent: None,
-            link,
+            link: Held {
+                tgid,
+                thread,
+                start_ns: start,
+                end_ns: end,
+                target: link.target,
+                request_id: link.request_id,
+                position_key,
+            },
             span: Some(Box::new(span)),
         };
-        let position = entry.link.position;
-        let start = entry.link.start_ns;
-        let (tgid, thread) = (entry.link.tgid, entry.link.thread);
         self.entries.insert(id, entry);
-        if let Some(pos) = position {
-            let slot = self
-                .by_position
-                .entry(position_key(&pos))
-                .or_insert([NO_ENTRY; 2]);
+        if let (Some(pos), Some(key)) = (link.position, position_key) {
             let side = usize::from(kind == SpanKind::Server);
-            slot[side] = id;
-            let other = slot[1 - side];
-            if other != NO_ENTRY
-                && self
-                    .entries
-                    .get(&other)
-                    .is_some_and(|e| e.link.position == Some(pos))
-            {
+            let met = match self.by_position.entry(key) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let mut ids = [NO_ENTRY; 2];
+                    ids[side] = id;
+                    v.insert(PositionSlot { position: pos, ids });
+                    None
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    let slot = o.get_mut();
+                    let other = slot.ids[1 - side];
+                    if slot.position == pos && other != NO_ENTRY {
+                        o.remove();
+                        Some(other)
+                    } else {
+                        // This side again, or another position with the same digest: the
+                        // newest takes the slot.
+                        slot.position = pos;
+                        slot.ids = [NO_ENTRY; 2];
+                        slot.ids[side] = id;
+                        None
+                    }
+                }
+            };
+            if let Some(other) = met {
                 let (child, parent) = if kind == SpanKind::Server {
                     (id, other)
                 } else {
@@ -387,10 +427,7 @@ impl Linker {
         }
         let half = self.window_ns() / 2;
         if kind == SpanKind::Server {
-            let took = self
-                .entries
-                .get(&id)
-                .map_or(0, |e| e.link.end_ns.saturating_sub(start));
+            let took = end.saturating_sub(start);
             self.served_by_thread
                 .entry((tgid, thread))
                 .or_default()
@@ -619,17 +656,16 @@ impl Linker {
         let Some(e) = self.entries.remove(&id) else {
             return;
         };
-        if let Some(pos) = e.link.position {
-            let key = position_key(&pos);
-            if let Some(slot) = self.by_position.get_mut(&key) {
-                for side in slot.iter_mut() {
-                    if *side == id {
-                        *side = NO_ENTRY;
-                    }
+        if let Some(key) = e.link.position_key
+            && let Some(slot) = self.by_position.get_mut(&key)
+        {
+            for side in slot.ids.iter_mut() {
+                if *side == id {
+                    *side = NO_ENTRY;
                 }
-                if slot.iter().all(|&side| side == NO_ENTRY) {
-                    self.by_position.remove(&key);
-                }
+            }
+            if slot.ids.iter().all(|&side| side == NO_ENTRY) {
+                self.by_position.remove(&key);
             }
         }
         if e.kind == SpanKind::Server {
@@ -822,6 +858,7 @@ mod tests {
         }
         linker.flush(&mut emit);
         assert!(linker.is_empty(), "flush forgets everything");
+        assert!(linker.by_position.is_empty(), "and every position");
         out
     }
 
@@ -847,6 +884,35 @@ mod tests {
         assert_eq!(out[&2].parent_span_id, Some([1; 8]));
         assert_eq!(out[&3].parent_span_id, Some([2; 8]));
         assert_eq!(out[&4].parent_span_id, Some([3; 8]));
+    }
+
+    /// Two positions whose digests collide share a slot: the slot's own position decides, so
+    /// the server span of one is not made the child of the other's client span.
+    #[test]
+    fn colliding_position_digests_do_not_link() {
+        let mut l = linker();
+        let mut out = HashMap::new();
+        let mut emit = |s: Span| {
+            out.insert(s.span_id[0], s);
+        };
+        let a = pos(4000, 100).expect("position");
+        let b = pos(4001, 100).expect("position");
+        l.submit(
+            finished(SpanKind::Client, 1, (1, 10), (0, 7), Some(a)),
+            0,
+            &mut emit,
+        );
+        // Make b's digest find a's slot, as a collision would.
+        let slot = l.by_position.remove(&position_key(&a)).expect("a waits");
+        l.by_position.insert(position_key(&b), slot);
+        l.submit(
+            finished(SpanKind::Server, 2, (2, 20), (1, 6), Some(b)),
+            MS,
+            &mut emit,
+        );
+        l.flush(&mut emit);
+        assert_eq!(out[&2].parent_span_id, None);
+        assert!(l.by_position.is_empty());
     }
 
     #[test]
