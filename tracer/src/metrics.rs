@@ -14,7 +14,9 @@ type Series = (&'static str, &'static str);
 
 #[derive(Default)]
 struct Registry {
-    counters: DashMap<Series, AtomicU64, FxBuild>,
+    /// Each counter lives for the process (counters are never removed), so a thread can keep a
+    /// reference to it ([`add`]).
+    counters: DashMap<Series, &'static AtomicU64, FxBuild>,
     gauges: DashMap<Series, AtomicU64, FxBuild>,
 }
 
@@ -38,29 +40,51 @@ pub fn labels(pairs: &[(&'static str, &'static str)]) -> &'static str {
         .or_insert_with(|| Box::leak(text.join(",").into_boxed_str()))
 }
 
+/// The counter `name{labels}`, created at first use.
+fn counter_cell(name: &'static str, labels: &'static str) -> &'static AtomicU64 {
+    let reg = registry();
+    if let Some(c) = reg.counters.get(&(name, labels)) {
+        return *c;
+    }
+    *reg.counters
+        .entry((name, labels))
+        .or_insert_with(|| Box::leak(Box::new(AtomicU64::new(0))))
+}
+
+/// Where a series' text is: static strings do not move, so their addresses name them.
+type SeriesAt = (usize, usize, usize, usize);
+
+thread_local! {
+    /// The counters this thread added to, by where their name and labels are: a span adds to
+    /// several, and finding them by address costs four words hashed, where the registry hashes
+    /// and compares the text under a shard lock. Bounded by the distinct static strings and
+    /// interned label sets, a closed set.
+    static CELLS: std::cell::RefCell<crate::fxhash::FastMap<SeriesAt, &'static AtomicU64>> =
+        std::cell::RefCell::default();
+}
+
 /// Adds `n` to the counter `name{labels}`. Names end in `_total` by convention.
 pub fn add(name: &'static str, labels: &'static str, n: u64) {
     if n == 0 {
         return;
     }
-    let reg = registry();
-    if let Some(c) = reg.counters.get(&(name, labels)) {
-        c.fetch_add(n, Ordering::Relaxed);
-        return;
-    }
-    reg.counters
-        .entry((name, labels))
-        .or_default()
-        .fetch_add(n, Ordering::Relaxed);
+    let at = (
+        name.as_ptr() as usize,
+        name.len(),
+        labels.as_ptr() as usize,
+        labels.len(),
+    );
+    let cell = CELLS.with_borrow_mut(|cells| {
+        *cells
+            .entry(at)
+            .or_insert_with(|| counter_cell(name, labels))
+    });
+    cell.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Sets the counter `name{labels}` to an absolute value read from elsewhere (e.g. kernel counters).
 pub fn set_counter(name: &'static str, labels: &'static str, v: u64) {
-    registry()
-        .counters
-        .entry((name, labels))
-        .or_default()
-        .store(v, Ordering::Relaxed);
+    counter_cell(name, labels).store(v, Ordering::Relaxed);
 }
 
 /// Sets the gauge `name{labels}`.
@@ -82,13 +106,27 @@ pub fn counter(name: &'static str, labels: &'static str) -> u64 {
         .unwrap_or(0)
 }
 
-fn sorted(map: &DashMap<Series, AtomicU64, FxBuild>) -> Vec<(Series, u64)> {
-    let mut v: Vec<_> = map
+fn sorted(mut v: Vec<(Series, u64)>) -> Vec<(Series, u64)> {
+    v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn counter_values() -> Vec<(Series, u64)> {
+    let v = registry()
+        .counters
         .iter()
         .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
         .collect();
-    v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    v
+    sorted(v)
+}
+
+fn gauge_values() -> Vec<(Series, u64)> {
+    let v = registry()
+        .gauges
+        .iter()
+        .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
+        .collect();
+    sorted(v)
 }
 
 fn series(name: &str, labels: &str) -> String {
@@ -101,11 +139,10 @@ fn series(name: &str, labels: &str) -> String {
 
 /// All metrics in the Prometheus text exposition format.
 pub fn render_prometheus() -> String {
-    let reg = registry();
     let mut out = String::new();
-    for (kind, map) in [("counter", &reg.counters), ("gauge", &reg.gauges)] {
+    for (kind, values) in [("counter", counter_values()), ("gauge", gauge_values())] {
         let mut last = "";
-        for ((name, labels), v) in sorted(map) {
+        for ((name, labels), v) in values {
             if name != last {
                 let _ = writeln!(out, "# TYPE tracer_{name} {kind}");
                 last = name;
@@ -118,7 +155,7 @@ pub fn render_prometheus() -> String {
 
 /// Non-zero counters as `name{labels}=value` pairs, for the periodic log line.
 pub fn summary() -> Vec<(String, u64)> {
-    sorted(&registry().counters)
+    counter_values()
         .into_iter()
         .filter(|(_, v)| *v > 0)
         .map(|((n, l), v)| (series(n, l), v))
@@ -128,6 +165,24 @@ pub fn summary() -> Vec<(String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counters are found by the text of their name and labels, wherever it is stored.
+    #[test]
+    fn equal_series_at_other_addresses_are_one_counter() {
+        let elsewhere: &'static str = Box::leak(String::from("reason=\"y\"").into_boxed_str());
+        add("test_where_total", elsewhere, 1);
+        add("test_where_total", "reason=\"y\"", 2);
+        std::thread::spawn(|| add("test_where_total", "reason=\"y\"", 4))
+            .join()
+            .expect("adding thread");
+        assert_eq!(counter("test_where_total", "reason=\"y\""), 7);
+        let text = render_prometheus();
+        assert_eq!(
+            text.matches("tracer_test_where_total{reason=\"y\"} 7")
+                .count(),
+            1
+        );
+    }
 
     #[test]
     fn counters_render_with_labels() {
