@@ -50,7 +50,9 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_PENDING: usize = 64;
 
 /// Headers httparse may see in one head; more is reported as [`SkipReason::HeadTooLarge`].
+/// At most 256: `build_head` keeps field indices in bytes.
 const PARSE_HEADERS: usize = 128;
+const _: () = assert!(PARSE_HEADERS <= 256);
 /// Longest chunk-size line (size and extensions) accepted before the framing is declared lost.
 const MAX_CHUNK_LINE: usize = 1024;
 /// A head buffer that grew beyond this is released once its head is parsed, so idle
@@ -579,19 +581,23 @@ fn build_head(
             }
         }
     }
-    let kept = || {
-        raw.iter()
-            .filter(|h| keep.is_none_or(|keep| keep(h.name)))
-            .take(MAX_HEADERS)
-    };
-    let (fields, bytes) = kept().fold((0, 0), |(n, b), h| {
-        (
-            n + 1,
-            b + h.name.len() + h.value.len().min(MAX_HEADER_VALUE),
-        )
-    });
+    // The filter runs once per field: the fields kept, then their sizes, then the copies.
+    let mut kept = [0u8; PARSE_HEADERS];
+    let (mut fields, mut bytes) = (0, 0);
+    for (i, h) in raw.iter().enumerate() {
+        if fields == MAX_HEADERS {
+            break;
+        }
+        if keep.is_none_or(|keep| keep(h.name)) {
+            // `raw` has at most PARSE_HEADERS (128) fields: an index fits a byte.
+            kept[fields] = i as u8;
+            fields += 1;
+            bytes += h.name.len() + h.value.len().min(MAX_HEADER_VALUE);
+        }
+    }
     let mut headers = Headers::with_capacity(fields, bytes);
-    for h in kept() {
+    for &i in &kept[..fields] {
+        let h = &raw[usize::from(i)];
         headers.push_lossy(h.name, h.value, MAX_HEADER_VALUE);
     }
     // Invalid UTF-8 grew the text past what was reserved: hold no more than it uses.
