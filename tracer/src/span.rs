@@ -185,6 +185,11 @@ impl Attributes {
         }
     }
 
+    /// Appends every attribute of `other` (encoded attributes concatenate).
+    pub fn append(&mut self, other: &Attributes) {
+        self.wire.extend_from_slice(&other.wire);
+    }
+
     /// Appends an attribute.
     pub fn push(&mut self, kv: KeyValue) {
         self.push_ref(kv.key, ValueRef::from(&kv.value));

@@ -26,8 +26,8 @@ use protocols::{Exchange, Outcome, Role};
 
 use super::{
     Clock, ConnAddrs, ERROR_NO_RESPONSE, ERROR_RESPONSE_INCOMPLETE, Target, client_attributes,
-    exchange_attributes, extract_context, ip_string, known_methods, parse_authority, random_id,
-    server_attributes,
+    exchange_attributes, extract_context, ip_string, known_methods, parse_authority,
+    push_endpoints, random_id, server_attributes,
 };
 use crate::metrics;
 use crate::span::{Attributes, Resource, Span, SpanKind, Status};
@@ -140,10 +140,13 @@ fn http_parts(
         path,
         query,
     };
-    match kind {
+    let client_is_peer = match kind {
         SpanKind::Server => server_attributes(&view, &target, addrs, &mut attrs),
-        SpanKind::Client => client_attributes(&view, &target, addrs, &mut attrs),
-    }
+        SpanKind::Client => {
+            client_attributes(&view, &target, addrs, &mut attrs);
+            false
+        }
+    };
     if h2.path.is_none() {
         // A URL without its (undecoded) path would name another resource.
         attrs.remove("url.full");
@@ -151,7 +154,9 @@ fn http_parts(
 
     attrs.push_str("network.protocol.name", "http");
     attrs.push_str("network.protocol.version", "2");
-    peer_attributes(addrs, &mut attrs);
+    if let Some(a) = addrs {
+        push_endpoints(&mut attrs, a, client_is_peer);
+    }
     let status = exchange_attributes(
         &mut attrs,
         kind,
@@ -207,13 +212,11 @@ fn grpc_parts(
             attrs.push_int("server.port", i64::from(port));
         }
     }
-    if let (SpanKind::Server, Some(a)) = (kind, addrs) {
-        attrs.push_str("client.address", &ip_string(a.remote.ip()));
-        attrs.push_int("client.port", i64::from(a.remote.port()));
-    }
     attrs.push_str("network.protocol.name", "http");
     attrs.push_str("network.protocol.version", "2");
-    peer_attributes(addrs, &mut attrs);
+    if let Some(a) = addrs {
+        push_endpoints(&mut attrs, a, kind == SpanKind::Server);
+    }
 
     let (status, error_type) = grpc_status(kind, h2, code, ex.outcome);
     if let Some(error_type) = error_type {
@@ -296,16 +299,6 @@ fn grpc_status(
         Status::Error(Some(reset.unwrap_or_else(|| description.to_owned()))),
         Some(error_type.to_owned()),
     )
-}
-
-/// `network.peer.*` and `network.local.*` from the connection's endpoints.
-fn peer_attributes(addrs: Option<&ConnAddrs>, attrs: &mut Attributes) {
-    if let Some(a) = addrs {
-        attrs.push_str("network.peer.address", &ip_string(a.remote.ip()));
-        attrs.push_int("network.peer.port", i64::from(a.remote.port()));
-        attrs.push_str("network.local.address", &ip_string(a.local.ip()));
-        attrs.push_int("network.local.port", i64::from(a.local.port()));
-    }
 }
 
 /// Assembles the span: trace context from the request headers (gRPC metadata are headers).
