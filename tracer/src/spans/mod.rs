@@ -945,7 +945,11 @@ mod tests {
                 tls: false,
             })
             .collect();
-        for a in conns.iter().chain(conns.iter().rev()).chain(conns.iter().step_by(7)) {
+        for a in conns
+            .iter()
+            .chain(conns.iter().rev())
+            .chain(conns.iter().step_by(7))
+        {
             for client in [false, true] {
                 let mut cached = Attributes::default();
                 push_endpoints(&mut cached, a, client);
