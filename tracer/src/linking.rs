@@ -807,7 +807,7 @@ mod tests {
             span_id: [n; 8],
             parent_span_id: None,
             trace_state: String::new(),
-            name: format!("span {n}"),
+            name: format!("span {n}").into(),
             kind,
             start_unix_ns: 0,
             end_unix_ns: 0,

@@ -363,7 +363,7 @@ pub struct Span {
     /// W3C tracestate inherited from the remote parent, when any.
     pub trace_state: String,
     /// Low-cardinality name.
-    pub name: String,
+    pub name: compact_str::CompactString,
     /// Kind.
     pub kind: SpanKind,
     /// Start, Unix epoch ns.

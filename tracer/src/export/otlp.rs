@@ -414,7 +414,7 @@ pub(crate) mod tests {
             span_id: [n.wrapping_add(1); 8],
             parent_span_id: None,
             trace_state: String::new(),
-            name: format!("GET /item/{n}"),
+            name: format!("GET /item/{n}").into(),
             kind: SpanKind::Server,
             start_unix_ns: 1_700_000_000_000_000_000 + u64::from(n),
             end_unix_ns: 1_700_000_000_012_345_678 + u64::from(n),
@@ -631,7 +631,7 @@ pub(crate) mod tests {
         spans.push(s);
 
         let mut s = span(4, &name_only);
-        s.name = String::new();
+        s.name = Default::default();
         s.status = Status::Error(Some(String::new()));
         s.attributes = vec![
             KeyValue::str("empty", ""),
@@ -662,7 +662,7 @@ pub(crate) mod tests {
         let mut s = span(6, &big);
         s.kind = SpanKind::Client;
         s.trace_state = long(130);
-        s.name = long(127);
+        s.name = long(127).into();
         spans.push(s);
 
         // Enough spans in one group for its lengths to need three-byte varints.
@@ -741,7 +741,7 @@ pub(crate) mod tests {
                     } else {
                         random_string(&mut rng)
                     },
-                    name: random_string(&mut rng),
+                    name: random_string(&mut rng).into(),
                     kind: if rng.random() {
                         SpanKind::Server
                     } else {

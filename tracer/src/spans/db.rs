@@ -150,7 +150,7 @@ pub fn postgres_span(
         span_id: random_id(),
         parent_span_id: None,
         trace_state: String::new(),
-        name,
+        name: name.into(),
         kind,
         start_unix_ns,
         end_unix_ns: clock.to_unix_ns(ex.end_ns).max(start_unix_ns),

@@ -323,7 +323,7 @@ fn finish(
         span_id: random_id(),
         parent_span_id,
         trace_state,
-        name: parts.name,
+        name: parts.name.into(),
         kind,
         start_unix_ns,
         end_unix_ns: clock.to_unix_ns(ex.end_ns).max(start_unix_ns),

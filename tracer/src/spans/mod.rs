@@ -646,11 +646,8 @@ pub fn http_span(
     let mut attributes = Attributes::scratch();
 
     let known = known_methods().contains(&http.method);
-    let name = if known {
-        http.method.clone()
-    } else {
-        "HTTP".to_owned()
-    };
+    // Inline (no allocation): method names are short.
+    let name = compact_str::CompactString::from(if known { http.method.as_str() } else { "HTTP" });
     if known {
         attributes.push_str("http.request.method", &http.method);
     } else {
@@ -756,11 +753,11 @@ pub(crate) fn server_attributes(
         .or_else(|| http.request_header("x-forwarded-proto").map(first_element))
         .map(str::to_ascii_lowercase)
         .filter(|p| p == "http" || p == "https");
-    let scheme = target
+    let scheme: &str = target
         .scheme
-        .clone()
-        .or(forwarded_proto)
-        .unwrap_or_else(|| transport_scheme(addrs).to_owned());
+        .as_deref()
+        .or(forwarded_proto.as_deref())
+        .unwrap_or_else(|| transport_scheme(addrs));
 
     // Per the conventions: the original host from a proxy, then the target's authority, then Host.
     let forwarded_host = forwarded
@@ -770,20 +767,20 @@ pub(crate) fn server_attributes(
     let server = if let Some(a) = forwarded_host.or(target.authority) {
         Some((
             compact_str::CompactString::from(a.host),
-            a.port.unwrap_or_else(|| default_port(&scheme)),
+            a.port.unwrap_or_else(|| default_port(scheme)),
         ))
     } else if let Some(a) = http.request_header("host").and_then(parse_authority) {
         // Without a port in Host, the port the request arrived on is the one the client used.
         let port = a
             .port
             .or(addrs.map(|c| c.local.port()))
-            .unwrap_or_else(|| default_port(&scheme));
+            .unwrap_or_else(|| default_port(scheme));
         Some((a.host.into(), port))
     } else {
         addrs.map(|c| (ip_string(c.local.ip()), c.local.port()))
     };
 
-    attrs.push_str("url.scheme", &scheme);
+    attrs.push_str("url.scheme", scheme);
     if let Some(path) = target.path {
         attrs.push_str("url.path", path);
     }

@@ -92,7 +92,7 @@ fn convert_span(span: Span) -> ProtoSpan {
         span_id: span.span_id.to_vec(),
         parent_span_id: span.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
         trace_state: span.trace_state,
-        name: span.name,
+        name: span.name.into(),
         kind: kind as i32,
         start_time_unix_nano: span.start_unix_ns,
         end_time_unix_nano: span.end_unix_ns,
