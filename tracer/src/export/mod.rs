@@ -267,7 +267,7 @@ impl Batcher {
                 () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                     due = None;
                     self.send(&batch, Instant::now() + self.timeout).await;
-                    batch.clear();
+                    crate::span::recycle(batch.drain(..));
                     self.trim(&mut batch);
                 }
                 Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
@@ -320,7 +320,7 @@ impl Batcher {
                 .await;
             sent += self.max_batch;
         }
-        batch.drain(..sent);
+        crate::span::recycle(batch.drain(..sent));
         self.trim(batch);
         sent > 0
     }
