@@ -176,6 +176,10 @@ impl ProcessTable {
         }
         let start_time = start_time?;
         let (resource, exe_name, settled) = self.read_process(pid);
+        // Every live process has a `comm`: with neither it nor an executable readable, the
+        // process went away between the reads (a short-lived client, reaped). The caller's
+        // fallback names it after the kernel's `comm` instead of `unknown_service`, uncached.
+        exe_name.as_ref()?;
         let resource = Arc::new(resource);
         if !settled {
             metrics::add("process_resource_unsettled_total", "", 1);
@@ -1134,6 +1138,21 @@ mod tests {
             !table.lock().entries.contains_key(&12),
             "fallbacks are not cached"
         );
+    }
+
+    /// A process reaped while it is read (its `stat` read, then nothing) is named after the
+    /// kernel's `comm`, not `unknown_service`, and not cached.
+    #[test]
+    fn process_gone_while_read_takes_the_kernel_comm() {
+        let fake = FakeProc::new();
+        fake.process(15, 1, "/usr/bin/curl", &["curl"], &[]);
+        let dir = fake.root.join("15");
+        for file in ["comm", "exe", "cmdline", "environ"] {
+            std::fs::remove_file(dir.join(file)).expect("remove");
+        }
+        let table = fake.table(4);
+        assert_eq!(table.resource(15, "curl").service_name, "curl");
+        assert!(!table.lock().entries.contains_key(&15));
     }
 
     #[test]
