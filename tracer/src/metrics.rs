@@ -12,12 +12,14 @@ use crate::fxhash::FxBuild;
 /// A metric series: name plus a preformatted label set such as `reason="queue_full"` (may be empty).
 type Series = (&'static str, &'static str);
 
+/// Series and their values. A value lives for the process (series are never removed, and come
+/// from a closed set), so a thread can keep a reference to it ([`add`]).
+type Cells = DashMap<Series, &'static AtomicU64, FxBuild>;
+
 #[derive(Default)]
 struct Registry {
-    /// Each counter lives for the process (counters are never removed), so a thread can keep a
-    /// reference to it ([`add`]).
-    counters: DashMap<Series, &'static AtomicU64, FxBuild>,
-    gauges: DashMap<Series, AtomicU64, FxBuild>,
+    counters: Cells,
+    gauges: Cells,
 }
 
 fn registry() -> &'static Registry {
@@ -40,13 +42,12 @@ pub fn labels(pairs: &[(&'static str, &'static str)]) -> &'static str {
         .or_insert_with(|| Box::leak(text.join(",").into_boxed_str()))
 }
 
-/// The counter `name{labels}`, created at first use.
-fn counter_cell(name: &'static str, labels: &'static str) -> &'static AtomicU64 {
-    let reg = registry();
-    if let Some(c) = reg.counters.get(&(name, labels)) {
+/// The value of series `name{labels}` in `cells`, created at first use.
+fn cell(cells: &Cells, name: &'static str, labels: &'static str) -> &'static AtomicU64 {
+    if let Some(c) = cells.get(&(name, labels)) {
         return *c;
     }
-    *reg.counters
+    *cells
         .entry((name, labels))
         .or_insert_with(|| Box::leak(Box::new(AtomicU64::new(0))))
 }
@@ -77,23 +78,19 @@ pub fn add(name: &'static str, labels: &'static str, n: u64) {
     let cell = CELLS.with_borrow_mut(|cells| {
         *cells
             .entry(at)
-            .or_insert_with(|| counter_cell(name, labels))
+            .or_insert_with(|| cell(&registry().counters, name, labels))
     });
     cell.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Sets the counter `name{labels}` to an absolute value read from elsewhere (e.g. kernel counters).
 pub fn set_counter(name: &'static str, labels: &'static str, v: u64) {
-    counter_cell(name, labels).store(v, Ordering::Relaxed);
+    cell(&registry().counters, name, labels).store(v, Ordering::Relaxed);
 }
 
 /// Sets the gauge `name{labels}`.
 pub fn set_gauge(name: &'static str, labels: &'static str, v: u64) {
-    registry()
-        .gauges
-        .entry((name, labels))
-        .or_default()
-        .store(v, Ordering::Relaxed);
+    cell(&registry().gauges, name, labels).store(v, Ordering::Relaxed);
 }
 
 #[cfg(test)]
@@ -106,27 +103,14 @@ pub fn counter(name: &'static str, labels: &'static str) -> u64 {
         .unwrap_or(0)
 }
 
-fn sorted(mut v: Vec<(Series, u64)>) -> Vec<(Series, u64)> {
+/// The series of `cells` with their values, in order.
+fn values(cells: &Cells) -> Vec<(Series, u64)> {
+    let mut v: Vec<_> = cells
+        .iter()
+        .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
+        .collect();
     v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     v
-}
-
-fn counter_values() -> Vec<(Series, u64)> {
-    let v = registry()
-        .counters
-        .iter()
-        .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
-        .collect();
-    sorted(v)
-}
-
-fn gauge_values() -> Vec<(Series, u64)> {
-    let v = registry()
-        .gauges
-        .iter()
-        .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
-        .collect();
-    sorted(v)
 }
 
 fn series(name: &str, labels: &str) -> String {
@@ -140,9 +124,10 @@ fn series(name: &str, labels: &str) -> String {
 /// All metrics in the Prometheus text exposition format.
 pub fn render_prometheus() -> String {
     let mut out = String::new();
-    for (kind, values) in [("counter", counter_values()), ("gauge", gauge_values())] {
+    let reg = registry();
+    for (kind, cells) in [("counter", &reg.counters), ("gauge", &reg.gauges)] {
         let mut last = "";
-        for ((name, labels), v) in values {
+        for ((name, labels), v) in values(cells) {
             if name != last {
                 let _ = writeln!(out, "# TYPE tracer_{name} {kind}");
                 last = name;
@@ -155,7 +140,7 @@ pub fn render_prometheus() -> String {
 
 /// Non-zero counters as `name{labels}=value` pairs, for the periodic log line.
 pub fn summary() -> Vec<(String, u64)> {
-    counter_values()
+    values(&registry().counters)
         .into_iter()
         .filter(|(_, v)| *v > 0)
         .map(|((n, l), v)| (series(n, l), v))
