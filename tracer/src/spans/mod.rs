@@ -544,31 +544,27 @@ pub(crate) fn push_endpoints(attrs: &mut Attributes, a: &ConnAddrs, client: bool
     let slot =
         crate::fxhash::FxBuild::default().hash_one((a.local, a.remote)) as usize % ENDPOINT_SLOTS;
     ENDPOINTS.with_borrow_mut(|slots| {
-        let cached = slots[slot]
+        let hit = slots[slot]
             .as_ref()
-            .filter(|e| e.local == a.local && e.remote == a.remote);
-        let entry = match cached {
-            Some(_) => slots[slot].as_ref(),
-            None => {
-                let remote_ip = ip_string(a.remote.ip());
-                let mut network = Attributes::with_capacity(128);
-                network.push_str("network.peer.address", &remote_ip);
-                network.push_int("network.peer.port", i64::from(a.remote.port()));
-                network.push_str("network.local.address", &ip_string(a.local.ip()));
-                network.push_int("network.local.port", i64::from(a.local.port()));
-                let mut client = Attributes::with_capacity(48);
-                client.push_str("client.address", &remote_ip);
-                client.push_int("client.port", i64::from(a.remote.port()));
-                slots[slot] = Some(EndpointAttributes {
-                    local: a.local,
-                    remote: a.remote,
-                    network,
-                    client,
-                });
-                slots[slot].as_ref()
-            }
-        };
-        if let Some(e) = entry {
+            .is_some_and(|e| e.local == a.local && e.remote == a.remote);
+        if !hit {
+            let remote_ip = ip_string(a.remote.ip());
+            let mut network = Attributes::with_capacity(128);
+            network.push_str("network.peer.address", &remote_ip);
+            network.push_int("network.peer.port", i64::from(a.remote.port()));
+            network.push_str("network.local.address", &ip_string(a.local.ip()));
+            network.push_int("network.local.port", i64::from(a.local.port()));
+            let mut client = Attributes::with_capacity(48);
+            client.push_str("client.address", &remote_ip);
+            client.push_int("client.port", i64::from(a.remote.port()));
+            slots[slot] = Some(EndpointAttributes {
+                local: a.local,
+                remote: a.remote,
+                network,
+                client,
+            });
+        }
+        if let Some(e) = &slots[slot] {
             attrs.append(&e.network);
             if client {
                 attrs.append(&e.client);
