@@ -129,28 +129,6 @@ pub const AFTER_CONTEXT_RECVMMSG: u32 = 4;
 /// Number of `AFTER_CONTEXT` slots.
 pub const AFTER_CONTEXT_SLOTS: u32 = 5;
 
-/// A socket's tuple, built alike from `sock_common` in the syscall programs (`tuple_of`) and from
-/// the `bpf_sock_ops` context in the sock_ops program: the key that joins the two. No implicit
-/// padding, so every byte of the key is defined. Userspace builds it too, to forget the trace id
-/// of a client connection it stops watching (`OUT_CTX`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TupleKey {
-    /// AF_INET or AF_INET6, as the socket's family (a dual-stack socket is AF_INET6 with
-    /// IPv4-mapped addresses on both sides).
-    pub family: u16,
-    /// Host order.
-    pub local_port: u16,
-    /// Host order.
-    pub remote_port: u16,
-    /// Reserved, zero.
-    pub _pad: u16,
-    /// Network order; IPv4 in the first 4 bytes.
-    pub local_addr: [u8; 16],
-    /// Network order; IPv4 in the first 4 bytes.
-    pub remote_addr: [u8; 16],
-}
-
 /// Size of an `OUT_CTX` value (the trace id chosen for a client socket's requests); userspace only
 /// deletes entries, so it needs the size, not the layout.
 pub const OUT_CTX_VALUE_SIZE: usize = 32;

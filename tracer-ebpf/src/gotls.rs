@@ -165,7 +165,7 @@ fn emit(pid_tgid: u64, direction: u8, call: &GoCall, bytes: u64) {
     h.tcp_seq = 0;
     h.stream_offset = offset;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    fill_tuple(h, call.sock);
+    fill_tuple(h, &mut scratch.tuple, call.sock);
 
     // SAFETY: plain read of a global set before load.
     let mut limit = unsafe { read_volatile(&CAPTURE_LIMIT) } as u64;

@@ -83,9 +83,13 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
-/// Syscalls between entry and exit, keyed by pid_tgid.
+/// Syscalls between entry and exit, keyed by pid_tgid: one record per thread that made a socket
+/// syscall, live from entry to exit (`enter_ns` non-zero) and rewritten in place by the thread's
+/// next one (a hash map's update allocates a new element and frees the old one, and a delete
+/// takes the bucket lock: both cost every captured syscall). A thread's record goes when it exits
+/// (`sched_process_exit`).
 #[map]
-static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
+static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(32768, 0);
 
 /// Connections seen, keyed by `struct sock` address.
 #[map]
@@ -126,13 +130,14 @@ static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 static SERVING: LruHashMap<u64, Serving> = LruHashMap::with_max_entries(65536, 0);
 
 /// The trace id the sock_ops program writes into the TCP option of a client socket's data
-/// segments, keyed by the socket's tuple.
+/// segments, keyed by the socket's `struct sock` address (the sock_ops context's `sk`).
 #[map]
-static OUT_CTX: LruHashMap<TupleKey, OutCtx> = LruHashMap::with_max_entries(65536, 0);
+static OUT_CTX: LruHashMap<u64, OutCtx> = LruHashMap::with_max_entries(65536, 0);
 
-/// The trace id the sock_ops program last read from a TCP option on a socket, keyed by its tuple.
+/// The trace id the sock_ops program last read from a TCP option on a socket, keyed by its
+/// `struct sock` address.
 #[map]
-static IN_CTX: LruHashMap<TupleKey, InCtx> = LruHashMap::with_max_entries(65536, 0);
+static IN_CTX: LruHashMap<u64, InCtx> = LruHashMap::with_max_entries(65536, 0);
 
 /// Drop and activity counters, indexed by `CNT_*`.
 #[map]
@@ -148,6 +153,8 @@ static SCRATCH: Array<Scratch> = Array::with_max_entries(1, 0);
 struct Scratch {
     header: EventHeader,
     data: [u8; 2 * MAX_CAPTURE],
+    /// Where [`fill_tuple`] reads the start of a `struct sock`.
+    tuple: [u8; TUPLE_AREA],
 }
 
 /// This CPU's staging area. Programs run with migration disabled, so the slot stays this CPU's.
@@ -338,6 +345,15 @@ fn port_wanted(sk: u64) -> bool {
 /// The `struct sock` behind `fd` in the current task, when it is a TCP/IP stream socket.
 #[inline(always)]
 fn sock_of_fd(fd: i64) -> Option<u64> {
+    let (sk, file, by_fops) = socket_of_fd(fd)?;
+    tcp_stream(sk, file, by_fops).then_some(sk)
+}
+
+/// The `struct sock` behind `fd` in the current task when it is a socket of any kind, with its
+/// `struct file` and whether its operations were matched against the learned `socket_file_ops`
+/// (see [`tcp_stream`]).
+#[inline(always)]
+fn socket_of_fd(fd: i64) -> Option<(u64, u64, bool)> {
     if fd < 0 {
         return None;
     }
@@ -396,17 +412,26 @@ fn sock_of_fd(fd: i64) -> Option<u64> {
     if sk == 0 {
         return None;
     }
-    let family: u16 = kread(sk + o.sk_family as u64)?;
+    Some((sk, file, known != 0))
+}
+
+/// Whether socket `sk` (of `file`) is a TCP/IP stream socket. The first one found teaches the
+/// programs `socket_file_ops` unless `by_fops` says they know it already.
+#[inline(always)]
+fn tcp_stream(sk: u64, file: u64, by_fops: bool) -> bool {
+    let o = offsets();
+    let Some(family) = kread::<u16>(sk + o.sk_family as u64) else {
+        return false;
+    };
     if family != AF_INET && family != AF_INET6 {
-        return None;
+        return false;
     }
-    let sk_type: u16 = kread(sk + o.sk_type as u64)?;
-    if sk_type != SOCK_STREAM {
-        return None;
+    if kread::<u16>(sk + o.sk_type as u64) != Some(SOCK_STREAM) {
+        return false;
     }
     // Learned only from a socket whose `struct sock` checked out: a file opened with O_PATH on a
     // socket's path has a socket inode but other operations (and no socket).
-    if known == 0
+    if !by_fops
         && let (Some(f_op), Some(slot)) = (
             kread::<u64>(file + o.file_f_op as u64),
             SOCKET_FOPS.get_ptr_mut(0),
@@ -415,7 +440,7 @@ fn sock_of_fd(fd: i64) -> Option<u64> {
         // SAFETY: pointer from a successful lookup; racing writers store the same value.
         unsafe { *slot = f_op };
     }
-    Some(sk)
+    true
 }
 
 /// The connection state of `sk` (created, role unknown, on first sight) with the stream offset of
@@ -469,37 +494,76 @@ fn conn_open(sk: u64, role: u8) {
     }
 }
 
-/// The tuple of `sk`, read from its `sock_common`.
+/// Bytes of `struct sock` read at once for the tuple: `sock_common`'s addresses, ports and family
+/// lie in its first 88 bytes on the kernels the agent supports (their offsets come from BTF; a
+/// kernel where they do not fit takes one read per field).
+const TUPLE_READ: usize = 96;
+/// Size of [`Scratch::tuple`], a power of two above [`TUPLE_READ`]: offsets into it are masked
+/// with `TUPLE_AREA - 1`, a bound the verifier sees whatever it knows of the offsets.
+const TUPLE_AREA: usize = 128;
+
+/// Writes the tuple of `sk` into the header: one `bpf_probe_read_kernel` of the start of
+/// `sock_common` into `area` (the scratch's staging room, where the exit programs' copy loop, near
+/// the verifier's limit, has no key on its stack to track), then loads from it.
 #[inline(always)]
-fn tuple_of(sk: u64) -> TupleKey {
+fn fill_tuple(h: &mut EventHeader, area: &mut [u8; TUPLE_AREA], sk: u64) {
     let o = offsets();
-    let family: u16 = kread(sk + o.sk_family as u64).unwrap_or(0);
-    let dport: u16 = kread(sk + o.sk_dport as u64).unwrap_or(0);
-    let mut t = TupleKey {
-        family,
-        local_port: kread(sk + o.sk_num as u64).unwrap_or(0),
-        remote_port: u16::from_be(dport),
-        _pad: 0,
-        local_addr: [0; 16],
-        remote_addr: [0; 16],
-    };
-    if family == AF_INET6 {
-        t.local_addr = kread(sk + o.sk_v6_rcv_saddr as u64).unwrap_or([0; 16]);
-        t.remote_addr = kread(sk + o.sk_v6_daddr as u64).unwrap_or([0; 16]);
-    } else {
-        let l: [u8; 4] = kread(sk + o.sk_rcv_saddr as u64).unwrap_or([0; 4]);
-        let r: [u8; 4] = kread(sk + o.sk_daddr as u64).unwrap_or([0; 4]);
-        t.local_addr[..4].copy_from_slice(&l);
-        t.remote_addr[..4].copy_from_slice(&r);
+    let fits = |off: u32, size: usize| off as usize + size <= TUPLE_READ;
+    // Constants of the frozen read-only data: the verifier keeps one branch.
+    if !(fits(o.sk_family, 2)
+        && fits(o.sk_dport, 2)
+        && fits(o.sk_num, 2)
+        && fits(o.sk_rcv_saddr, 4)
+        && fits(o.sk_daddr, 4)
+        && fits(o.sk_v6_rcv_saddr, 16)
+        && fits(o.sk_v6_daddr, 16))
+    {
+        fill_tuple_by_field(h, sk);
+        return;
     }
-    t
+    // SAFETY: `TUPLE_READ` bytes fit in `area`; the helper fails instead of faulting.
+    let rc = unsafe {
+        bpf_probe_read_kernel(
+            area.as_mut_ptr() as *mut c_void,
+            TUPLE_READ as u32,
+            sk as *const c_void,
+        )
+    };
+    if rc != 0 {
+        h.family = 0;
+        h.local_port = 0;
+        h.remote_port = 0;
+        h.local_addr = [0; 16];
+        h.remote_addr = [0; 16];
+        return;
+    }
+    let base = area.as_ptr();
+    // SAFETY: each offset is masked below `TUPLE_AREA` and checked above to end within
+    // `TUPLE_READ`, so every load stays inside `area`; unaligned loads are fine in BPF.
+    let at = |off: u32| unsafe { base.add(off as usize & (TUPLE_AREA - 1)) };
+    // SAFETY: as above.
+    unsafe {
+        let family = (at(o.sk_family) as *const u16).read_unaligned();
+        h.family = family as u8;
+        h.remote_port = u16::from_be((at(o.sk_dport) as *const u16).read_unaligned());
+        h.local_port = (at(o.sk_num) as *const u16).read_unaligned();
+        if family == AF_INET6 {
+            h.local_addr = (at(o.sk_v6_rcv_saddr) as *const [u8; 16]).read_unaligned();
+            h.remote_addr = (at(o.sk_v6_daddr) as *const [u8; 16]).read_unaligned();
+        } else {
+            h.local_addr = [0; 16];
+            h.remote_addr = [0; 16];
+            h.local_addr[..4]
+                .copy_from_slice(&(at(o.sk_rcv_saddr) as *const [u8; 4]).read_unaligned());
+            h.remote_addr[..4]
+                .copy_from_slice(&(at(o.sk_daddr) as *const [u8; 4]).read_unaligned());
+        }
+    }
 }
 
-/// Writes the tuple of `sk` into the header: the reads of [`tuple_of`], stored straight into the
-/// header, because the exit programs' copy loop is near the verifier's limit and a key kept on
-/// their stack is one more value it tracks through every iteration.
+/// [`fill_tuple`] with one read per field.
 #[inline(always)]
-fn fill_tuple(h: &mut EventHeader, sk: u64) {
+fn fill_tuple_by_field(h: &mut EventHeader, sk: u64) {
     let o = offsets();
     let family: u16 = kread(sk + o.sk_family as u64).unwrap_or(0);
     h.family = family as u8;
@@ -543,12 +607,12 @@ fn trace_bytes(id: TraceId) -> [u8; 16] {
     unsafe { core::mem::transmute::<TraceId, [u8; 16]>(id) }
 }
 
-/// The trace id received in band on the socket with tuple `key`, when the bytes read from
-/// sequence number `seq` on arrived with it (without a sequence number, the last one received).
+/// The trace id received in band on socket `sock`, when the bytes read from sequence number `seq`
+/// on arrived with it (without a sequence number, the last one received).
 #[inline(always)]
-fn in_band(key: &TupleKey, seq: Option<u32>) -> Option<TraceId> {
+fn in_band(sock: u64, seq: Option<u32>) -> Option<TraceId> {
     // SAFETY: copied out of the map.
-    let c = unsafe { IN_CTX.get(key) }.copied()?;
+    let c = unsafe { IN_CTX.get(sock) }.copied()?;
     match seq {
         Some(s) if s.wrapping_sub(c.seq_first) >= c.seq_end.wrapping_sub(c.seq_first) => None,
         _ => Some(c.trace_id),
@@ -560,7 +624,7 @@ fn in_band(key: &TupleKey, seq: Option<u32>) -> Option<TraceId> {
 /// unanswered request on the same socket belong to it; any other read starts a new request,
 /// ambiguous when the thread still owes another socket an answer.
 #[inline(always)]
-fn serve_read(pid_tgid: u64, sock: u64, key: &TupleKey, seq: Option<u32>) -> (TraceId, u8) {
+fn serve_read(pid_tgid: u64, sock: u64, seq: Option<u32>) -> (TraceId, u8) {
     let slot = SERVING.get_ptr_mut(pid_tgid);
     // SAFETY: copied out of the map; only this thread writes its own key.
     let prev = slot.map(|p| unsafe { *p });
@@ -573,7 +637,7 @@ fn serve_read(pid_tgid: u64, sock: u64, key: &TupleKey, seq: Option<u32>) -> (Tr
         }
         state = SERVING_AMBIGUOUS;
     }
-    let (trace_id, origin) = match in_band(key, seq) {
+    let (trace_id, origin) = match in_band(sock, seq) {
         Some(id) => (id, EV_F_TRACE_IN_BAND),
         None => (random_trace_id(), EV_F_TRACE_GENERATED),
     };
@@ -609,15 +673,18 @@ fn serve_write(pid_tgid: u64, sock: u64) {
     }
 }
 
-/// A write on client socket `key` (connection `conn_id`) by the current thread, before the kernel
-/// sends anything: picks the trace id for the TCP option of its segments and stores it in
+/// A write on client socket `sock` (connection `conn_id`) by the current thread, before the
+/// kernel sends anything: picks the trace id for the TCP option of its segments and stores it in
 /// `OUT_CTX` for the sock_ops program. The request the thread serves gives it; a thread that
 /// serves none starts a trace (later writes of the same request, before a response byte is read,
 /// keep it); an ambiguous thread sends none.
 #[inline(always)]
-fn client_write(pid_tgid: u64, key: &TupleKey, conn_id: u64) -> Option<(TraceId, u8)> {
-    // SAFETY: copied out of the maps.
+fn client_write(pid_tgid: u64, sock: u64, conn_id: u64) -> Option<(TraceId, u8)> {
+    // SAFETY: copied out of the map.
     let serving = unsafe { SERVING.get(pid_tgid) }.copied();
+    let slot = OUT_CTX.get_ptr_mut(sock);
+    // SAFETY: copied out of the map.
+    let current = slot.map(|p| unsafe { *p });
     let chosen = match serving {
         Some(s) if s.state & SERVING_ANSWERED == 0 => {
             if s.state & SERVING_AMBIGUOUS != 0 {
@@ -626,13 +693,13 @@ fn client_write(pid_tgid: u64, key: &TupleKey, conn_id: u64) -> Option<(TraceId,
                 Some((s.trace_id, s.origin))
             }
         }
-        _ => match unsafe { OUT_CTX.get(key) }.copied() {
+        _ => match current {
             Some(o) if o.conn_id == conn_id && o.responded == 0 => Some((o.trace_id, o.origin)),
             _ => Some((random_trace_id(), EV_F_TRACE_GENERATED)),
         },
     };
-    match chosen {
-        Some((trace_id, origin)) => {
+    match (chosen, slot) {
+        (Some((trace_id, origin)), slot) => {
             let out = OutCtx {
                 trace_id,
                 conn_id,
@@ -640,11 +707,22 @@ fn client_write(pid_tgid: u64, key: &TupleKey, conn_id: u64) -> Option<(TraceId,
                 responded: 0,
                 _pad: [0; 6],
             };
-            let _ = OUT_CTX.insert(key, out, 0);
+            match slot {
+                // In place: an LRU map's update allocates a new element and frees the old one.
+                // The sock_ops program may read the entry meanwhile on another CPU (a segment of
+                // the previous request sent from softirq); it then writes a mix of the two ids,
+                // which links that segment's request to nothing rather than to another trace.
+                // SAFETY: pointer from a successful lookup.
+                Some(p) => unsafe { *p = out },
+                None => {
+                    let _ = OUT_CTX.insert(sock, out, 0);
+                }
+            }
         }
-        None => {
-            let _ = OUT_CTX.remove(key);
+        (None, Some(_)) => {
+            let _ = OUT_CTX.remove(sock);
         }
+        (None, None) => {}
     }
     chosen
 }
@@ -673,7 +751,7 @@ fn tls_trace(pid_tgid: u64, sock: u64, conn: &ConnState, direction: u8) -> Optio
         }
     } else if conn.role == ROLE_CLIENT && direction == DIR_SEND {
         // SAFETY: copied out of the map.
-        let o = unsafe { OUT_CTX.get(&tuple_of(sock)) }.copied()?;
+        let o = unsafe { OUT_CTX.get(sock) }.copied()?;
         if o.conn_id == conn.conn_id {
             return Some((o.trace_id, o.origin));
         }
@@ -681,10 +759,10 @@ fn tls_trace(pid_tgid: u64, sock: u64, conn: &ConnState, direction: u8) -> Optio
     None
 }
 
-/// A read of response bytes on client socket `key`: its next write is a new request.
+/// A read of response bytes on client socket `sock`: its next write is a new request.
 #[inline(always)]
-fn client_read(key: &TupleKey) {
-    if let Some(o) = OUT_CTX.get_ptr_mut(key) {
+fn client_read(sock: u64) {
+    if let Some(o) = OUT_CTX.get_ptr_mut(sock) {
         // SAFETY: pointer from a successful lookup.
         unsafe { (*o).responded = 1 };
     }
@@ -698,11 +776,21 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
         return 0;
     }
     let args = [arg(ctx, 0), arg(ctx, 1), arg(ctx, 2)];
-    let Some(mut inflight) = inflight_of(args, source, direction, buf_kind) else {
+    let Some((sock, file, by_fops)) = socket_of_fd(args[0] as i64) else {
         return 0;
     };
     // SAFETY: copied out of the map.
-    let conn = unsafe { CONNS.get(inflight.sock) }.copied();
+    let conn = unsafe { CONNS.get(sock) }.copied();
+    // A socket the programs know is a TCP one: its family and type need no reads. An entry can
+    // outlive its socket, whose memory TCP's own slab cache then gives to the next TCP socket;
+    // only a slab page returned to the page allocator could come back as another kind of socket
+    // at the same address.
+    if conn.is_none() && !tcp_stream(sock, file, by_fops) {
+        return 0;
+    }
+    let Some(mut inflight) = inflight_of(args, sock, source, direction, buf_kind) else {
+        return 0;
+    };
     if let Some(conn) = conn
         && !wants_trace(conn.flags)
     {
@@ -723,26 +811,57 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
             if conn.role == ROLE_SERVER {
                 serve_write(pid_tgid, inflight.sock);
             } else if conn.role == ROLE_CLIENT {
-                let key = tuple_of(inflight.sock);
-                if let Some((id, origin)) = client_write(pid_tgid, &key, conn.conn_id) {
+                if let Some((id, origin)) = client_write(pid_tgid, inflight.sock, conn.conn_id) {
                     inflight.trace_id = id;
                     inflight.trace_flags = EV_F_TRACE | origin;
                 }
             }
         }
     }
-    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
-        count(CNT_INFLIGHT_FULL);
-    }
+    inflight_store(pid_tgid, inflight);
     0
 }
 
-/// The in-flight record of a data syscall with these first three arguments, when its fd is a
-/// TCP socket.
+/// Makes `inflight` (with a non-zero `enter_ns`) the current thread's live record.
 #[inline(always)]
-fn inflight_of(args: [u64; 3], source: u8, direction: u8, buf_kind: u8) -> Option<Inflight> {
+fn inflight_store(pid_tgid: u64, inflight: Inflight) {
+    match INFLIGHT.get_ptr_mut(pid_tgid) {
+        // SAFETY: pointer from a successful lookup; only this thread uses its own key.
+        Some(p) => unsafe { *p = inflight },
+        None => {
+            if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
+                count(CNT_INFLIGHT_FULL);
+            }
+        }
+    }
+}
+
+/// The current thread's live record, which stops being live.
+#[inline(always)]
+fn inflight_take(pid_tgid: u64) -> Option<Inflight> {
+    let p = INFLIGHT.get_ptr_mut(pid_tgid)?;
+    // SAFETY: pointer from a successful lookup; only this thread uses its own key.
+    unsafe {
+        if (*p).enter_ns == 0 {
+            return None;
+        }
+        let inf = *p;
+        (*p).enter_ns = 0;
+        Some(inf)
+    }
+}
+
+/// The in-flight record of a data syscall with these first three arguments, whose fd is TCP
+/// socket `sock`, when the port filter lets it through.
+#[inline(always)]
+fn inflight_of(
+    args: [u64; 3],
+    sock: u64,
+    source: u8,
+    direction: u8,
+    buf_kind: u8,
+) -> Option<Inflight> {
     let fd = args[0] as i64;
-    let sock = sock_of_fd(fd)?;
     if !port_wanted(sock) {
         return None;
     }
@@ -844,7 +963,8 @@ fn recover_inflight(
     }
     let _ = SEEN.insert(pid_tgid, 1, 0);
     let args = saved_args(ctx)?;
-    let mut inflight = inflight_of(args, source, direction, buf_kind)?;
+    let sock = sock_of_fd(args[0] as i64)?;
+    let mut inflight = inflight_of(args, sock, source, direction, buf_kind)?;
     // SAFETY: reads the monotonic clock.
     inflight.enter_ns = unsafe { bpf_ktime_get_ns() };
     Some(inflight)
@@ -897,12 +1017,8 @@ fn exit_io<const IOVECS: usize>(
     buf_kind: u8,
 ) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before removal; only this thread touches its own key.
-    let inf = match unsafe { INFLIGHT.get(pid_tgid) }.copied() {
-        Some(inf) => {
-            let _ = INFLIGHT.remove(pid_tgid);
-            inf
-        }
+    let inf = match inflight_take(pid_tgid) {
+        Some(inf) => inf,
         None => match recover_inflight(ctx, pid_tgid, source, direction, buf_kind) {
             Some(inf) => inf,
             None => return 0,
@@ -980,7 +1096,7 @@ fn exit_io<const IOVECS: usize>(
     h.trace_id = trace_bytes(inf.trace_id);
     h.flags |= inf.trace_flags;
 
-    fill_tuple(h, inf.sock);
+    fill_tuple(h, &mut scratch.tuple, inf.sock);
 
     // SAFETY: plain read of a global set before load.
     let mut limit = unsafe { read_volatile(&CAPTURE_LIMIT) } as u64;
@@ -1080,8 +1196,10 @@ macro_rules! io_tracepoints {
 #[inline(always)]
 fn read_context(ctx: &TracePointContext) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inf) = INFLIGHT.get_ptr_mut(pid_tgid) else {
-        return !recovery_done();
+    let inf = match INFLIGHT.get_ptr_mut(pid_tgid) {
+        // SAFETY: pointer from a successful lookup; only this thread uses its own key.
+        Some(p) if unsafe { (*p).enter_ns } != 0 => p,
+        _ => return !recovery_done(),
     };
     if !trace_context() {
         return true;
@@ -1101,7 +1219,6 @@ fn read_context(ctx: &TracePointContext) -> bool {
     if !wants_trace(conn.flags) {
         return true;
     }
-    let key = tuple_of(sock);
     if conn.role == ROLE_SERVER {
         // The sequence number of the first byte read, as the exit program computes it; recvmmsg
         // returns a message count, not bytes.
@@ -1111,14 +1228,14 @@ fn read_context(ctx: &TracePointContext) -> bool {
         } else {
             None
         };
-        let (id, origin) = serve_read(pid_tgid, sock, &key, seq);
+        let (id, origin) = serve_read(pid_tgid, sock, seq);
         // SAFETY: as above.
         unsafe {
             (*inf).trace_id = id;
             (*inf).trace_flags = EV_F_TRACE | origin;
         }
     } else if conn.role == ROLE_CLIENT {
-        client_read(&key);
+        client_read(sock);
     }
     true
 }
@@ -1193,7 +1310,8 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let inflight = Inflight {
-        enter_ns: 0,
+        // Live; connect's exit needs no time.
+        enter_ns: 1,
         sock: 0,
         buf: 0,
         len: 0,
@@ -1205,9 +1323,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         buf_kind: BUF_KERNEL,
         trace_flags: 0,
     };
-    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
-        count(CNT_INFLIGHT_FULL);
-    }
+    inflight_store(pid_tgid, inflight);
     0
 }
 
@@ -1215,11 +1331,9 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before removal.
-    let Some(inf) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
+    let Some(inf) = inflight_take(pid_tgid) else {
         return 0;
     };
-    let _ = INFLIGHT.remove(pid_tgid);
     let rc = ret(&ctx);
     if rc != 0 && rc != -EINPROGRESS {
         return 0;
@@ -1280,6 +1394,8 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
+    // Every thread's: its in-flight record goes with it (most threads have none).
+    let _ = INFLIGHT.remove(pid_tgid);
     let tgid = (pid_tgid >> 32) as u32;
     // Only the main thread's exit; other threads leaving do not close the process's files.
     if tgid != pid_tgid as u32 || !traced(tgid) {
@@ -1350,7 +1466,7 @@ fn emit_header(
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     h.trace_id = [0; 16];
     if sk != 0 {
-        fill_tuple(h, sk);
+        fill_tuple(h, &mut scratch.tuple, sk);
     }
     // Header and `captured` < CONTROL_PAYLOAD bytes lie inside the map value.
     output(scratch, HEADER_SIZE + captured);

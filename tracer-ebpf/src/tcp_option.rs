@@ -1,8 +1,8 @@
 //! Trace context in band: a sock_ops program, attached to the cgroup v2 root, that writes the
 //! trace id the syscall programs chose for a client socket (`OUT_CTX`) into a TCP header option of
 //! the socket's data segments, and on the receiving host reads it into `IN_CTX`, where the server's
-//! read finds it. Both maps are keyed by the socket's tuple, built here from the `bpf_sock_ops`
-//! context and there from `sock_common`.
+//! read finds it. Both maps are keyed by the socket's `struct sock` address: the context's `sk`
+//! here, the socket behind the file descriptor there.
 //!
 //! Option layout ([`TCP_OPT_KIND`]): kind 253, length 20, the 16-bit experiment id
 //! [`TCP_OPT_EXID`], the 16-byte trace id. Requests flow from the connecting side, so only active
@@ -22,9 +22,7 @@ use aya_ebpf::macros::sock_ops;
 use aya_ebpf::programs::SockOpsContext;
 use tracer_ebpf::abi::*;
 
-use super::{
-    AF_INET6, CONNS, IN_CTX, InCtx, OUT_CTX, TraceId, TupleKey, count, trace_bytes, wants_trace,
-};
+use super::{CONNS, IN_CTX, InCtx, OUT_CTX, TraceId, count, trace_bytes, wants_trace};
 
 /// `args[0]` of `BPF_SOCK_OPS_HDR_OPT_LEN_CB` when the kernel computes the MSS: no segment is
 /// sent, but the room reserved now is taken off every segment's payload.
@@ -42,8 +40,8 @@ pub fn trace_tcp_opt(ctx: SockOpsContext) -> u32 {
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            // A new connection on a tuple an older one used: nothing received on it yet.
-            let _ = IN_CTX.remove(&tuple(ops));
+            // A new connection on a socket address an older one used: nothing received on it yet.
+            let _ = IN_CTX.remove(&sock(ops));
             let flags = ctx.cb_flags() | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG;
             let _ = ctx.set_cb_flags(flags as i32);
         }
@@ -63,53 +61,12 @@ fn field(p: *const u32) -> u32 {
     unsafe { read_volatile(p) }
 }
 
-/// The socket's tuple as the syscall programs build it (`tuple_of`): addresses in network order,
-/// ports in host order.
+/// The `struct sock` address of the context's socket, the key of `CONNS`, `OUT_CTX` and
+/// `IN_CTX`; 0 when there is none.
 #[inline(always)]
-fn tuple(ops: *mut bpf_sock_ops) -> TupleKey {
-    // SAFETY: field addresses inside the context; each is read with one 32-bit load.
-    unsafe {
-        let family = field(addr_of!((*ops).family)) as u16;
-        // Network order in the upper half on little-endian kernels (the kernel shifts it there);
-        // older documentation places it in the lower half: take whichever half is set.
-        let remote = field(addr_of!((*ops).remote_port));
-        let remote = if remote >> 16 != 0 {
-            (remote >> 16) as u16
-        } else {
-            remote as u16
-        };
-        let mut t = TupleKey {
-            family,
-            local_port: field(addr_of!((*ops).local_port)) as u16,
-            remote_port: u16::from_be(remote),
-            _pad: 0,
-            local_addr: [0; 16],
-            remote_addr: [0; 16],
-        };
-        if family == AF_INET6 {
-            let l = [
-                field(addr_of!((*ops).local_ip6[0])),
-                field(addr_of!((*ops).local_ip6[1])),
-                field(addr_of!((*ops).local_ip6[2])),
-                field(addr_of!((*ops).local_ip6[3])),
-            ];
-            let r = [
-                field(addr_of!((*ops).remote_ip6[0])),
-                field(addr_of!((*ops).remote_ip6[1])),
-                field(addr_of!((*ops).remote_ip6[2])),
-                field(addr_of!((*ops).remote_ip6[3])),
-            ];
-            // Each word holds its 4 address bytes in memory order.
-            t.local_addr = core::mem::transmute::<[u32; 4], [u8; 16]>(l);
-            t.remote_addr = core::mem::transmute::<[u32; 4], [u8; 16]>(r);
-        } else {
-            let l = field(addr_of!((*ops).local_ip4)).to_ne_bytes();
-            let r = field(addr_of!((*ops).remote_ip4)).to_ne_bytes();
-            t.local_addr[..4].copy_from_slice(&l);
-            t.remote_addr[..4].copy_from_slice(&r);
-        }
-        t
-    }
+fn sock(ops: *mut bpf_sock_ops) -> u64 {
+    // SAFETY: context field read; the verifier checks the access.
+    unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)) as u64 }
 }
 
 /// The segment's sequence number and payload length, from its TCP header (received segments; and
@@ -147,7 +104,7 @@ fn reserve(ctx: &SockOpsContext) {
         return;
     }
     // SAFETY: presence check only.
-    if unsafe { OUT_CTX.get(&tuple(ops)) }.is_none() {
+    if unsafe { OUT_CTX.get(&sock(ops)) }.is_none() {
         if data && ignored(ops) {
             // No write on this connection will choose a trace id (userspace deleted the one its
             // first writes chose): stop running for its segments. A new connection, even at the
@@ -168,8 +125,7 @@ fn reserve(ctx: &SockOpsContext) {
 /// Whether userspace ignores the connection of this segment (see `wants_trace`).
 #[inline(always)]
 fn ignored(ops: *mut bpf_sock_ops) -> bool {
-    // SAFETY: context field read; the verifier checks the access.
-    let sk = unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)) } as u64;
+    let sk = sock(ops);
     if sk == 0 {
         return false;
     }
@@ -182,7 +138,7 @@ fn ignored(ops: *mut bpf_sock_ops) -> bool {
 #[inline(always)]
 fn write(ops: *mut bpf_sock_ops) {
     // SAFETY: copied out of the map.
-    let Some(out) = (unsafe { OUT_CTX.get(&tuple(ops)) }).copied() else {
+    let Some(out) = (unsafe { OUT_CTX.get(&sock(ops)) }).copied() else {
         return;
     };
     // Another program may have reserved room on a segment this one skipped.
@@ -227,30 +183,34 @@ fn parse(ops: *mut bpf_sock_ops) {
     id.copy_from_slice(&opt[4..]);
     // SAFETY: 16 plain bytes are two u64.
     let trace_id = unsafe { core::mem::transmute::<[u8; 16], TraceId>(id) };
-    let key = tuple(ops);
+    let key = sock(ops);
+    if key == 0 {
+        return;
+    }
     let end = seq.wrapping_add(len);
-    // SAFETY: copied out of the map.
-    let entry = match unsafe { IN_CTX.get(&key) }.copied() {
-        // More of the same request (or a retransmission): widen the range.
-        Some(c) if c.trace_id[0] == trace_id[0] && c.trace_id[1] == trace_id[1] => InCtx {
-            trace_id,
-            seq_first: if (seq.wrapping_sub(c.seq_first) as i32) < 0 {
-                seq
-            } else {
-                c.seq_first
-            },
-            seq_end: if (end.wrapping_sub(c.seq_end) as i32) > 0 {
-                end
-            } else {
-                c.seq_end
-            },
+    match IN_CTX.get_ptr_mut(&key) {
+        // More of the same request (or a retransmission): widen the range, in place (an LRU
+        // map's update allocates a new element and frees the old one). A reader on another CPU
+        // sees the old range or the new, both of this id.
+        // SAFETY: pointer from a successful lookup.
+        Some(c) if unsafe { (*c).trace_id == trace_id } => unsafe {
+            if (seq.wrapping_sub((*c).seq_first) as i32) < 0 {
+                (*c).seq_first = seq;
+            }
+            if (end.wrapping_sub((*c).seq_end) as i32) > 0 {
+                (*c).seq_end = end;
+            }
         },
-        _ => InCtx {
-            trace_id,
-            seq_first: seq,
-            seq_end: end,
-        },
-    };
-    let _ = IN_CTX.insert(&key, &entry, 0);
+        // A new request: the id and its range replace the old ones at once, so a reader never
+        // sees one request's id with another's range.
+        _ => {
+            let entry = InCtx {
+                trace_id,
+                seq_first: seq,
+                seq_end: end,
+            };
+            let _ = IN_CTX.insert(&key, &entry, 0);
+        }
+    }
     count(CNT_TCP_OPT_READ);
 }

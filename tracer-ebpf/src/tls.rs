@@ -324,7 +324,7 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
         h.trace_id = trace_bytes(id);
         h.flags = EV_F_TRACE | origin;
     }
-    fill_tuple(h, sock);
+    fill_tuple(h, &mut scratch.tuple, sock);
 
     // SAFETY: plain read of a global set before load.
     let mut limit = unsafe { read_volatile(&CAPTURE_LIMIT) } as u64;

@@ -296,7 +296,7 @@ fn apply_stop_payload(capture: &mut Capture, conns: &mut Connections) {
         // A TLS connection keeps its trace ids: its plaintext makes the spans.
         if stop.flags & abi::CONN_F_NO_PAYLOAD != 0
             && stop.flags & abi::CONN_F_TLS == 0
-            && let Err(err) = capture.forget_trace_out(stop.local, stop.remote)
+            && let Err(err) = capture.forget_trace_out(stop.sock)
         {
             tracing::debug!(%err, "could not forget an ignored connection's trace id");
         }

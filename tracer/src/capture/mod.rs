@@ -6,8 +6,6 @@ mod gotls;
 pub mod tcp_option;
 pub mod tls;
 
-use std::net::{IpAddr, SocketAddr};
-
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
 use aya::programs::{ProgramError, TracePoint};
 use aya::{Ebpf, EbpfLoader, Pod};
@@ -172,41 +170,6 @@ fn possible_cpus() -> Result<u32, CaptureError> {
 struct OffsetsPod(KernelOffsets);
 // SAFETY: KernelOffsets is repr(C), all u32 fields, no padding.
 unsafe impl Pod for OffsetsPod {}
-
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct TupleKeyPod(abi::TupleKey);
-// SAFETY: TupleKey is repr(C) with an explicit padding field.
-unsafe impl Pod for TupleKeyPod {}
-
-const AF_INET_FAMILY: u16 = libc::AF_INET as u16;
-const AF_INET6_FAMILY: u16 = libc::AF_INET6 as u16;
-
-/// The kernel's tuple keys of a connection with these ends: an IPv4 connection may live on an
-/// AF_INET socket or, with mapped addresses, on a dual-stack AF_INET6 one.
-fn tuple_keys(local: SocketAddr, remote: SocketAddr) -> Vec<abi::TupleKey> {
-    let key = |family: u16, l: [u8; 16], r: [u8; 16]| abi::TupleKey {
-        family,
-        local_port: local.port(),
-        remote_port: remote.port(),
-        _pad: 0,
-        local_addr: l,
-        remote_addr: r,
-    };
-    let v6 = |ip: IpAddr| match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    };
-    let mut keys = vec![key(AF_INET6_FAMILY, v6(local.ip()), v6(remote.ip()))];
-    if let (IpAddr::V4(l), IpAddr::V4(r)) = (local.ip(), remote.ip()) {
-        let mut la = [0; 16];
-        let mut ra = [0; 16];
-        la[..4].copy_from_slice(&l.octets());
-        ra[..4].copy_from_slice(&r.octets());
-        keys.push(key(AF_INET_FAMILY, la, ra));
-    }
-    keys
-}
 
 #[derive(Clone, Copy)]
 #[repr(transparent)]
@@ -516,24 +479,18 @@ impl Capture {
         })
     }
 
-    /// Forgets the trace id the kernel chose for the requests of the client connection between
-    /// `local` and `remote` (nothing happens if it has none): once userspace ignores a connection
-    /// the kernel chooses no new one, and without this the last one would go on riding in the TCP
-    /// option of every segment. With it gone, the sock_ops program stops running for the socket.
-    pub fn forget_trace_out(
-        &mut self,
-        local: SocketAddr,
-        remote: SocketAddr,
-    ) -> Result<(), CaptureError> {
+    /// Forgets the trace id the kernel chose for the requests of the client connection on socket
+    /// `sock` (nothing happens if it has none): once userspace ignores a connection the kernel
+    /// chooses no new one, and without this the last one would go on riding in the TCP option of
+    /// every segment. With it gone, the sock_ops program stops running for the socket.
+    pub fn forget_trace_out(&mut self, sock: u64) -> Result<(), CaptureError> {
         if !self.tcp_option {
             return Ok(());
         }
-        let mut out: BpfHashMap<_, TupleKeyPod, [u8; abi::OUT_CTX_VALUE_SIZE]> =
+        let mut out: BpfHashMap<_, u64, [u8; abi::OUT_CTX_VALUE_SIZE]> =
             typed_map(&mut self.ebpf, "OUT_CTX")?;
-        for key in tuple_keys(local, remote) {
-            // A key that is not there is the common case (server side, no trace chosen yet).
-            let _ = out.remove(&TupleKeyPod(key));
-        }
+        // A key that is not there is the common case (server side, no trace chosen yet).
+        let _ = out.remove(&sock);
         Ok(())
     }
 
@@ -559,41 +516,5 @@ impl Capture {
                 name: "CONNS",
                 source,
             })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tuple_keys_cover_both_socket_families_of_ipv4() {
-        let keys = tuple_keys(
-            "10.0.0.1:40000".parse().expect("addr"),
-            "10.0.0.2:80".parse().expect("addr"),
-        );
-        assert_eq!(keys.len(), 2);
-        let mapped = keys[0];
-        assert_eq!(mapped.family, 10);
-        assert_eq!((mapped.local_port, mapped.remote_port), (40000, 80));
-        assert_eq!(
-            mapped.remote_addr,
-            std::net::Ipv4Addr::new(10, 0, 0, 2)
-                .to_ipv6_mapped()
-                .octets()
-        );
-        let v4 = keys[1];
-        assert_eq!(v4.family, 2);
-        assert_eq!(v4.local_addr[..4], [10, 0, 0, 1]);
-        assert!(v4.local_addr[4..].iter().all(|&b| b == 0));
-        assert_eq!(v4.remote_addr[..4], [10, 0, 0, 2]);
-
-        let v6 = tuple_keys(
-            "[2001:db8::1]:5".parse().expect("addr"),
-            "[2001:db8::2]:6".parse().expect("addr"),
-        );
-        assert_eq!(v6.len(), 1);
-        assert_eq!(v6[0].family, 10);
-        assert_eq!(v6[0].local_addr[..2], [0x20, 0x01]);
     }
 }
