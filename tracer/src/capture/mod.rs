@@ -171,6 +171,21 @@ struct OffsetsPod(KernelOffsets);
 // SAFETY: KernelOffsets is repr(C), all u32 fields, no padding.
 unsafe impl Pod for OffsetsPod {}
 
+/// The verifier's reason for refusing a program: the last line of its log before the statistics
+/// it prints at the end.
+fn verifier_reason(log: &str) -> &str {
+    log.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| {
+            !l.is_empty()
+                && !l.starts_with("verification time")
+                && !l.starts_with("stack depth")
+                && !l.starts_with("processed ")
+        })
+        .unwrap_or("")
+}
+
 #[derive(Clone, Copy)]
 #[repr(transparent)]
 struct ConnStatePod(ConnState);
@@ -317,12 +332,15 @@ impl Capture {
             // kernel refuse them, the probe-read walk works everywhere.
             Err(CaptureError::Attach {
                 name,
-                source: ProgramError::LoadError { .. },
+                source: ProgramError::LoadError { verifier_log, .. },
             }) if task_btf => {
+                let log = verifier_log.to_string();
                 tracing::warn!(
                     program = name,
+                    reason = verifier_reason(&log),
                     "the kernel's verifier refused the typed task loads; walking the fd table with probe reads instead"
                 );
+                tracing::debug!(program = name, %log, "verifier log");
                 Self::start_with(opts, offsets, kernel, false)
             }
             other => other,
@@ -516,5 +534,19 @@ impl Capture {
                 name: "CONNS",
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_reason_is_the_line_before_the_statistics() {
+        let log = "0: R1=ctx() R10=fp0\n152: (79) r8 = *(u64 *)(r1 +0)\nR1 invalid mem access 'scalar'\n\
+                   verification time 1708 usec\nstack depth 160\n\
+                   processed 98 insns (limit 1000000) max_states_per_insn 0 total_states 5\n";
+        assert_eq!(verifier_reason(log), "R1 invalid mem access 'scalar'");
+        assert_eq!(verifier_reason(""), "");
     }
 }
