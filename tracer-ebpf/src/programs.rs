@@ -254,11 +254,21 @@ const BPF_NOEXIST: u64 = 1;
 const ARG0: usize = 16;
 const RET: usize = 16;
 
+/// Field `$f` of [`OFFSETS`], read on its own: a volatile read of the whole struct loads every
+/// field (22 loads and their spills, each time a program needs one), and a plain read would let the
+/// compiler fold in the zero initialiser that userspace rewrites before load. The verifier knows
+/// each value as a constant of the frozen read-only data.
+macro_rules! off {
+    ($f:ident) => {
+        offset_at(core::ptr::addr_of!(OFFSETS.$f))
+    };
+}
+
+/// See [`off!`].
 #[inline(always)]
-fn offsets() -> KernelOffsets {
-    // SAFETY: a plain read of a global that userspace rewrites before load; volatile so the
-    // compiler does not fold in the zero initialiser.
-    unsafe { read_volatile(&OFFSETS) }
+fn offset_at(field: *const u32) -> u32 {
+    // SAFETY: `field` points into `OFFSETS`, a global.
+    unsafe { read_volatile(field) }
 }
 
 #[inline(always)]
@@ -335,9 +345,8 @@ fn port_wanted(sk: u64) -> bool {
     if unsafe { read_volatile(&FILTER_PORTS) } == 0 {
         return true;
     }
-    let o = offsets();
-    let local: u16 = kread(sk + o.sk_num as u64).unwrap_or(0);
-    let remote = u16::from_be(kread(sk + o.sk_dport as u64).unwrap_or(0));
+    let local: u16 = kread(sk + off!(sk_num) as u64).unwrap_or(0);
+    let remote = u16::from_be(kread(sk + off!(sk_dport) as u64).unwrap_or(0));
     // SAFETY: presence checks only.
     unsafe { PORTS.get(local).is_some() || PORTS.get(remote).is_some() }
 }
@@ -357,7 +366,6 @@ fn socket_of_fd(fd: i64) -> Option<(u64, u64, bool)> {
     if fd < 0 {
         return None;
     }
-    let o = offsets();
     // SAFETY: plain read of a global set before load.
     let (max_fds, fd_array) = if unsafe { read_volatile(&TASK_BTF) } != 0 {
         // SAFETY: the current task as a BTF pointer. The verifier checks each load from it
@@ -366,26 +374,26 @@ fn socket_of_fd(fd: i64) -> Option<(u64, u64, bool)> {
         // pointers too, `fdt->fd` is not.
         unsafe {
             let task = bpf_get_current_task_btf() as u64;
-            let files: u64 = read_volatile((task + o.task_files as u64) as *const u64);
+            let files: u64 = read_volatile((task + off!(task_files) as u64) as *const u64);
             if files == 0 {
                 return None;
             }
-            let fdt: u64 = read_volatile((files + o.files_fdt as u64) as *const u64);
+            let fdt: u64 = read_volatile((files + off!(files_fdt) as u64) as *const u64);
             if fdt == 0 {
                 return None;
             }
             (
-                read_volatile((fdt + o.fdt_max_fds as u64) as *const u32),
-                read_volatile((fdt + o.fdt_fd as u64) as *const u64),
+                read_volatile((fdt + off!(fdt_max_fds) as u64) as *const u32),
+                read_volatile((fdt + off!(fdt_fd) as u64) as *const u64),
             )
         }
     } else {
         // SAFETY: returns the current task pointer; only dereferenced through probe reads.
         let task = unsafe { bpf_get_current_task() };
-        let files: u64 = kread(task + o.task_files as u64)?;
-        let fdt: u64 = kread(files + o.files_fdt as u64)?;
-        let max_fds: u32 = kread(fdt + o.fdt_max_fds as u64)?;
-        (max_fds, kread::<u64>(fdt + o.fdt_fd as u64)?)
+        let files: u64 = kread(task + off!(task_files) as u64)?;
+        let fdt: u64 = kread(files + off!(files_fdt) as u64)?;
+        let max_fds: u32 = kread(fdt + off!(fdt_max_fds) as u64)?;
+        (max_fds, kread::<u64>(fdt + off!(fdt_fd) as u64)?)
     };
     if fd as u64 >= max_fds as u64 {
         return None;
@@ -396,19 +404,19 @@ fn socket_of_fd(fd: i64) -> Option<(u64, u64, bool)> {
     }
     let known = SOCKET_FOPS.get(0).copied().unwrap_or(0);
     if known != 0 {
-        let f_op: u64 = kread(file + o.file_f_op as u64)?;
+        let f_op: u64 = kread(file + off!(file_f_op) as u64)?;
         if f_op != known {
             return None;
         }
     } else {
-        let inode: u64 = kread(file + o.file_inode as u64)?;
-        let mode: u16 = kread(inode + o.inode_mode as u64)?;
+        let inode: u64 = kread(file + off!(file_inode) as u64)?;
+        let mode: u16 = kread(inode + off!(inode_mode) as u64)?;
         if mode & S_IFMT != S_IFSOCK {
             return None;
         }
     }
-    let socket: u64 = kread(file + o.file_private_data as u64)?;
-    let sk: u64 = kread(socket + o.socket_sk as u64)?;
+    let socket: u64 = kread(file + off!(file_private_data) as u64)?;
+    let sk: u64 = kread(socket + off!(socket_sk) as u64)?;
     if sk == 0 {
         return None;
     }
@@ -419,21 +427,20 @@ fn socket_of_fd(fd: i64) -> Option<(u64, u64, bool)> {
 /// programs `socket_file_ops` unless `by_fops` says they know it already.
 #[inline(always)]
 fn tcp_stream(sk: u64, file: u64, by_fops: bool) -> bool {
-    let o = offsets();
-    let Some(family) = kread::<u16>(sk + o.sk_family as u64) else {
+    let Some(family) = kread::<u16>(sk + off!(sk_family) as u64) else {
         return false;
     };
     if family != AF_INET && family != AF_INET6 {
         return false;
     }
-    if kread::<u16>(sk + o.sk_type as u64) != Some(SOCK_STREAM) {
+    if kread::<u16>(sk + off!(sk_type) as u64) != Some(SOCK_STREAM) {
         return false;
     }
     // Learned only from a socket whose `struct sock` checked out: a file opened with O_PATH on a
     // socket's path has a socket inode but other operations (and no socket).
     if !by_fops
         && let (Some(f_op), Some(slot)) = (
-            kread::<u64>(file + o.file_f_op as u64),
+            kread::<u64>(file + off!(file_f_op) as u64),
             SOCKET_FOPS.get_ptr_mut(0),
         )
     {
@@ -507,16 +514,15 @@ const TUPLE_AREA: usize = 128;
 /// the verifier's limit, has no key on its stack to track), then loads from it.
 #[inline(always)]
 fn fill_tuple(h: &mut EventHeader, area: &mut [u8; TUPLE_AREA], sk: u64) {
-    let o = offsets();
     let fits = |off: u32, size: usize| off as usize + size <= TUPLE_READ;
     // Constants of the frozen read-only data: the verifier keeps one branch.
-    if !(fits(o.sk_family, 2)
-        && fits(o.sk_dport, 2)
-        && fits(o.sk_num, 2)
-        && fits(o.sk_rcv_saddr, 4)
-        && fits(o.sk_daddr, 4)
-        && fits(o.sk_v6_rcv_saddr, 16)
-        && fits(o.sk_v6_daddr, 16))
+    if !(fits(off!(sk_family), 2)
+        && fits(off!(sk_dport), 2)
+        && fits(off!(sk_num), 2)
+        && fits(off!(sk_rcv_saddr), 4)
+        && fits(off!(sk_daddr), 4)
+        && fits(off!(sk_v6_rcv_saddr), 16)
+        && fits(off!(sk_v6_daddr), 16))
     {
         fill_tuple_by_field(h, sk);
         return;
@@ -543,20 +549,20 @@ fn fill_tuple(h: &mut EventHeader, area: &mut [u8; TUPLE_AREA], sk: u64) {
     let at = |off: u32| unsafe { base.add(off as usize & (TUPLE_AREA - 1)) };
     // SAFETY: as above.
     unsafe {
-        let family = (at(o.sk_family) as *const u16).read_unaligned();
+        let family = (at(off!(sk_family)) as *const u16).read_unaligned();
         h.family = family as u8;
-        h.remote_port = u16::from_be((at(o.sk_dport) as *const u16).read_unaligned());
-        h.local_port = (at(o.sk_num) as *const u16).read_unaligned();
+        h.remote_port = u16::from_be((at(off!(sk_dport)) as *const u16).read_unaligned());
+        h.local_port = (at(off!(sk_num)) as *const u16).read_unaligned();
         if family == AF_INET6 {
-            h.local_addr = (at(o.sk_v6_rcv_saddr) as *const [u8; 16]).read_unaligned();
-            h.remote_addr = (at(o.sk_v6_daddr) as *const [u8; 16]).read_unaligned();
+            h.local_addr = (at(off!(sk_v6_rcv_saddr)) as *const [u8; 16]).read_unaligned();
+            h.remote_addr = (at(off!(sk_v6_daddr)) as *const [u8; 16]).read_unaligned();
         } else {
             h.local_addr = [0; 16];
             h.remote_addr = [0; 16];
             h.local_addr[..4]
-                .copy_from_slice(&(at(o.sk_rcv_saddr) as *const [u8; 4]).read_unaligned());
+                .copy_from_slice(&(at(off!(sk_rcv_saddr)) as *const [u8; 4]).read_unaligned());
             h.remote_addr[..4]
-                .copy_from_slice(&(at(o.sk_daddr) as *const [u8; 4]).read_unaligned());
+                .copy_from_slice(&(at(off!(sk_daddr)) as *const [u8; 4]).read_unaligned());
         }
     }
 }
@@ -564,18 +570,17 @@ fn fill_tuple(h: &mut EventHeader, area: &mut [u8; TUPLE_AREA], sk: u64) {
 /// [`fill_tuple`] with one read per field.
 #[inline(always)]
 fn fill_tuple_by_field(h: &mut EventHeader, sk: u64) {
-    let o = offsets();
-    let family: u16 = kread(sk + o.sk_family as u64).unwrap_or(0);
+    let family: u16 = kread(sk + off!(sk_family) as u64).unwrap_or(0);
     h.family = family as u8;
-    let dport: u16 = kread(sk + o.sk_dport as u64).unwrap_or(0);
+    let dport: u16 = kread(sk + off!(sk_dport) as u64).unwrap_or(0);
     h.remote_port = u16::from_be(dport);
-    h.local_port = kread(sk + o.sk_num as u64).unwrap_or(0);
+    h.local_port = kread(sk + off!(sk_num) as u64).unwrap_or(0);
     if family == AF_INET6 {
-        h.local_addr = kread(sk + o.sk_v6_rcv_saddr as u64).unwrap_or([0; 16]);
-        h.remote_addr = kread(sk + o.sk_v6_daddr as u64).unwrap_or([0; 16]);
+        h.local_addr = kread(sk + off!(sk_v6_rcv_saddr) as u64).unwrap_or([0; 16]);
+        h.remote_addr = kread(sk + off!(sk_v6_daddr) as u64).unwrap_or([0; 16]);
     } else {
-        let l: [u8; 4] = kread(sk + o.sk_rcv_saddr as u64).unwrap_or([0; 4]);
-        let r: [u8; 4] = kread(sk + o.sk_daddr as u64).unwrap_or([0; 4]);
+        let l: [u8; 4] = kread(sk + off!(sk_rcv_saddr) as u64).unwrap_or([0; 4]);
+        let r: [u8; 4] = kread(sk + off!(sk_daddr) as u64).unwrap_or([0; 4]);
         h.local_addr = [0; 16];
         h.remote_addr = [0; 16];
         h.local_addr[..4].copy_from_slice(&l);
@@ -922,7 +927,7 @@ fn saved_args(ctx: &TracePointContext) -> Option<[u64; 3]> {
 
     // SAFETY: returns the current task pointer; only dereferenced through probe reads.
     let task = unsafe { bpf_get_current_task() };
-    let stack: u64 = kread(task + offsets().task_stack as u64)?;
+    let stack: u64 = kread(task + off!(task_stack) as u64)?;
     for size in THREAD_SIZES {
         let regs = stack + size - PT_REGS_SIZE;
         let orig_ax: i64 = kread(regs + PT_REGS_ORIG_AX)?;
@@ -1077,9 +1082,9 @@ fn exit_io<const IOVECS: usize>(
     if inf.mmsg == 0 {
         // The sequence number after this call's bytes, minus them: the first byte's number.
         let member = if inf.direction == DIR_SEND {
-            offsets().tcp_write_seq
+            off!(tcp_write_seq)
         } else {
-            offsets().tcp_copied_seq
+            off!(tcp_copied_seq)
         };
         if member != 0
             && let Some(after) = kread::<u32>(inf.sock + member as u64)
@@ -1222,7 +1227,7 @@ fn read_context(ctx: &TracePointContext) -> bool {
     if conn.role == ROLE_SERVER {
         // The sequence number of the first byte read, as the exit program computes it; recvmmsg
         // returns a message count, not bytes.
-        let member = offsets().tcp_copied_seq;
+        let member = off!(tcp_copied_seq);
         let seq = if mmsg == 0 && member != 0 {
             kread::<u32>(sock + member as u64).map(|after| after.wrapping_sub(rc as u32))
         } else {
