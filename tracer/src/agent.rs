@@ -238,7 +238,7 @@ fn drain(
     let mut n = 0u64;
     while let Some(item) = ring.next() {
         n += 1;
-        if n % YIELD_EVERY == 0 {
+        if n.is_multiple_of(YIELD_EVERY) {
             std::thread::yield_now();
         }
         match Event::decode(&item) {
