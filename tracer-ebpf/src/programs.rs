@@ -134,10 +134,34 @@ static SERVING: LruHashMap<u64, Serving> = LruHashMap::with_max_entries(65536, 0
 #[map]
 static OUT_CTX: LruHashMap<u64, OutCtx> = LruHashMap::with_max_entries(65536, 0);
 
-/// The trace id the sock_ops program last read from a TCP option on a socket, keyed by its
-/// `struct sock` address.
+/// The trace id the sock_ops program last read from a TCP option on a socket, keyed by its tuple.
+/// Keyed by the `struct sock` address instead, a server read once found the id an older
+/// connection at the same address had left although the new request's option had been parsed
+/// (`trace_ids_cross_hosts_in_tcp_options`, in CI): the parse callback's socket is apparently not
+/// always the one the server accepts. Tuples of live connections are unique.
 #[map]
-static IN_CTX: LruHashMap<u64, InCtx> = LruHashMap::with_max_entries(65536, 0);
+static IN_CTX: LruHashMap<TupleKey, InCtx> = LruHashMap::with_max_entries(65536, 0);
+
+/// A socket's tuple, built alike from `sock_common` in the syscall programs (`tuple_of`) and from
+/// the `bpf_sock_ops` context in the sock_ops program: the key of `IN_CTX`. No implicit padding,
+/// so every byte of the key is defined.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TupleKey {
+    /// AF_INET or AF_INET6, as the socket's family (a dual-stack socket is AF_INET6 with
+    /// IPv4-mapped addresses on both sides).
+    family: u16,
+    /// Host order.
+    local_port: u16,
+    /// Host order.
+    remote_port: u16,
+    /// Reserved, zero.
+    _pad: u16,
+    /// Network order; IPv4 in the first 4 bytes.
+    local_addr: [u8; 16],
+    /// Network order; IPv4 in the first 4 bytes.
+    remote_addr: [u8; 16],
+}
 
 /// Drop and activity counters, indexed by `CNT_*`.
 #[map]
@@ -501,6 +525,31 @@ fn conn_open(sk: u64, role: u8) {
     }
 }
 
+/// The tuple of `sk`, read from its `sock_common`.
+#[inline(always)]
+fn tuple_of(sk: u64) -> TupleKey {
+    let family: u16 = kread(sk + off!(sk_family) as u64).unwrap_or(0);
+    let dport: u16 = kread(sk + off!(sk_dport) as u64).unwrap_or(0);
+    let mut t = TupleKey {
+        family,
+        local_port: kread(sk + off!(sk_num) as u64).unwrap_or(0),
+        remote_port: u16::from_be(dport),
+        _pad: 0,
+        local_addr: [0; 16],
+        remote_addr: [0; 16],
+    };
+    if family == AF_INET6 {
+        t.local_addr = kread(sk + off!(sk_v6_rcv_saddr) as u64).unwrap_or([0; 16]);
+        t.remote_addr = kread(sk + off!(sk_v6_daddr) as u64).unwrap_or([0; 16]);
+    } else {
+        let l: [u8; 4] = kread(sk + off!(sk_rcv_saddr) as u64).unwrap_or([0; 4]);
+        let r: [u8; 4] = kread(sk + off!(sk_daddr) as u64).unwrap_or([0; 4]);
+        t.local_addr[..4].copy_from_slice(&l);
+        t.remote_addr[..4].copy_from_slice(&r);
+    }
+    t
+}
+
 /// Bytes of `struct sock` read at once for the tuple: `sock_common`'s addresses, ports and family
 /// lie in its first 88 bytes on the kernels the agent supports (their offsets come from BTF; a
 /// kernel where they do not fit takes one read per field).
@@ -617,7 +666,7 @@ fn trace_bytes(id: TraceId) -> [u8; 16] {
 #[inline(always)]
 fn in_band(sock: u64, seq: Option<u32>) -> Option<TraceId> {
     // SAFETY: copied out of the map.
-    let c = unsafe { IN_CTX.get(sock) }.copied()?;
+    let c = unsafe { IN_CTX.get(&tuple_of(sock)) }.copied()?;
     match seq {
         Some(s) if s.wrapping_sub(c.seq_first) >= c.seq_end.wrapping_sub(c.seq_first) => None,
         _ => Some(c.trace_id),

@@ -1,8 +1,9 @@
 //! Trace context in band: a sock_ops program, attached to the cgroup v2 root, that writes the
 //! trace id the syscall programs chose for a client socket (`OUT_CTX`) into a TCP header option of
 //! the socket's data segments, and on the receiving host reads it into `IN_CTX`, where the server's
-//! read finds it. Both maps are keyed by the socket's `struct sock` address: the context's `sk`
-//! here, the socket behind the file descriptor there.
+//! read finds it. `OUT_CTX` is keyed by the socket's `struct sock` address (the context's `sk`
+//! here, the socket behind the file descriptor there), `IN_CTX` by the socket's tuple, built here
+//! from the `bpf_sock_ops` context and there from `sock_common`.
 //!
 //! Option layout ([`TCP_OPT_KIND`]): kind 253, length 20, the 16-bit experiment id
 //! [`TCP_OPT_EXID`], the 16-byte trace id. Requests flow from the connecting side, so only active
@@ -22,7 +23,9 @@ use aya_ebpf::macros::sock_ops;
 use aya_ebpf::programs::SockOpsContext;
 use tracer_ebpf::abi::*;
 
-use super::{CONNS, IN_CTX, InCtx, OUT_CTX, TraceId, count, trace_bytes, wants_trace};
+use super::{
+    AF_INET6, CONNS, IN_CTX, InCtx, OUT_CTX, TraceId, TupleKey, count, trace_bytes, wants_trace,
+};
 
 /// `args[0]` of `BPF_SOCK_OPS_HDR_OPT_LEN_CB` when the kernel computes the MSS: no segment is
 /// sent, but the room reserved now is taken off every segment's payload.
@@ -40,8 +43,8 @@ pub fn trace_tcp_opt(ctx: SockOpsContext) -> u32 {
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            // A new connection on a socket address an older one used: nothing received on it yet.
-            let _ = IN_CTX.remove(&sock(ops));
+            // A new connection on a tuple an older one used: nothing received on it yet.
+            let _ = IN_CTX.remove(&tuple(ops));
             let flags = ctx.cb_flags() | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG;
             let _ = ctx.set_cb_flags(flags as i32);
         }
@@ -61,8 +64,57 @@ fn field(p: *const u32) -> u32 {
     unsafe { read_volatile(p) }
 }
 
-/// The `struct sock` address of the context's socket, the key of `CONNS`, `OUT_CTX` and
-/// `IN_CTX`; 0 when there is none.
+/// The socket's tuple as the syscall programs build it (`tuple_of`): addresses in network order,
+/// ports in host order.
+#[inline(always)]
+fn tuple(ops: *mut bpf_sock_ops) -> TupleKey {
+    // SAFETY: field addresses inside the context; each is read with one 32-bit load.
+    unsafe {
+        let family = field(addr_of!((*ops).family)) as u16;
+        // Network order in the upper half on little-endian kernels (the kernel shifts it there);
+        // older documentation places it in the lower half: take whichever half is set.
+        let remote = field(addr_of!((*ops).remote_port));
+        let remote = if remote >> 16 != 0 {
+            (remote >> 16) as u16
+        } else {
+            remote as u16
+        };
+        let mut t = TupleKey {
+            family,
+            local_port: field(addr_of!((*ops).local_port)) as u16,
+            remote_port: u16::from_be(remote),
+            _pad: 0,
+            local_addr: [0; 16],
+            remote_addr: [0; 16],
+        };
+        if family == AF_INET6 {
+            let l = [
+                field(addr_of!((*ops).local_ip6[0])),
+                field(addr_of!((*ops).local_ip6[1])),
+                field(addr_of!((*ops).local_ip6[2])),
+                field(addr_of!((*ops).local_ip6[3])),
+            ];
+            let r = [
+                field(addr_of!((*ops).remote_ip6[0])),
+                field(addr_of!((*ops).remote_ip6[1])),
+                field(addr_of!((*ops).remote_ip6[2])),
+                field(addr_of!((*ops).remote_ip6[3])),
+            ];
+            // Each word holds its 4 address bytes in memory order.
+            t.local_addr = core::mem::transmute::<[u32; 4], [u8; 16]>(l);
+            t.remote_addr = core::mem::transmute::<[u32; 4], [u8; 16]>(r);
+        } else {
+            let l = field(addr_of!((*ops).local_ip4)).to_ne_bytes();
+            let r = field(addr_of!((*ops).remote_ip4)).to_ne_bytes();
+            t.local_addr[..4].copy_from_slice(&l);
+            t.remote_addr[..4].copy_from_slice(&r);
+        }
+        t
+    }
+}
+
+/// The `struct sock` address of the context's socket, the key of `CONNS` and `OUT_CTX`; 0 when
+/// there is none.
 #[inline(always)]
 fn sock(ops: *mut bpf_sock_ops) -> u64 {
     // SAFETY: context field read; the verifier checks the access.
@@ -183,10 +235,7 @@ fn parse(ops: *mut bpf_sock_ops) {
     id.copy_from_slice(&opt[4..]);
     // SAFETY: 16 plain bytes are two u64.
     let trace_id = unsafe { core::mem::transmute::<[u8; 16], TraceId>(id) };
-    let key = sock(ops);
-    if key == 0 {
-        return;
-    }
+    let key = tuple(ops);
     let end = seq.wrapping_add(len);
     match IN_CTX.get_ptr_mut(&key) {
         // More of the same request (or a retransmission): widen the range, in place (an LRU
