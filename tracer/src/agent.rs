@@ -224,11 +224,11 @@ fn intake(
     }
 }
 
-/// Hands every queued event to the connection table; the processes that executed a new program
-/// go to `execs`.
 /// Events the drain handles between two offers of its CPU to the host's other runnable threads.
 const YIELD_EVERY: u64 = 128;
 
+/// Hands every queued event to the connection table; the processes that executed a new program
+/// go to `execs`.
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     conns: &mut Connections,

@@ -1,7 +1,6 @@
 //! The connection table: per traced connection, stream assembly, protocol detection and the
 //! protocol parser; completed exchanges become spans.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,10 +118,6 @@ pub struct StopPayload {
     pub conn_id: u64,
     /// `abi::CONN_F_*` flags to set.
     pub flags: u8,
-    /// The connection's own end, as the kernel reports it.
-    pub local: SocketAddr,
-    /// The peer's end.
-    pub remote: SocketAddr,
 }
 
 /// Which connections are of interest.
@@ -294,8 +289,6 @@ impl Connections {
                     sock: h.sock,
                     conn_id: h.conn_id,
                     flags: abi::CONN_F_NO_PAYLOAD | abi::CONN_F_NO_TLS_PAYLOAD,
-                    local: addrs.local,
-                    remote: addrs.remote,
                 });
             }
             let conn = Connection {
@@ -387,8 +380,6 @@ impl Connections {
                 sock: key.sock,
                 conn_id: key.conn_id,
                 flags,
-                local: conn.addrs.local,
-                remote: conn.addrs.remote,
             };
             let len = match piece {
                 Piece::Data(data) => data.len() as u64,
