@@ -40,6 +40,11 @@ pub fn trace_tcp_opt(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops;
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // A new connection at the address of an older socket, whose entry outlived it: no
+            // write has chosen an id for this one yet. Without this, its segments would carry
+            // the old socket's id (a process this agent does not trace, or whose writes bypass
+            // the syscalls, never replaces it).
+            let _ = OUT_CTX.remove(&sock(ops));
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
