@@ -114,20 +114,17 @@ pub const CNT_TAIL_CALL_FAILED: u32 = 12;
 /// Number of counters.
 pub const NUM_COUNTERS: u32 = 13;
 
-/// Slots of `AFTER_CONTEXT`: a read's exit program, which its trace-context program
-/// (`sys_exit_*_trace`, attached to the read's exit tracepoint in its place when the TCP option
-/// runs) tail-calls once it stored the read's context.
-pub const AFTER_CONTEXT_READ: u32 = 0;
-/// See [`AFTER_CONTEXT_READ`].
-pub const AFTER_CONTEXT_READV: u32 = 1;
-/// See [`AFTER_CONTEXT_READ`].
-pub const AFTER_CONTEXT_RECVFROM: u32 = 2;
-/// See [`AFTER_CONTEXT_READ`].
-pub const AFTER_CONTEXT_RECVMSG: u32 = 3;
-/// See [`AFTER_CONTEXT_READ`].
-pub const AFTER_CONTEXT_RECVMMSG: u32 = 4;
+/// Slots of `AFTER_CONTEXT`: the exit program of a read through iovecs, which its trace-context
+/// program (`sys_exit_*_trace`, attached to the read's exit tracepoint in its place when the TCP
+/// option runs) tail-calls once it stored the read's context. Reads into one plain buffer (`read`,
+/// `recvfrom`) have no copy loop, and their exit programs find the context themselves.
+pub const AFTER_CONTEXT_READV: u32 = 0;
+/// See [`AFTER_CONTEXT_READV`].
+pub const AFTER_CONTEXT_RECVMSG: u32 = 1;
+/// See [`AFTER_CONTEXT_READV`].
+pub const AFTER_CONTEXT_RECVMMSG: u32 = 2;
 /// Number of `AFTER_CONTEXT` slots.
-pub const AFTER_CONTEXT_SLOTS: u32 = 5;
+pub const AFTER_CONTEXT_SLOTS: u32 = 3;
 
 /// Size of an `OUT_CTX` value (the trace id chosen for a client socket's requests); userspace only
 /// deletes entries, so it needs the size, not the layout.
@@ -159,7 +156,9 @@ pub struct EventHeader {
     pub fd: i32,
     /// Payload bytes that follow this header.
     pub captured: u32,
-    /// Monotonic ns (bpf_ktime_get_ns) at syscall entry.
+    /// Monotonic ns (bpf_ktime_get_ns) at syscall entry for a send; for a receive, whose entry is
+    /// not timed (a read's start is when its bytes arrive, not when it began to wait), the same as
+    /// `exit_ns`.
     pub enter_ns: u64,
     /// Monotonic ns at syscall exit.
     pub exit_ns: u64,
@@ -186,6 +185,8 @@ pub struct EventHeader {
     /// the kernel from when it first saw the connection. A jump tells userspace events were lost.
     pub stream_offset: u64,
     /// The thread's command name (NUL-padded), for processes gone before userspace looks them up.
+    /// Data events carry it only at the start of each direction of a connection (`stream_offset`
+    /// 0), where userspace takes it (zeros on the others).
     pub comm: [u8; 16],
     /// With [`EV_F_TRACE`]: a W3C-sized trace id (16 bytes, never all zero). On a data event read
     /// from a server socket (`role` [`ROLE_SERVER`], [`DIR_RECV`]) it is the trace of the request

@@ -105,8 +105,8 @@ static SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static RECOVERY_DONE: Array<u32> = Array::with_max_entries(1, 0);
 
-/// The exit programs of reads, by `AFTER_CONTEXT_*` slot, for their trace-context programs to
-/// tail-call (see `read_context`).
+/// The exit programs of reads through iovecs, by `AFTER_CONTEXT_*` slot, for their trace-context
+/// programs to tail-call (see `read_context`).
 #[map]
 static AFTER_CONTEXT: ProgramArray = ProgramArray::with_max_entries(AFTER_CONTEXT_SLOTS, 0);
 
@@ -550,6 +550,19 @@ fn tuple_of(sk: u64) -> TupleKey {
     t
 }
 
+/// The `IN_CTX` key of the tuple [`fill_tuple`] wrote into `h`.
+#[inline(always)]
+fn tuple_key(h: &EventHeader) -> TupleKey {
+    TupleKey {
+        family: h.family as u16,
+        local_port: h.local_port,
+        remote_port: h.remote_port,
+        _pad: 0,
+        local_addr: h.local_addr,
+        remote_addr: h.remote_addr,
+    }
+}
+
 /// Bytes of `struct sock` read at once for the tuple: `sock_common`'s addresses, ports and family
 /// lie in its first 88 bytes on the kernels the agent supports (their offsets come from BTF; a
 /// kernel where they do not fit takes one read per field).
@@ -661,24 +674,29 @@ fn trace_bytes(id: TraceId) -> [u8; 16] {
     unsafe { core::mem::transmute::<TraceId, [u8; 16]>(id) }
 }
 
-/// The trace id received in band on socket `sock`, when the bytes read from sequence number `seq`
-/// on arrived with it (without a sequence number, the last one received).
+/// The trace id received in band on the socket with tuple `key`, when the bytes read from sequence
+/// number `seq` on arrived with it (without a sequence number, the last one received).
 #[inline(always)]
-fn in_band(sock: u64, seq: Option<u32>) -> Option<TraceId> {
+fn in_band(key: TupleKey, seq: Option<u32>) -> Option<TraceId> {
     // SAFETY: copied out of the map.
-    let c = unsafe { IN_CTX.get(&tuple_of(sock)) }.copied()?;
+    let c = unsafe { IN_CTX.get(&key) }.copied()?;
     match seq {
         Some(s) if s.wrapping_sub(c.seq_first) >= c.seq_end.wrapping_sub(c.seq_first) => None,
         _ => Some(c.trace_id),
     }
 }
 
-/// A read of request bytes on server socket `sock` by the current thread: the trace id of the
-/// request and its origin (`EV_F_TRACE_IN_BAND` or `EV_F_TRACE_GENERATED`). Further reads of an
+/// A read of request bytes on server socket `sock` (whose tuple `key` gives, called only for a
+/// new request) by the current thread: the trace id of the request and its origin (`EV_F_TRACE_IN_BAND` or `EV_F_TRACE_GENERATED`). Further reads of an
 /// unanswered request on the same socket belong to it; any other read starts a new request,
 /// ambiguous when the thread still owes another socket an answer.
 #[inline(always)]
-fn serve_read(pid_tgid: u64, sock: u64, seq: Option<u32>) -> (TraceId, u8) {
+fn serve_read(
+    pid_tgid: u64,
+    sock: u64,
+    seq: Option<u32>,
+    key: impl FnOnce() -> TupleKey,
+) -> (TraceId, u8) {
     let slot = SERVING.get_ptr_mut(pid_tgid);
     // SAFETY: copied out of the map; only this thread writes its own key.
     let prev = slot.map(|p| unsafe { *p });
@@ -691,7 +709,7 @@ fn serve_read(pid_tgid: u64, sock: u64, seq: Option<u32>) -> (TraceId, u8) {
         }
         state = SERVING_AMBIGUOUS;
     }
-    let (trace_id, origin) = match in_band(sock, seq) {
+    let (trace_id, origin) = match in_band(key(), seq) {
         Some(id) => (id, EV_F_TRACE_IN_BAND),
         None => (random_trace_id(), EV_F_TRACE_GENERATED),
     };
@@ -855,8 +873,14 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
         tls::socket_io(pid_tgid, inflight.sock, inflight.fd, conn.conn_id);
         return 0;
     }
-    // SAFETY: reads the monotonic clock.
-    inflight.enter_ns = unsafe { bpf_ktime_get_ns() };
+    // Only a send's entry is timed: a read's span time is when its bytes arrived, its exit (the
+    // clock costs ~50 ns per read here). 1 keeps a read's record live.
+    inflight.enter_ns = if direction == DIR_SEND {
+        // SAFETY: reads the monotonic clock.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        1
+    };
     // At entry, before the kernel sends a byte, so the option goes out with the request.
     if direction == DIR_SEND && trace_context() {
         // Every connection left here makes spans (a TLS one from its plaintext, whose client
@@ -1106,7 +1130,11 @@ fn exit_io<const IOVECS: usize>(
     let now = unsafe { bpf_ktime_get_ns() };
     let (conn, offset) = conn_advance(inf.sock, now, inf.direction, bytes);
     tls::socket_io(pid_tgid, inf.sock, inf.fd, conn.conn_id);
-    if conn.flags & CONN_F_NO_PAYLOAD != 0 {
+    // A read into one plain buffer has no copy loop, so its program finds its trace context
+    // itself, with the sequence number and tuple (the key of `IN_CTX`) read for the event.
+    let read_context = IOVECS == 0 && direction == DIR_RECV && trace_context();
+    let read_context = read_context && wants_trace(conn.flags);
+    if conn.flags & CONN_F_NO_PAYLOAD != 0 && !read_context {
         // Userspace wants nothing of this connection's bytes (filtered out, TLS ciphertext,
         // unknown protocol): no record at all. Its byte counts still advance above.
         return 0;
@@ -1122,7 +1150,12 @@ fn exit_io<const IOVECS: usize>(
     h.tgid = (pid_tgid >> 32) as u32;
     h.tid = pid_tgid as u32;
     h.fd = inf.fd;
-    h.enter_ns = inf.enter_ns;
+    // A read's entry is not timed (see `enter_io`).
+    h.enter_ns = if inf.direction == DIR_SEND {
+        inf.enter_ns
+    } else {
+        now
+    };
     h.exit_ns = now;
     h.conn_id = conn.conn_id;
     h.sock = inf.sock;
@@ -1143,14 +1176,37 @@ fn exit_io<const IOVECS: usize>(
         }
     }
     h.stream_offset = offset;
-    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    // The trace context chosen at entry (client write) or by `read_context` (read): zero
-    // otherwise. Copied without a branch: every path into the copy loop below multiplies the
-    // verifier's work on it, which is why reads get theirs from a program of their own.
+    // The trace context chosen at entry (client write) or by `read_context` (read through
+    // iovecs): zero otherwise. Copied without a branch: every path into the copy loop below
+    // multiplies the verifier's work on it, which is why those reads get theirs from a program of
+    // their own.
     h.trace_id = trace_bytes(inf.trace_id);
     h.flags |= inf.trace_flags;
-
     fill_tuple(h, &mut scratch.tuple, inf.sock);
+    if read_context {
+        if conn.role == ROLE_SERVER {
+            let seq = if h.flags & EV_F_TCP_SEQ != 0 {
+                Some(h.tcp_seq)
+            } else {
+                None
+            };
+            let (id, origin) = serve_read(pid_tgid, inf.sock, seq, || tuple_key(h));
+            h.trace_id = trace_bytes(id);
+            h.flags |= EV_F_TRACE | origin;
+        } else if conn.role == ROLE_CLIENT {
+            client_read(inf.sock);
+        }
+    }
+    if conn.flags & CONN_F_NO_PAYLOAD != 0 {
+        // TLS ciphertext, whose context the SSL probes take: no record.
+        return 0;
+    }
+    // Only where userspace takes it (see `EventHeader::comm`): the helper costs every event.
+    h.comm = if offset == 0 {
+        bpf_get_current_comm().unwrap_or([0; 16])
+    } else {
+        [0; 16]
+    };
 
     // SAFETY: plain read of a global set before load.
     let mut limit = unsafe { read_volatile(&CAPTURE_LIMIT) } as u64;
@@ -1241,10 +1297,11 @@ macro_rules! io_tracepoints {
     )*};
 }
 
-/// The trace context of a read that returned bytes, stored in the thread's in-flight record for
-/// the exit program that emits the event: the request a server socket's read belongs to, or the
-/// end of a client socket's request. Runs in a program of its own, which then tail-calls the
-/// read's exit program (`AFTER_CONTEXT`), so the verifier checks it apart from their copy loops.
+/// The trace context of a read through iovecs that returned bytes, stored in the thread's
+/// in-flight record for the exit program that emits the event: the request a server socket's read
+/// belongs to, or the end of a client socket's request. Runs in a program of its own, which then
+/// tail-calls the read's exit program (`AFTER_CONTEXT`), so the verifier checks it apart from
+/// their copy loops. (`read` and `recvfrom` exits, with no loop, do this themselves.)
 /// Returns whether the exit program has anything to do: not when no entry was recorded (a read
 /// that is not on a socket) and no blocked call is being recovered.
 #[inline(always)]
@@ -1282,7 +1339,7 @@ fn read_context(ctx: &TracePointContext) -> bool {
         } else {
             None
         };
-        let (id, origin) = serve_read(pid_tgid, sock, seq);
+        let (id, origin) = serve_read(pid_tgid, sock, seq, || tuple_of(sock));
         // SAFETY: as above.
         unsafe {
             (*inf).trace_id = id;
@@ -1313,9 +1370,7 @@ macro_rules! read_context_tracepoints {
 // Named `<exit program>_trace`; userspace attaches each to its exit program's tracepoint, in its
 // place, and puts the exit program in its `AFTER_CONTEXT` slot.
 read_context_tracepoints! {
-    sys_exit_read_trace, AFTER_CONTEXT_READ;
     sys_exit_readv_trace, AFTER_CONTEXT_READV;
-    sys_exit_recvfrom_trace, AFTER_CONTEXT_RECVFROM;
     sys_exit_recvmsg_trace, AFTER_CONTEXT_RECVMSG;
     sys_exit_recvmmsg_trace, AFTER_CONTEXT_RECVMMSG;
 }

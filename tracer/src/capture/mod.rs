@@ -48,11 +48,11 @@ const SYSCALL_TRACEPOINTS: &[&str] = &[
 ];
 
 /// Read exits whose trace-context program (`<name>_trace`) is attached in their place when the TCP
-/// option runs, with the `AFTER_CONTEXT` slot where it finds the exit program to tail-call.
+/// option runs, with the `AFTER_CONTEXT` slot where it finds the exit program to tail-call. The
+/// other reads' exit programs (`read`, `recvfrom`: one plain buffer, no copy loop) find the
+/// context themselves.
 const READ_CONTEXT: &[(&str, u32)] = &[
-    ("sys_exit_read", abi::AFTER_CONTEXT_READ),
     ("sys_exit_readv", abi::AFTER_CONTEXT_READV),
-    ("sys_exit_recvfrom", abi::AFTER_CONTEXT_RECVFROM),
     ("sys_exit_recvmsg", abi::AFTER_CONTEXT_RECVMSG),
     ("sys_exit_recvmmsg", abi::AFTER_CONTEXT_RECVMMSG),
 ];
