@@ -81,6 +81,9 @@ host, port, backend_host, backend_port = sys.argv[1], int(sys.argv[2]), sys.argv
 tls = len(sys.argv) > 6
 
 class Handler(http.server.BaseHTTPRequestHandler):
+    # Keeps a client's connection open for its next request (every answer has a length).
+    protocol_version = "HTTP/1.1"
+
     def do_GET(self):
         if tls:
             upstream = http.client.HTTPSConnection(
@@ -225,6 +228,27 @@ fn spawn_python(
     let lines = Lines::new(proc.take_stdout());
     (proc, lines)
 }
+
+/// `client_keepalive.py HOST PORT N`: as [`CLIENT_PY`], but all `N` requests on one connection.
+const CLIENT_KEEPALIVE_PY: &str = r#"
+import http.client, sys
+
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print("waiting", flush=True)
+sys.stdin.readline()
+conn = http.client.HTTPConnection(host, port, timeout=10)
+for i in range(n):
+    path = "/req/%d" % i
+    conn.request("GET", path)
+    local_port = conn.sock.getsockname()[1]
+    answer = conn.getresponse()
+    body = answer.read()
+    if answer.status != 200 or body != ("middle backend " + path).encode():
+        sys.exit("unexpected answer to %s: %d %r" % (path, answer.status, body))
+    print("port %d" % local_port, flush=True)
+conn.close()
+print("done", flush=True)
+"#;
 
 /// One `trace context` debug line of an agent.
 #[derive(Debug, Clone)]
@@ -561,6 +585,89 @@ fn trace_ids_cross_hosts_in_tcp_options() {
     let calls = pick(&events_b, middle.pid(), "client", "send");
     let call_ids: BTreeSet<&String> = calls.iter().map(|e| &e.trace_id).collect();
     assert_eq!(call_ids, ids, "{all}");
+}
+
+/// Requests that follow one another on one kept-alive connection each carry their own trace id,
+/// and the receiving kernel attributes each read to the id that came with its bytes (its entry
+/// for the connection is rewritten in place per request, not replaced).
+#[test]
+fn trace_ids_follow_requests_on_a_kept_alive_connection() {
+    require_root();
+    let dir = TempDir::new("tcpopt-ka");
+    let ns = Namespaces::create("tk");
+    let (mut backend, backend_out) = spawn_python(
+        &dir,
+        &ns.a,
+        "backend.py",
+        &service(BACKEND_PY),
+        &[ADDR_A.to_owned(), BACKEND_PORT.to_string()],
+        false,
+    );
+    let (mut middle, middle_out) = spawn_python(
+        &dir,
+        &ns.b,
+        "middle.py",
+        &service(MIDDLE_PY),
+        &[
+            ADDR_B.to_owned(),
+            MIDDLE_PORT.to_string(),
+            ADDR_A.to_owned(),
+            BACKEND_PORT.to_string(),
+        ],
+        false,
+    );
+    assert_eq!(backend_out.next("backend"), "listening");
+    assert_eq!(middle_out.next("middle"), "listening");
+    let (mut client, client_out) = spawn_python(
+        &dir,
+        &ns.a,
+        "client_keepalive.py",
+        CLIENT_KEEPALIVE_PY,
+        &[
+            ADDR_B.to_owned(),
+            MIDDLE_PORT.to_string(),
+            REQUESTS.to_string(),
+        ],
+        true,
+    );
+    assert_eq!(client_out.next("client"), "waiting");
+    let (dir_a, dir_b) = (
+        TempDir::new("tcpopt-ka-agent-a"),
+        TempDir::new("tcpopt-ka-agent-b"),
+    );
+    let (mut agent_a, mut agent_b) = start_agents(
+        &dir_a,
+        &dir_b,
+        &[client.pid(), backend.pid()],
+        middle.pid(),
+        &[],
+    );
+    let ports = run_client(&mut client, &client_out);
+    agent_a.stop();
+    agent_b.stop();
+    backend.assert_running();
+    middle.assert_running();
+    assert!(
+        ports.iter().all(|&p| p == ports[0]),
+        "one connection: {ports:?}"
+    );
+
+    let (log_a, log_b) = (agent_a.stderr(), agent_b.stderr());
+    let all = format!("== agent A\n{log_a}\n== agent B\n{log_b}");
+    let (events_a, events_b) = (trace_events(&log_a), trace_events(&log_b));
+    let sent = pick(&events_a, client.pid(), "client", "send");
+    let read = pick(&events_b, middle.pid(), "server", "recv");
+    assert_eq!(sent.len(), REQUESTS, "client writes; agent logs:\n{all}");
+    assert_eq!(read.len(), REQUESTS, "middle reads; agent logs:\n{all}");
+    for (s, r) in sent.iter().zip(&read) {
+        assert!(s.generated && !s.in_band, "{s:?}");
+        assert!(r.in_band && !r.generated, "{r:?}\n{all}");
+    }
+    let sent_ids: Vec<&String> = sent.iter().map(|e| &e.trace_id).collect();
+    let read_ids: Vec<&String> = read.iter().map(|e| &e.trace_id).collect();
+    assert_eq!(read_ids, sent_ids, "request by request\n{all}");
+    let distinct: BTreeSet<&String> = sent_ids.iter().copied().collect();
+    assert_eq!(distinct.len(), REQUESTS, "each request has its own trace");
 }
 
 /// The whole point of the option: the two agents' spans form one trace per request, in order,

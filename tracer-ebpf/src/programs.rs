@@ -1,7 +1,7 @@
 //! The tracepoint programs and their maps.
 
 use core::ffi::c_void;
-use core::ptr::read_volatile;
+use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
@@ -256,14 +256,27 @@ struct OutCtx {
 }
 const _: () = assert!(core::mem::size_of::<OutCtx>() == OUT_CTX_VALUE_SIZE);
 
+/// A trace id received in band. The sock_ops program rewrites an entry in place for each request
+/// on its connection (an LRU map's update allocates a new element and frees the old one, which
+/// cost every request): it first empties the range, then writes the id, then the new range, each
+/// range in one 64-bit store; readers load the id before the range (see [`in_band`]). On x86-64,
+/// whose stores and loads keep their order, a reader that finds the new range and a read inside
+/// it comes after the whole write (those bytes were queued after their segment's options were
+/// parsed, under the socket's locks), and a reader that finds the old range found the old id.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct InCtx {
     trace_id: TraceId,
-    /// Sequence numbers of the first byte and after the last byte of the segments that carried
-    /// this id, so a read is attributed to it only when its bytes arrived with the option.
-    seq_first: u32,
-    seq_end: u32,
+    /// [`seq_range`]: sequence numbers of the first byte and after the last byte of the segments
+    /// that carried this id, so a read is attributed to it only when its bytes arrived with the
+    /// option. Empty while the entry is rewritten.
+    range: u64,
+}
+
+/// The packed sequence range `[first, end)` of [`InCtx::range`].
+#[inline(always)]
+fn seq_range(first: u32, end: u32) -> u64 {
+    first as u64 | (end as u64) << 32
 }
 
 const AF_INET: u16 = 2;
@@ -678,11 +691,20 @@ fn trace_bytes(id: TraceId) -> [u8; 16] {
 /// number `seq` on arrived with it (without a sequence number, the last one received).
 #[inline(always)]
 fn in_band(key: TupleKey, seq: Option<u32>) -> Option<TraceId> {
-    // SAFETY: copied out of the map.
-    let c = unsafe { IN_CTX.get(&key) }.copied()?;
+    let c = IN_CTX.get_ptr(&key)?;
+    // SAFETY: pointer from a successful lookup; the id is loaded before the range (see `InCtx`).
+    let (trace_id, range) = unsafe {
+        let id = read_volatile(addr_of!((*c).trace_id));
+        (id, read_volatile(addr_of!((*c).range)))
+    };
+    let (first, end) = (range as u32, (range >> 32) as u32);
+    if first == end {
+        // Being rewritten.
+        return None;
+    }
     match seq {
-        Some(s) if s.wrapping_sub(c.seq_first) >= c.seq_end.wrapping_sub(c.seq_first) => None,
-        _ => Some(c.trace_id),
+        Some(s) if s.wrapping_sub(first) >= end.wrapping_sub(first) => None,
+        _ => Some(trace_id),
     }
 }
 

@@ -11,7 +11,7 @@
 //! callback: the program runs for no other segment.
 
 use core::ffi::c_void;
-use core::ptr::{addr_of, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::bindings::{
     BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
@@ -24,7 +24,8 @@ use aya_ebpf::programs::SockOpsContext;
 use tracer_ebpf::abi::*;
 
 use super::{
-    AF_INET6, CONNS, IN_CTX, InCtx, OUT_CTX, TraceId, TupleKey, count, trace_bytes, wants_trace,
+    AF_INET6, CONNS, IN_CTX, InCtx, OUT_CTX, TraceId, TupleKey, count, seq_range, trace_bytes,
+    wants_trace,
 };
 
 /// `args[0]` of `BPF_SOCK_OPS_HDR_OPT_LEN_CB` when the kernel computes the MSS: no segment is
@@ -243,25 +244,33 @@ fn parse(ops: *mut bpf_sock_ops) {
     let key = tuple(ops);
     let end = seq.wrapping_add(len);
     match IN_CTX.get_ptr_mut(&key) {
-        // More of the same request (or a retransmission): widen the range, in place (an LRU
-        // map's update allocates a new element and frees the old one). A reader on another CPU
-        // sees the old range or the new, both of this id.
-        // SAFETY: pointer from a successful lookup.
-        Some(c) if unsafe { (*c).trace_id == trace_id } => unsafe {
-            if (seq.wrapping_sub((*c).seq_first) as i32) < 0 {
-                (*c).seq_first = seq;
-            }
-            if (end.wrapping_sub((*c).seq_end) as i32) > 0 {
-                (*c).seq_end = end;
+        // SAFETY: pointer from a successful lookup; segments of one socket are parsed one at a
+        // time (under its lock), so this is the entry's only writer. Volatile stores, in the order
+        // `InCtx` describes for its readers.
+        Some(c) => unsafe {
+            let range = addr_of_mut!((*c).range);
+            if read_volatile(addr_of!((*c).trace_id)) == trace_id {
+                // More of the same request (or a retransmission): widen the range.
+                let old = read_volatile(range);
+                let (mut first, mut last) = (old as u32, (old >> 32) as u32);
+                if (seq.wrapping_sub(first) as i32) < 0 {
+                    first = seq;
+                }
+                if (end.wrapping_sub(last) as i32) > 0 {
+                    last = end;
+                }
+                write_volatile(range, seq_range(first, last));
+            } else {
+                // A new request: empty range, id, then its range.
+                write_volatile(range, seq_range(seq, seq));
+                write_volatile(addr_of_mut!((*c).trace_id), trace_id);
+                write_volatile(range, seq_range(seq, end));
             }
         },
-        // A new request: the id and its range replace the old ones at once, so a reader never
-        // sees one request's id with another's range.
-        _ => {
+        None => {
             let entry = InCtx {
                 trace_id,
-                seq_first: seq,
-                seq_end: end,
+                range: seq_range(seq, end),
             };
             let _ = IN_CTX.insert(&key, &entry, 0);
         }
