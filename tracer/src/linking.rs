@@ -734,7 +734,7 @@ fn count_root(span: &Span) {
 fn remove_served<K: std::hash::Hash + Eq>(index: &mut FastMap<K, Served>, k: K, key: (u64, u64)) {
     if let Some(served) = index.get_mut(&k) {
         served.remove(key);
-        if served.starts.is_empty() {
+        if served.is_empty() {
             index.remove(&k);
         }
     }
@@ -744,12 +744,18 @@ fn remove_served<K: std::hash::Hash + Eq>(index: &mut FastMap<K, Served>, k: K, 
 /// duration among them, which bounds how far back one that still encloses a given instant can
 /// have started. A sorted ring rather than a tree: SERVER spans arrive about in start order and
 /// are forgotten in arrival order, so inserts land near the back and removals near the front,
-/// without an allocation per entry.
+/// without an allocation per entry. A removal that is not at the front only marks its key gone
+/// (a search in a ring of a second's requests, ~40k at saturation, and the shift after it were
+/// ~10 % of the agent's CPU); the key leaves when it reaches the front.
 #[derive(Default)]
 struct Served {
     starts: VecDeque<(u64, u64)>,
+    /// Keys removed behind the front, still in `starts`; never the front itself.
+    gone: FxHashSet<(u64, u64)>,
     longest: u64,
 }
+
+type FxHashSet<T> = std::collections::HashSet<T, FxBuild>;
 
 impl Served {
     fn insert(&mut self, start_ns: u64, id: u64, took_ns: u64) {
@@ -765,12 +771,21 @@ impl Served {
     }
 
     fn remove(&mut self, key: (u64, u64)) {
-        // Forgotten in arrival order, about start order: mostly the front.
-        if self.starts.front() == Some(&key) {
-            self.starts.pop_front();
-        } else if let Ok(at) = self.starts.binary_search(&key) {
-            self.starts.remove(at);
+        if self.starts.front() != Some(&key) {
+            self.gone.insert(key);
+            return;
         }
+        self.starts.pop_front();
+        while let Some(front) = self.starts.front()
+            && self.gone.remove(front)
+        {
+            self.starts.pop_front();
+        }
+    }
+
+    /// Whether no served request is held.
+    fn is_empty(&self) -> bool {
+        self.starts.is_empty()
     }
 
     /// Up to [`MAX_CANDIDATES`] served requests that started at or before `start_ns` and may still
@@ -786,6 +801,7 @@ impl Served {
                     .range(..end)
                     .rev()
                     .take_while(move |&&(started, _)| start_ns - started <= s.longest)
+                    .filter(move |k| !s.gone.contains(k))
             })
             .take(MAX_CANDIDATES)
             .map(|&(_, id)| id)
@@ -1064,11 +1080,20 @@ mod tests {
         // Nearest start first, none that started later, none further back than the longest.
         let found: Vec<u64> = Served::enclosing(Some(&s), 26).collect();
         assert_eq!(found, [4, 2, 1]);
+        // Behind the front, a removal only marks its key; the key leaves with the front.
         s.remove((20, 2));
+        assert_eq!(s.starts.len(), 4);
+        let found: Vec<u64> = Served::enclosing(Some(&s), 26).collect();
+        assert_eq!(found, [4, 1]);
         s.remove((10, 1));
+        assert_eq!(Vec::from(s.starts.clone()), [(25, 4), (30, 3)]);
+        assert!(s.gone.is_empty());
         s.remove((99, 9));
         let found: Vec<u64> = Served::enclosing(Some(&s), 40).collect();
         assert_eq!(found, [3, 4]);
+        s.remove((25, 4));
+        s.remove((30, 3));
+        assert!(s.is_empty());
     }
 
     /// Spans leave one window after arrival and are forgotten after two; the bound is kept.
