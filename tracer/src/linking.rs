@@ -757,16 +757,21 @@ struct Served {
 
 type FxHashSet<T> = std::collections::HashSet<T, FxBuild>;
 
+/// How far from the back [`Served::insert`] scans before it searches.
+const NEAR_BACK: usize = 16;
+
 impl Served {
     fn insert(&mut self, start_ns: u64, id: u64, took_ns: u64) {
         let key = (start_ns, id);
-        // Most arrive in start order: the back is the place, without a search.
-        if self.starts.back().is_none_or(|&last| last < key) {
-            self.starts.push_back(key);
-        } else {
-            let at = self.starts.partition_point(|&k| k < key);
-            self.starts.insert(at, key);
-        }
+        // Most arrive in start order or nearly (a drain hands over connections one after
+        // another): the place is at or near the back, found by a short scan from there.
+        let n = self.starts.len();
+        let at = match (1..=NEAR_BACK.min(n)).find(|&back| self.starts[n - back] < key) {
+            Some(back) => n - back + 1,
+            None if n <= NEAR_BACK => 0,
+            None => self.starts.partition_point(|&k| k < key),
+        };
+        self.starts.insert(at, key);
         self.longest = self.longest.max(took_ns);
     }
 
@@ -1066,6 +1071,20 @@ mod tests {
             &mut |_| n += 1,
         );
         assert_eq!((n, l.len()), (1, 0));
+    }
+
+    #[test]
+    fn served_inserts_near_and_far_from_the_back_stay_sorted() {
+        let mut s = Served::default();
+        let mut keys = Vec::new();
+        // In order, then a few behind the back, then one behind them all, past the short scan.
+        let starts = (0..40u64).map(|i| 100 + 10 * i).chain([495, 481, 5, 250, 499]);
+        for (id, start) in starts.enumerate() {
+            s.insert(start, id as u64, 1);
+            keys.push((start, id as u64));
+        }
+        keys.sort_unstable();
+        assert_eq!(Vec::from(s.starts.clone()), keys);
     }
 
     #[test]
