@@ -171,19 +171,23 @@ def context_switches(pid):
     return n
 
 
+def cpu_snapshot():
+    """(all CPUs' time, their idle time) from /proc/stat, in ticks."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    return sum(vals[:8]), vals[3] + vals[4]
+
+
+def idle_between(a, b):
+    """Fraction of the CPUs' time spent idle between two `cpu_snapshot`s."""
+    return (b[1] - a[1]) / max(1, b[0] - a[0])
+
+
 def machine_busy(seconds=2.0):
     """Fraction of all CPUs' time spent busy over `seconds` (before a scenario: background load)."""
-
-    def snap():
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        idle = vals[3] + vals[4]
-        return sum(vals[:8]), idle
-
-    t0, i0 = snap()
+    a = cpu_snapshot()
     time.sleep(seconds)
-    t1, i1 = snap()
-    return 1 - (i1 - i0) / max(1, t1 - t0)
+    return 1 - idle_between(a, cpu_snapshot())
 
 
 def other_agents():
@@ -361,9 +365,9 @@ class Ctx:
     pass
 
 
-def nginx_start(ctx, name="nginx", proxy_to=None):
+def nginx_start(ctx, name="nginx", proxy_to=None, cpus=None):
     """nginx serving a 200-byte static file, or with `proxy_to` a reverse proxy to that port with
-    a keep-alive upstream."""
+    a keep-alive upstream; with `cpus` (a taskset list), its processes run only there."""
     root = ctx.work / name
     (root / "www").mkdir(parents=True, exist_ok=True)
     (root / "tmp").mkdir(exist_ok=True)
@@ -400,7 +404,8 @@ http {{
   }}
 }}
 """)
-    proc = Proc("nginx", [ctx.nginx, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")])
+    pin = ["taskset", "-c", cpus] if cpus else []
+    proc = Proc("nginx", pin + [ctx.nginx, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")])
     wait_port(port, proc)
     return proc, port
 
@@ -410,9 +415,14 @@ WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
 WRK_LAT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 
 
-def wrk(ctx, url, seconds):
-    args = [ctx.wrk, f"-t{ctx.wrk_threads}", f"-c{ctx.wrk_conns}", f"-d{seconds}s", "--latency", url]
+def wrk(ctx, url, seconds, cpus=None):
+    """wrk against `url` for `seconds` (only on `cpus`, a taskset list, when given); with the share
+    of the CPUs' time that was idle meanwhile."""
+    pin = ["taskset", "-c", cpus] if cpus else []
+    args = pin + [ctx.wrk, f"-t{ctx.wrk_threads}", f"-c{ctx.wrk_conns}", f"-d{seconds}s", "--latency", url]
+    before = cpu_snapshot()
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    idle = idle_between(before, cpu_snapshot())
     req, rps = WRK_REQ.search(out), WRK_RPS.search(out)
     if not req or not rps:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
@@ -425,7 +435,7 @@ def wrk(ctx, url, seconds):
     if m:
         errors += sum(int(x) for x in m.groups())
     return {"requests": int(req.group(1)), "rps": float(rps.group(1)), "errors": errors,
-            "p50_us": lat.get("50"), "p99_us": lat.get("99")}
+            "p50_us": lat.get("50"), "p99_us": lat.get("99"), "idle": idle}
 
 
 def quiet_gate(ctx):
@@ -492,20 +502,27 @@ def scenario_syscall(ctx):
     return rows
 
 
-def scenario_nginx(ctx):
-    nginx, port = nginx_start(ctx)
+def scenario_nginx(ctx, pinned=False):
+    """Saturated nginx; `pinned`: nginx on CPU 0 and wrk on CPU 1 (the agent anywhere), which
+    takes the scheduler's placement of the two out of the comparison."""
+    tag = "pinned" if pinned else "nginx"
+    if pinned and (os.cpu_count() or 1) < 2:
+        raise RuntimeError("pinning nginx and wrk apart needs 2 CPUs")
+    nginx_cpus, wrk_cpus = ("0", "1") if pinned else (None, None)
+    nginx, port = nginx_start(ctx, cpus=nginx_cpus)
     url = f"http://127.0.0.1:{port}/index.html"
     try:
-        wrk(ctx, url, 2)  # warm-up, not measured
+        wrk(ctx, url, 2, wrk_cpus)  # warm-up, not measured
         runs = {"off": [], "on": []}
         for r, order in enumerate(orders(["off", "on"], ctx.rounds)):
             for cfg in order:
-                res, a = with_agent(ctx, f"nginx-{r}", cfg == "on", lambda: wrk(ctx, url, ctx.duration))
+                res, a = with_agent(ctx, f"{tag}-{r}", cfg == "on",
+                                    lambda: wrk(ctx, url, ctx.duration, wrk_cpus))
                 res["agent"] = a
                 if a:
                     res["server_spans"] = Receiver.delta(a["counts_before"], a["counts_after"], "nginx")
                 runs[cfg].append(res)
-                log(f"nginx round {r} {cfg}: {res['rps']:.0f} req/s"
+                log(f"{tag} round {r} {cfg}: {res['rps']:.0f} req/s, {100 * res['idle']:.1f} % idle"
                     + (f", {res['server_spans']} server spans of {res['requests']}" if a else ""))
     finally:
         nginx.stop(signal.SIGQUIT)
@@ -836,6 +853,7 @@ def report(ctx, res, meta):
               f"{fmt([x['p50_us'] for x in on if x['p50_us']], 0, ' µs')} |",
               f"| wrk p99 latency | {fmt([x['p99_us'] for x in off if x['p99_us']], 0, ' µs')} | "
               f"{fmt([x['p99_us'] for x in on if x['p99_us']], 0, ' µs')} |",
+              f"| CPUs idle during the run | {pct([x['idle'] for x in off])} | {pct([x['idle'] for x in on])} |",
               f"| throughput ratio with ÷ without | | {fmt(n['ratio'], 3)} |",
               f"| nginx SERVER spans received ÷ requests wrk completed | | {pct(n['span_fraction'], 2)} |",
               f"| agent CPU | | {fmt([x['agent']['millicores'] for x in on])} mcores |",
@@ -853,6 +871,18 @@ def report(ctx, res, meta):
         s = min(n["span_fraction"])
         targets.append(("requests exported as server spans (worst round)", "≥ 99 %", f"{100 * s:.2f} %",
                         s >= TARGETS["span_fraction"]))
+
+    if "pinned" in res:
+        n = res["pinned"]
+        off, on = n["runs"]["off"], n["runs"]["on"]
+        L += ["### 2c. Saturated nginx, nginx pinned to CPU 0 and wrk to CPU 1 (diagnostic: the agent runs anywhere)",
+              "",
+              "| | without agent | with agent |", "| --- | --- | --- |",
+              f"| req/s | {fmt([x['rps'] for x in off])} | {fmt([x['rps'] for x in on])} |",
+              f"| CPUs idle during the run | {pct([x['idle'] for x in off])} | {pct([x['idle'] for x in on])} |",
+              f"| throughput ratio with ÷ without | | {fmt(n['ratio'], 3)} |",
+              f"| nginx SERVER spans received ÷ requests wrk completed | | {pct(n['span_fraction'], 2)} |",
+              f"| agent CPU | | {fmt([x['agent']['millicores'] for x in on])} mcores |", ""]
 
     if "chain" in res:
         c = res["chain"]
@@ -990,7 +1020,7 @@ def main():
     ap.add_argument("--venv", required=True, type=Path)
     ap.add_argument("--results", required=True, type=Path)
     ap.add_argument("--command", default="sudo integration/bench/run.sh")
-    ap.add_argument("--only", default="syscall,nginx,chain,latency,python,parsers")
+    ap.add_argument("--only", default="syscall,nginx,pinned,chain,latency,python,parsers")
     ap.add_argument("--soak", action="store_true")
     args = ap.parse_args()
 
@@ -1029,7 +1059,8 @@ def main():
     if stats.exists() and stats.read_text().strip() != "0":
         log("kernel.bpf_stats_enabled was on; turning it off for the measurements")
         stats.write_text("0")
-    scenarios = {"syscall": scenario_syscall, "nginx": scenario_nginx, "chain": scenario_chain,
+    scenarios = {"syscall": scenario_syscall, "nginx": scenario_nginx,
+                 "pinned": lambda c: scenario_nginx(c, pinned=True), "chain": scenario_chain,
                  "latency": scenario_latency,
                  "python": scenario_python, "parsers": scenario_parsers}
     scenarios["profile"] = scenario_profile
