@@ -1,7 +1,7 @@
 //! The tracepoint programs and their maps.
 
 use core::ffi::c_void;
-use core::ptr::{addr_of, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
@@ -83,13 +83,13 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
-/// Syscalls between entry and exit, keyed by pid_tgid: one record per thread that made a socket
-/// syscall, live from entry to exit (`enter_ns` non-zero) and rewritten in place by the thread's
-/// next one (a hash map's update allocates a new element and frees the old one, and a delete
-/// takes the bucket lock: both cost every captured syscall). A thread's record goes when it exits
-/// (`sched_process_exit`).
+/// Per thread that made a socket syscall, keyed by pid_tgid: its syscall between entry and exit,
+/// live from entry to exit (`enter_ns` non-zero) and rewritten in place by the thread's next one
+/// (a hash map's update allocates a new element and frees the old one, and a delete takes the
+/// bucket lock: both cost every captured syscall), and the request it serves (see `serve_read`),
+/// found by the same lookup. A thread's record goes when it exits (`sched_process_exit`).
 #[map]
-static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(32768, 0);
+static THREADS: HashMap<u64, Thread> = HashMap::with_max_entries(32768, 0);
 
 /// Connections seen, keyed by `struct sock` address.
 #[map]
@@ -124,10 +124,6 @@ static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 /// Ports to trace when `FILTER_PORTS` is set.
 #[map]
 static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
-
-/// The request each thread serves, keyed by pid_tgid (see `serve_read`).
-#[map]
-static SERVING: LruHashMap<u64, Serving> = LruHashMap::with_max_entries(65536, 0);
 
 /// The trace id the sock_ops program writes into the TCP option of a client socket's data
 /// segments, keyed by the socket's `struct sock` address (the sock_ops context's `sk`).
@@ -216,6 +212,15 @@ struct Inflight {
     buf_kind: u8,
     /// `EV_F_TRACE | EV_F_TRACE_*` when `trace_id` is set, else 0.
     trace_flags: u8,
+}
+
+/// A thread's record in `THREADS`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Thread {
+    call: Inflight,
+    /// The request it serves; `sock` 0 when none.
+    serving: Serving,
 }
 
 /// A trace id as the programs keep it; its bytes in memory order are the id.
@@ -714,20 +719,17 @@ fn in_band(key: TupleKey, seq: Option<u32>) -> Option<TraceId> {
 /// ambiguous when the thread still owes another socket an answer.
 #[inline(always)]
 fn serve_read(
-    pid_tgid: u64,
+    thread: *mut Thread,
     sock: u64,
     seq: Option<u32>,
     key: impl FnOnce() -> TupleKey,
 ) -> (TraceId, u8) {
-    let slot = SERVING.get_ptr_mut(pid_tgid);
-    // SAFETY: copied out of the map; only this thread writes its own key.
-    let prev = slot.map(|p| unsafe { *p });
+    // SAFETY: the thread's own record, from a successful lookup.
+    let prev = unsafe { (*thread).serving };
     let mut state = 0;
-    if let Some(p) = prev
-        && p.state & SERVING_ANSWERED == 0
-    {
-        if p.sock == sock {
-            return (p.trace_id, p.origin);
+    if prev.sock != 0 && prev.state & SERVING_ANSWERED == 0 {
+        if prev.sock == sock {
+            return (prev.trace_id, prev.origin);
         }
         state = SERVING_AMBIGUOUS;
     }
@@ -742,27 +744,18 @@ fn serve_read(
         state,
         _pad: [0; 6],
     };
-    // In place when the thread has an entry: no other thread reads or writes this key, and an
-    // LRU map's update allocates a new element and frees the old one every time.
-    match slot {
-        // SAFETY: pointer from a successful lookup; only this thread uses its own key.
-        Some(p) => unsafe { *p = entry },
-        None => {
-            let _ = SERVING.insert(pid_tgid, entry, 0);
-        }
-    }
+    // SAFETY: as above; only this thread writes its own record.
+    unsafe { (*thread).serving = entry };
     (trace_id, origin)
 }
 
 /// A write on server socket `sock`: the thread's request on it is being answered.
 #[inline(always)]
-fn serve_write(pid_tgid: u64, sock: u64) {
-    if let Some(p) = SERVING.get_ptr_mut(pid_tgid) {
-        // SAFETY: pointer from a successful lookup; only this thread writes its own key.
-        unsafe {
-            if (*p).sock == sock {
-                (*p).state |= SERVING_ANSWERED;
-            }
+fn serve_write(thread: *mut Thread, sock: u64) {
+    // SAFETY: the thread's own record, from a successful lookup; only this thread writes it.
+    unsafe {
+        if (*thread).serving.sock == sock {
+            (*thread).serving.state |= SERVING_ANSWERED;
         }
     }
 }
@@ -773,9 +766,9 @@ fn serve_write(pid_tgid: u64, sock: u64) {
 /// serves none starts a trace (later writes of the same request, before a response byte is read,
 /// keep it); an ambiguous thread sends none.
 #[inline(always)]
-fn client_write(pid_tgid: u64, sock: u64, conn_id: u64) -> Option<(TraceId, u8)> {
-    // SAFETY: copied out of the map.
-    let serving = unsafe { SERVING.get(pid_tgid) }.copied();
+fn client_write(thread: *mut Thread, sock: u64, conn_id: u64) -> Option<(TraceId, u8)> {
+    // SAFETY: the thread's own record, from a successful lookup.
+    let serving = Some(unsafe { (*thread).serving }).filter(|s| s.sock != 0);
     let slot = OUT_CTX.get_ptr_mut(sock);
     // SAFETY: copied out of the map.
     let current = slot.map(|p| unsafe { *p });
@@ -839,7 +832,7 @@ fn tls_trace(pid_tgid: u64, sock: u64, conn: &ConnState, direction: u8) -> Optio
     }
     if conn.role == ROLE_SERVER && direction == DIR_RECV {
         // SAFETY: copied out of the map.
-        let s = unsafe { SERVING.get(pid_tgid) }.copied()?;
+        let s = unsafe { THREADS.get(pid_tgid) }.copied()?.serving;
         if s.sock == sock && s.state & SERVING_AMBIGUOUS == 0 {
             return Some((s.trace_id, s.origin));
         }
@@ -903,51 +896,57 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
     } else {
         1
     };
+    let Some(thread) = thread_of(pid_tgid) else {
+        return 0;
+    };
     // At entry, before the kernel sends a byte, so the option goes out with the request.
     if direction == DIR_SEND && trace_context() {
         // Every connection left here makes spans (a TLS one from its plaintext, whose client
         // writes still choose the trace id the SSL probes report).
         if let Some(conn) = conn {
             if conn.role == ROLE_SERVER {
-                serve_write(pid_tgid, inflight.sock);
+                serve_write(thread, inflight.sock);
             } else if conn.role == ROLE_CLIENT {
-                if let Some((id, origin)) = client_write(pid_tgid, inflight.sock, conn.conn_id) {
+                if let Some((id, origin)) = client_write(thread, inflight.sock, conn.conn_id) {
                     inflight.trace_id = id;
                     inflight.trace_flags = EV_F_TRACE | origin;
                 }
             }
         }
     }
-    inflight_store(pid_tgid, inflight);
+    // SAFETY: the thread's own record, from a successful lookup; only this thread uses its key.
+    unsafe { (*thread).call = inflight };
     0
 }
 
-/// Makes `inflight` (with a non-zero `enter_ns`) the current thread's live record.
+/// The current thread's record in `THREADS`, created (with nothing in flight or served) when it
+/// has none.
 #[inline(always)]
-fn inflight_store(pid_tgid: u64, inflight: Inflight) {
-    match INFLIGHT.get_ptr_mut(pid_tgid) {
-        // SAFETY: pointer from a successful lookup; only this thread uses its own key.
-        Some(p) => unsafe { *p = inflight },
-        None => {
-            if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
-                count(CNT_INFLIGHT_FULL);
-            }
-        }
+fn thread_of(pid_tgid: u64) -> Option<*mut Thread> {
+    if let Some(t) = THREADS.get_ptr_mut(pid_tgid) {
+        return Some(t);
     }
+    // SAFETY: all-zero bytes are a valid `Thread` (plain integers).
+    let fresh: Thread = unsafe { core::mem::zeroed() };
+    if THREADS.insert(pid_tgid, fresh, 0).is_err() {
+        count(CNT_INFLIGHT_FULL);
+        return None;
+    }
+    THREADS.get_ptr_mut(pid_tgid)
 }
 
-/// The current thread's live record, which stops being live.
+/// The current thread's live syscall record, which stops being live, with its `THREADS` record.
 #[inline(always)]
-fn inflight_take(pid_tgid: u64) -> Option<Inflight> {
-    let p = INFLIGHT.get_ptr_mut(pid_tgid)?;
+fn inflight_take(pid_tgid: u64) -> Option<(Inflight, *mut Thread)> {
+    let t = THREADS.get_ptr_mut(pid_tgid)?;
     // SAFETY: pointer from a successful lookup; only this thread uses its own key.
     unsafe {
-        if (*p).enter_ns == 0 {
+        if (*t).call.enter_ns == 0 {
             return None;
         }
-        let inf = *p;
-        (*p).enter_ns = 0;
-        Some(inf)
+        let inf = (*t).call;
+        (*t).call.enter_ns = 0;
+        Some((inf, t))
     }
 }
 
@@ -1117,10 +1116,10 @@ fn exit_io<const IOVECS: usize>(
     buf_kind: u8,
 ) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let inf = match inflight_take(pid_tgid) {
-        Some(inf) => inf,
+    let (inf, thread) = match inflight_take(pid_tgid) {
+        Some((inf, t)) => (inf, Some(t)),
         None => match recover_inflight(ctx, pid_tgid, source, direction, buf_kind) {
-            Some(inf) => inf,
+            Some(inf) => (inf, None),
             None => return 0,
         },
     };
@@ -1206,13 +1205,15 @@ fn exit_io<const IOVECS: usize>(
     h.flags |= inf.trace_flags;
     fill_tuple(h, &mut scratch.tuple, inf.sock);
     if read_context {
-        if conn.role == ROLE_SERVER {
+        if conn.role == ROLE_SERVER
+            && let Some(thread) = thread.or_else(|| thread_of(pid_tgid))
+        {
             let seq = if h.flags & EV_F_TCP_SEQ != 0 {
                 Some(h.tcp_seq)
             } else {
                 None
             };
-            let (id, origin) = serve_read(pid_tgid, inf.sock, seq, || tuple_key(h));
+            let (id, origin) = serve_read(thread, inf.sock, seq, || tuple_key(h));
             h.trace_id = trace_bytes(id);
             h.flags |= EV_F_TRACE | origin;
         } else if conn.role == ROLE_CLIENT {
@@ -1329,11 +1330,13 @@ macro_rules! io_tracepoints {
 #[inline(always)]
 fn read_context(ctx: &TracePointContext) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let inf = match INFLIGHT.get_ptr_mut(pid_tgid) {
+    let thread = match THREADS.get_ptr_mut(pid_tgid) {
         // SAFETY: pointer from a successful lookup; only this thread uses its own key.
-        Some(p) if unsafe { (*p).enter_ns } != 0 => p,
+        Some(t) if unsafe { (*t).call.enter_ns } != 0 => t,
         _ => return !recovery_done(),
     };
+    // SAFETY: as above.
+    let inf = unsafe { addr_of_mut!((*thread).call) };
     if !trace_context() {
         return true;
     }
@@ -1361,7 +1364,7 @@ fn read_context(ctx: &TracePointContext) -> bool {
         } else {
             None
         };
-        let (id, origin) = serve_read(pid_tgid, sock, seq, || tuple_of(sock));
+        let (id, origin) = serve_read(thread, sock, seq, || tuple_of(sock));
         // SAFETY: as above.
         unsafe {
             (*inf).trace_id = id;
@@ -1454,7 +1457,10 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         buf_kind: BUF_KERNEL,
         trace_flags: 0,
     };
-    inflight_store(pid_tgid, inflight);
+    if let Some(thread) = thread_of(pid_tgid) {
+        // SAFETY: the thread's own record, from a successful lookup.
+        unsafe { (*thread).call = inflight };
+    }
     0
 }
 
@@ -1462,7 +1468,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inf) = inflight_take(pid_tgid) else {
+    let Some((inf, _)) = inflight_take(pid_tgid) else {
         return 0;
     };
     let rc = ret(&ctx);
@@ -1526,7 +1532,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // Every thread's: its in-flight record goes with it (most threads have none).
-    let _ = INFLIGHT.remove(pid_tgid);
+    let _ = THREADS.remove(pid_tgid);
     let tgid = (pid_tgid >> 32) as u32;
     // Only the main thread's exit; other threads leaving do not close the process's files.
     if tgid != pid_tgid as u32 || !traced(tgid) {
