@@ -1078,7 +1078,9 @@ mod tests {
         let mut s = Served::default();
         let mut keys = Vec::new();
         // In order, then a few behind the back, then one behind them all, past the short scan.
-        let starts = (0..40u64).map(|i| 100 + 10 * i).chain([495, 481, 5, 250, 499]);
+        let starts = (0..40u64)
+            .map(|i| 100 + 10 * i)
+            .chain([495, 481, 5, 250, 499]);
         for (id, start) in starts.enumerate() {
             s.insert(start, id as u64, 1);
             keys.push((start, id as u64));
