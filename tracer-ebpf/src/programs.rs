@@ -713,10 +713,11 @@ fn in_band(key: TupleKey, seq: Option<u32>) -> Option<TraceId> {
     }
 }
 
-/// A read of request bytes on server socket `sock` (whose tuple `key` gives, called only for a
-/// new request) by the current thread: the trace id of the request and its origin (`EV_F_TRACE_IN_BAND` or `EV_F_TRACE_GENERATED`). Further reads of an
-/// unanswered request on the same socket belong to it; any other read starts a new request,
-/// ambiguous when the thread still owes another socket an answer.
+/// A read of request bytes on server socket `sock` by the current thread (`thread`, its record):
+/// the trace id of the request and its origin (`EV_F_TRACE_IN_BAND` or `EV_F_TRACE_GENERATED`).
+/// Further reads of an unanswered request on the same socket belong to it; any other read starts
+/// a new request, ambiguous when the thread still owes another socket an answer. `key` gives the
+/// socket's tuple, asked for only when a new request starts.
 #[inline(always)]
 fn serve_read(
     thread: *mut Thread,
@@ -1531,7 +1532,8 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // Every thread's: its in-flight record goes with it (most threads have none).
+    // Every thread's: its record (call in flight, request served) goes with it (most threads
+    // have none).
     let _ = THREADS.remove(pid_tgid);
     let tgid = (pid_tgid >> 32) as u32;
     // Only the main thread's exit; other threads leaving do not close the process's files.
