@@ -156,9 +156,9 @@ pub struct EventHeader {
     pub fd: i32,
     /// Payload bytes that follow this header.
     pub captured: u32,
-    /// Monotonic ns (bpf_ktime_get_ns) at syscall entry for a send; for a receive, whose entry is
-    /// not timed (a read's start is when its bytes arrive, not when it began to wait), the same as
-    /// `exit_ns`.
+    /// Monotonic ns (bpf_ktime_get_ns) at syscall entry for a send; for a receive syscall, whose
+    /// entry is not timed (a read's start is when its bytes arrive, not when it began to wait), the
+    /// same as `exit_ns`. TLS plaintext events (SSL and Go probes): the call's entry either way.
     pub enter_ns: u64,
     /// Monotonic ns at syscall exit.
     pub exit_ns: u64,
