@@ -229,6 +229,39 @@ fn spawn_python(
     (proc, lines)
 }
 
+/// The backend in namespace A and the middle in B (over TLS with `cert`, a certificate and key
+/// path), once both listen.
+fn start_services(dir: &TempDir, ns: &Namespaces, cert: &[String]) -> (Proc, Proc) {
+    let mut backend_args = vec![ADDR_A.to_owned(), BACKEND_PORT.to_string()];
+    backend_args.extend_from_slice(cert);
+    let (backend, backend_out) = spawn_python(
+        dir,
+        &ns.a,
+        "backend.py",
+        &service(BACKEND_PY),
+        &backend_args,
+        false,
+    );
+    let mut middle_args = vec![
+        ADDR_B.to_owned(),
+        MIDDLE_PORT.to_string(),
+        ADDR_A.to_owned(),
+        BACKEND_PORT.to_string(),
+    ];
+    middle_args.extend_from_slice(cert);
+    let (middle, middle_out) = spawn_python(
+        dir,
+        &ns.b,
+        "middle.py",
+        &service(MIDDLE_PY),
+        &middle_args,
+        false,
+    );
+    assert_eq!(backend_out.next("backend"), "listening");
+    assert_eq!(middle_out.next("middle"), "listening");
+    (backend, middle)
+}
+
 /// `client_keepalive.py HOST PORT N`: as [`CLIENT_PY`], but all `N` requests on one connection.
 const CLIENT_KEEPALIVE_PY: &str = r#"
 import http.client, sys
@@ -430,29 +463,7 @@ fn trace_ids_cross_hosts_in_tcp_options() {
     let dir = TempDir::new("tcpopt");
     let ns = Namespaces::create("to");
 
-    let (mut backend, backend_out) = spawn_python(
-        &dir,
-        &ns.a,
-        "backend.py",
-        &service(BACKEND_PY),
-        &[ADDR_A.to_owned(), BACKEND_PORT.to_string()],
-        false,
-    );
-    let (mut middle, middle_out) = spawn_python(
-        &dir,
-        &ns.b,
-        "middle.py",
-        &service(MIDDLE_PY),
-        &[
-            ADDR_B.to_owned(),
-            MIDDLE_PORT.to_string(),
-            ADDR_A.to_owned(),
-            BACKEND_PORT.to_string(),
-        ],
-        false,
-    );
-    assert_eq!(backend_out.next("backend"), "listening");
-    assert_eq!(middle_out.next("middle"), "listening");
+    let (mut backend, mut middle) = start_services(&dir, &ns, &[]);
     let client_args = [
         ADDR_B.to_owned(),
         MIDDLE_PORT.to_string(),
@@ -595,29 +606,7 @@ fn trace_ids_follow_requests_on_a_kept_alive_connection() {
     require_root();
     let dir = TempDir::new("tcpopt-ka");
     let ns = Namespaces::create("tk");
-    let (mut backend, backend_out) = spawn_python(
-        &dir,
-        &ns.a,
-        "backend.py",
-        &service(BACKEND_PY),
-        &[ADDR_A.to_owned(), BACKEND_PORT.to_string()],
-        false,
-    );
-    let (mut middle, middle_out) = spawn_python(
-        &dir,
-        &ns.b,
-        "middle.py",
-        &service(MIDDLE_PY),
-        &[
-            ADDR_B.to_owned(),
-            MIDDLE_PORT.to_string(),
-            ADDR_A.to_owned(),
-            BACKEND_PORT.to_string(),
-        ],
-        false,
-    );
-    assert_eq!(backend_out.next("backend"), "listening");
-    assert_eq!(middle_out.next("middle"), "listening");
+    let (mut backend, mut middle) = start_services(&dir, &ns, &[]);
     let (mut client, client_out) = spawn_python(
         &dir,
         &ns.a,
@@ -696,33 +685,7 @@ async fn link_across_hosts(tls: bool) {
     } else {
         Vec::new()
     };
-    let mut backend_args = vec![ADDR_A.to_owned(), BACKEND_PORT.to_string()];
-    backend_args.extend(cert_args.iter().cloned());
-    let (_backend, backend_out) = spawn_python(
-        &dir,
-        &ns.a,
-        "backend.py",
-        &service(BACKEND_PY),
-        &backend_args,
-        false,
-    );
-    let mut middle_args = vec![
-        ADDR_B.to_owned(),
-        MIDDLE_PORT.to_string(),
-        ADDR_A.to_owned(),
-        BACKEND_PORT.to_string(),
-    ];
-    middle_args.extend(cert_args.iter().cloned());
-    let (middle, middle_out) = spawn_python(
-        &dir,
-        &ns.b,
-        "middle.py",
-        &service(MIDDLE_PY),
-        &middle_args,
-        false,
-    );
-    assert_eq!(backend_out.next("backend"), "listening");
-    assert_eq!(middle_out.next("middle"), "listening");
+    let (_backend, middle) = start_services(&dir, &ns, &cert_args);
     let mut client_args = vec![
         ADDR_B.to_owned(),
         MIDDLE_PORT.to_string(),
