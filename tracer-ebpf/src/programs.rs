@@ -543,29 +543,18 @@ fn conn_open(sk: u64, role: u8) {
     }
 }
 
-/// The tuple of `sk`, read from its `sock_common`.
+/// The tuple of `sk` as `IN_CTX`'s key: [`fill_tuple`]'s one read, into this CPU's scratch
+/// header (which the exit program the caller tail-calls rewrites whole).
 #[inline(always)]
 fn tuple_of(sk: u64) -> TupleKey {
-    let family: u16 = kread(sk + off!(sk_family) as u64).unwrap_or(0);
-    let dport: u16 = kread(sk + off!(sk_dport) as u64).unwrap_or(0);
-    let mut t = TupleKey {
-        family,
-        local_port: kread(sk + off!(sk_num) as u64).unwrap_or(0),
-        remote_port: u16::from_be(dport),
-        _pad: 0,
-        local_addr: [0; 16],
-        remote_addr: [0; 16],
+    let Some(scratch) = scratch() else {
+        // SAFETY: all-zero bytes are a valid key (plain integers); it matches no entry.
+        return unsafe { core::mem::zeroed() };
     };
-    if family == AF_INET6 {
-        t.local_addr = kread(sk + off!(sk_v6_rcv_saddr) as u64).unwrap_or([0; 16]);
-        t.remote_addr = kread(sk + off!(sk_v6_daddr) as u64).unwrap_or([0; 16]);
-    } else {
-        let l: [u8; 4] = kread(sk + off!(sk_rcv_saddr) as u64).unwrap_or([0; 4]);
-        let r: [u8; 4] = kread(sk + off!(sk_daddr) as u64).unwrap_or([0; 4]);
-        t.local_addr[..4].copy_from_slice(&l);
-        t.remote_addr[..4].copy_from_slice(&r);
-    }
-    t
+    // SAFETY: the per-CPU scratch slot belongs to this program invocation until it returns.
+    let scratch = unsafe { &mut *scratch };
+    fill_tuple(&mut scratch.header, &mut scratch.tuple, sk);
+    tuple_key(&scratch.header)
 }
 
 /// The `IN_CTX` key of the tuple [`fill_tuple`] wrote into `h`.
