@@ -227,6 +227,21 @@ fn intake(
 /// Events the drain handles between two offers of its CPU to the host's other runnable threads.
 const YIELD_EVERY: u64 = 128;
 
+/// How old an event may be for the drain to still offer its CPU every `YIELD_EVERY` events. The
+/// offers keep the traced processes' waits behind the agent short while it keeps up (events are
+/// then at most a drain tick old when read). An older event means the ring is filling faster than
+/// the agent empties it: offering the CPU then kept the agent behind until the ring overflowed
+/// (saturated nginx lost tens of thousands of events in most 8-second runs, most of them in the
+/// first seconds, while the agent's memory was still cold), so it drains without offers until it
+/// has caught up. The default ring holds ~175 ms of saturated nginx's events.
+const YIELD_MAX_LAG_NS: u64 = 50_000_000;
+
+/// Whether the drain offers its CPU after its `n`th event, stamped `exit_ns`; `now` reads the
+/// clock, only at every `YIELD_EVERY`th event.
+fn offers_cpu(n: u64, exit_ns: u64, now: impl FnOnce() -> u64) -> bool {
+    n.is_multiple_of(YIELD_EVERY) && now().saturating_sub(exit_ns) < YIELD_MAX_LAG_NS
+}
+
 /// Hands every queued event to the connection table; the processes that executed a new program
 /// go to `execs`.
 fn drain(
@@ -238,10 +253,13 @@ fn drain(
     let mut n = 0u64;
     while let Some(item) = ring.next() {
         n += 1;
-        if n.is_multiple_of(YIELD_EVERY) {
+        let ev = Event::decode(&item);
+        if let Ok(ev) = &ev
+            && offers_cpu(n, ev.header.exit_ns, monotonic_ns)
+        {
             std::thread::yield_now();
         }
-        match Event::decode(&item) {
+        match ev {
             Ok(ev) if ev.header.kind == tracer_ebpf::abi::KIND_EXEC => {
                 execs.push(ev.header.tgid);
                 conns.exec(&ev);
@@ -364,4 +382,29 @@ fn monotonic_ns() -> u64 {
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_offers_its_cpu_only_while_it_keeps_up() {
+        let now = 10_000_000_000;
+        // Every `YIELD_EVERY`th event, when the event is recent.
+        assert!(offers_cpu(YIELD_EVERY, now - 1_000_000, || now));
+        assert!(offers_cpu(3 * YIELD_EVERY, now, || now));
+        // An event stamped after the clock was read (another CPU) is recent too.
+        assert!(offers_cpu(YIELD_EVERY, now + 5, || now));
+        // Behind: the event waited longer than `YIELD_MAX_LAG_NS` in the ring.
+        assert!(!offers_cpu(YIELD_EVERY, now - YIELD_MAX_LAG_NS, || now));
+        assert!(!offers_cpu(
+            2 * YIELD_EVERY,
+            now - 2 * YIELD_MAX_LAG_NS,
+            || now
+        ));
+        // Between offers the clock is not read.
+        assert!(!offers_cpu(YIELD_EVERY + 1, now, || unreachable!()));
+        assert!(!offers_cpu(1, now, || unreachable!()));
+    }
 }
