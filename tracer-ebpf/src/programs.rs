@@ -221,6 +221,11 @@ struct Thread {
     call: Inflight,
     /// The request it serves; `sock` 0 when none.
     serving: Serving,
+    /// Non-zero once the thread called the SSL library (`tls::ssl_enter`): only then do its
+    /// socket syscalls look for its SSL call (`tls::socket_io`), a lookup that misses for every
+    /// other thread.
+    ssl: u8,
+    _pad: [u8; 7],
 }
 
 /// A trace id as the programs keep it; its bytes in memory order are the id.
@@ -1140,7 +1145,10 @@ fn exit_io<const IOVECS: usize>(
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let (conn, offset) = conn_advance(inf.sock, now, inf.direction, bytes);
-    tls::socket_io(pid_tgid, inf.sock, inf.fd, conn.conn_id);
+    // SAFETY: the thread's own record, from a successful lookup.
+    if thread.is_none_or(|t| unsafe { (*t).ssl } != 0) {
+        tls::socket_io(pid_tgid, inf.sock, inf.fd, conn.conn_id);
+    }
     // A read into one plain buffer has no copy loop, so its program finds its trace context
     // itself, with the sequence number and tuple (the key of `IN_CTX`) read for the event.
     let read_context = IOVECS == 0 && direction == DIR_RECV && trace_context();

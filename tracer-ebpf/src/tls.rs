@@ -22,7 +22,7 @@ use tracer_ebpf::abi::*;
 
 use super::{
     CAPTURE_LIMIT, CONNS, conn_advance, copy_user, count, fill_tuple, opaque, output, scratch,
-    tls_trace, trace_bytes, traced,
+    thread_of, tls_trace, trace_bytes, traced,
 };
 
 /// Per thread (pid_tgid): its SSL call in progress and the socket it last did I/O on.
@@ -87,8 +87,9 @@ struct TlsStream {
 }
 
 /// Called by the syscall exit programs for every socket syscall that moved bytes: ties the socket
-/// to the thread's active SSL call, and remembers it as the thread's latest socket. Costs one
-/// lookup for threads that never called the SSL library.
+/// to the thread's active SSL call, and remembers it as the thread's latest socket. The data exit
+/// programs call it only for threads that called the SSL library (`Thread::ssl`); it costs one
+/// lookup, which misses for the others.
 #[inline(always)]
 pub(super) fn socket_io(pid_tgid: u64, sock: u64, fd: i32, conn_id: u64) {
     let Some(t) = SSL_THREADS.get_ptr_mut(pid_tgid) else {
@@ -121,6 +122,12 @@ fn ssl_enter(ctx: &ProbeContext, direction: u8, ex: u8) -> u32 {
     let out: u64 = if ex != 0 { ctx.arg(3).unwrap_or(0) } else { 0 };
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
+    // Its socket syscalls look for this call from now on (also after a thread of a reused id
+    // found the entry an exited one left).
+    if let Some(thread) = thread_of(pid_tgid) {
+        // SAFETY: the thread's own record, from a successful lookup.
+        unsafe { (*thread).ssl = 1 };
+    }
     if let Some(t) = SSL_THREADS.get_ptr_mut(pid_tgid) {
         // SAFETY: pointer from a successful lookup; only this thread writes its own entry.
         unsafe {
