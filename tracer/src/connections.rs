@@ -479,12 +479,15 @@ impl Connections {
                     if let Some(version) = tls_version {
                         spans::tls_attributes(version, &mut span.attributes);
                     }
-                    // Literal label sets: no interning lookup per span.
-                    let kind = match span.kind {
-                        crate::span::SpanKind::Server => "kind=\"server\"",
-                        crate::span::SpanKind::Client => "kind=\"client\"",
-                    };
-                    metrics::add("spans_created_total", kind, 1);
+                    static SERVER: metrics::Counter =
+                        metrics::Counter::new("spans_created_total", "kind=\"server\"");
+                    static CLIENT: metrics::Counter =
+                        metrics::Counter::new("spans_created_total", "kind=\"client\"");
+                    match span.kind {
+                        crate::span::SpanKind::Server => &SERVER,
+                        crate::span::SpanKind::Client => &CLIENT,
+                    }
+                    .add(1);
                     let link = link_info(&ex, link, addrs);
                     emit(Finished { span, link });
                 }

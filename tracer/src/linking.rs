@@ -273,14 +273,19 @@ fn position_key(pos: &ConnPosition) -> u64 {
 }
 
 fn count_link(rule: &'static str) {
-    // The per-span rules as literal label sets: no interning lookup per span.
-    let labels = match rule {
-        "connection" => "rule=\"connection\"",
-        "thread" => "rule=\"thread\"",
-        "tcp_option" => "rule=\"tcp_option\"",
-        _ => metrics::labels(&[("rule", rule)]),
-    };
-    metrics::add("spans_linked_total", labels, 1);
+    // The per-span rules found once: no lookup per span.
+    static CONNECTION: metrics::Counter =
+        metrics::Counter::new("spans_linked_total", "rule=\"connection\"");
+    static THREAD: metrics::Counter =
+        metrics::Counter::new("spans_linked_total", "rule=\"thread\"");
+    static TCP_OPTION: metrics::Counter =
+        metrics::Counter::new("spans_linked_total", "rule=\"tcp_option\"");
+    match rule {
+        "connection" => CONNECTION.add(1),
+        "thread" => THREAD.add(1),
+        "tcp_option" => TCP_OPTION.add(1),
+        _ => metrics::add("spans_linked_total", metrics::labels(&[("rule", rule)]), 1),
+    }
 }
 
 fn count_unlinked(reason: &'static str) {
@@ -721,13 +726,15 @@ pub fn wire_span_id(pos: ConnPosition) -> Option<[u8; 8]> {
 }
 
 fn count_root(span: &Span) {
+    // Label sets as `metrics::labels` writes them, found once: no lookup per span.
+    static SERVER: metrics::Counter = metrics::Counter::new("spans_root_total", "kind=\"server\"");
+    static CLIENT: metrics::Counter = metrics::Counter::new("spans_root_total", "kind=\"client\"");
     if span.parent_span_id.is_none() {
-        // Literal label sets (as `metrics::labels` writes them): no interning lookup per span.
-        let kind = match span.kind {
-            SpanKind::Server => "kind=\"server\"",
-            SpanKind::Client => "kind=\"client\"",
-        };
-        metrics::add("spans_root_total", kind, 1);
+        match span.kind {
+            SpanKind::Server => &SERVER,
+            SpanKind::Client => &CLIENT,
+        }
+        .add(1);
     }
 }
 

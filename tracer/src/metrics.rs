@@ -83,6 +83,35 @@ pub fn add(name: &'static str, labels: &'static str, n: u64) {
     cell.fetch_add(n, Ordering::Relaxed);
 }
 
+/// A counter series found once, at its first use, for call sites that add to it for every span:
+/// an add is then one atomic add, where [`add`] finds the series in a thread-local map first
+/// (~3 % of the agent's samples at saturation, a few adds per span).
+pub struct Counter {
+    name: &'static str,
+    labels: &'static str,
+    cell: OnceLock<&'static AtomicU64>,
+}
+
+impl Counter {
+    pub const fn new(name: &'static str, labels: &'static str) -> Self {
+        Counter {
+            name,
+            labels,
+            cell: OnceLock::new(),
+        }
+    }
+
+    /// Adds `n`, as [`add`] does.
+    pub fn add(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.cell
+            .get_or_init(|| cell(&registry().counters, self.name, self.labels))
+            .fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// Sets the counter `name{labels}` to an absolute value read from elsewhere (e.g. kernel counters).
 pub fn set_counter(name: &'static str, labels: &'static str, v: u64) {
     cell(&registry().counters, name, labels).store(v, Ordering::Relaxed);
