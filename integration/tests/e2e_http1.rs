@@ -228,6 +228,79 @@ async fn http_server_and_curl_exported_over_http_protobuf() {
     python_http_server_and_curl(Protocol::HttpProtobuf, &[("TRACER_TASK_BTF", "0")]).await;
 }
 
+/// A collector on the same host: the agent traces other clients of its OTLP receiver (curl here)
+/// but not the receiver taking the agent's own exports, which would add a span per export, each
+/// exported with the next one.
+async fn own_exports_untraced_at_the_receiver(protocol: Protocol) {
+    require_root();
+    let dir = TempDir::new("own-exports");
+    let receiver = receiver(protocol).await;
+    let port: u16 = receiver
+        .endpoint()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the receiver's port");
+    // Only the receiver's port: its exports are all the agent's traffic there, besides curl's.
+    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+    let h2 = matches!(protocol, Protocol::Grpc);
+    // A probe's SERVER span, by curl's port (the gRPC receiver's spans name no path).
+    let probe = |port: u16| move |s: &ReceivedSpan| s.attr_int("client.port") == Some(port.into());
+    let mut probes = Vec::new();
+    for i in 1..=3 {
+        let url = format!("http://127.0.0.1:{port}/probe-{i}");
+        let mut args = vec!["--data", "x", url.as_str()];
+        if h2 {
+            args.insert(0, "--http2-prior-knowledge");
+        }
+        let run = curl(&args);
+        probes.push(run.local_port);
+        // Each probe's spans come in an export of their own, after the ones before.
+        if i < 3 {
+            let is_probe = probe(run.local_port);
+            let waited = receiver
+                .wait_for(
+                    |spans| {
+                        spans
+                            .iter()
+                            .any(|s| s.kind == SpanKind::Server && is_probe(s))
+                    },
+                    WAIT,
+                )
+                .await;
+            if let Err(spans) = waited {
+                agent.stop();
+                panic!(
+                    "no SERVER span for {url}:\n{}\nagent stderr:\n{}",
+                    describe_all(&spans),
+                    agent.stderr()
+                );
+            }
+        }
+    }
+    let spans = collect_exact(&receiver, &mut agent, 3, 3).await;
+    for port in probes {
+        one(&spans, SpanKind::Server, "a probe", probe(port));
+    }
+    assert!(
+        agent
+            .stderr()
+            .contains(r#"connections_ignored_total{reason="agent_export"}="#),
+        "{}",
+        agent.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_exports_over_http_protobuf_are_not_traced_at_the_receiver() {
+    own_exports_untraced_at_the_receiver(Protocol::HttpProtobuf).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_exports_over_grpc_are_not_traced_at_the_receiver() {
+    own_exports_untraced_at_the_receiver(Protocol::Grpc).await;
+}
+
 /// The processes of a python client/server pair.
 struct ScriptPeers {
     port: u16,

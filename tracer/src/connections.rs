@@ -411,6 +411,11 @@ impl Connections {
     }
 
     fn wanted(&self, tgid: u32, addrs: &ConnAddrs) -> bool {
+        if crate::export::own::is_own(addrs.remote) {
+            // The receiving end of the agent's own export (a collector on this host).
+            metrics::add("connections_ignored_total", "reason=\"agent_export\"", 1);
+            return false;
+        }
         let ports = &self.filters.ports;
         if !ports.is_empty()
             && !ports.contains(&addrs.local.port())

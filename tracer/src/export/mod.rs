@@ -7,6 +7,7 @@
 
 mod config;
 mod otlp;
+pub mod own;
 mod stdout;
 mod transport;
 

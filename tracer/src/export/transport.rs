@@ -142,7 +142,13 @@ impl Transport {
             .map_err(invalid)?
             .connect_timeout(timeout)
             .tcp_nodelay(true);
-        let client = tonic::client::Grpc::new(endpoint.connect_lazy());
+        // The endpoint's own connector with these settings, recording each connection (`own`).
+        let mut connector = HttpConnector::new();
+        connector.enforce_http(false);
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        let channel = endpoint.connect_with_connector_lazy(super::own::Recording(connector));
+        let client = tonic::client::Grpc::new(channel);
         Ok(Transport::Grpc(Box::new(GrpcClient {
             client,
             metadata: MetadataMap::from_headers(headers.clone()),
@@ -165,7 +171,7 @@ impl Transport {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let client = Client::builder(TokioExecutor::new()).build(super::own::Recording(connector));
         Ok(Transport::Http(Box::new(HttpClient {
             client,
             uri,
@@ -347,7 +353,7 @@ impl Decoder for ResponseDecoder {
 /// OTLP/HTTP with protobuf bodies over hyper's pooled HTTP/1.1 client.
 #[derive(Clone)]
 pub(crate) struct HttpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<super::own::Recording, Full<Bytes>>,
     uri: Uri,
     headers: HeaderMap,
 }
