@@ -258,24 +258,17 @@ async fn own_exports_untraced_at_the_receiver(protocol: Protocol) {
         // Each probe's spans come in an export of their own, after the ones before.
         if i < 3 {
             let is_probe = probe(run.local_port);
-            let waited = receiver
-                .wait_for(
-                    |spans| {
-                        spans
-                            .iter()
-                            .any(|s| s.kind == SpanKind::Server && is_probe(s))
-                    },
-                    WAIT,
-                )
-                .await;
-            if let Err(spans) = waited {
-                agent.stop();
-                panic!(
-                    "no SERVER span for {url}:\n{}\nagent stderr:\n{}",
-                    describe_all(&spans),
-                    agent.stderr()
-                );
-            }
+            wait_or_fail(
+                &receiver,
+                &mut agent,
+                |spans| {
+                    spans
+                        .iter()
+                        .any(|s| s.kind == SpanKind::Server && is_probe(s))
+                },
+                |_| format!("no SERVER span for {url} within {WAIT:?}"),
+            )
+            .await;
         }
     }
     let spans = collect_exact(&receiver, &mut agent, 3, 3).await;

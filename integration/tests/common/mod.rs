@@ -809,6 +809,26 @@ pub fn parent_pid(pid: u32) -> u32 {
         .unwrap_or_else(|| panic!("no ppid in {stat:?}"))
 }
 
+/// Waits up to [`WAIT`] until `pred` holds for the spans received. Otherwise stops the agent
+/// first, so its log ends with its counters (drops, parser skips), and fails with `missing` (told
+/// the spans received), the spans and the agent's log.
+pub async fn wait_or_fail(
+    receiver: &OtlpReceiver,
+    agent: &mut Agent,
+    pred: impl Fn(&[ReceivedSpan]) -> bool,
+    missing: impl FnOnce(&[ReceivedSpan]) -> String,
+) {
+    if let Err(spans) = receiver.wait_for(pred, WAIT).await {
+        agent.stop();
+        panic!(
+            "{}:\n{}\nagent stderr:\n{}",
+            missing(&spans),
+            describe_all(&spans),
+            agent.stderr()
+        );
+    }
+}
+
 /// Waits for `servers` SERVER and `clients` CLIENT spans, stops the agent (which flushes), and
 /// returns everything received after asserting that nothing more arrived.
 pub async fn collect_exact(
@@ -817,23 +837,19 @@ pub async fn collect_exact(
     servers: usize,
     clients: usize,
 ) -> Vec<ReceivedSpan> {
-    let waited = receiver
-        .wait_for(
-            |s| count(s, SpanKind::Server) >= servers && count(s, SpanKind::Client) >= clients,
-            WAIT,
-        )
-        .await;
-    if let Err(spans) = waited {
-        // Stopped first, so the log ends with the agent's counters (drops, parser skips).
-        agent.stop();
-        panic!(
-            "expected {servers} SERVER and {clients} CLIENT spans within {WAIT:?}; got {} and {}:\n{}\nagent stderr:\n{}",
-            count(&spans, SpanKind::Server),
-            count(&spans, SpanKind::Client),
-            describe_all(&spans),
-            agent.stderr()
-        );
-    }
+    wait_or_fail(
+        receiver,
+        agent,
+        |s| count(s, SpanKind::Server) >= servers && count(s, SpanKind::Client) >= clients,
+        |s| {
+            format!(
+                "expected {servers} SERVER and {clients} CLIENT spans within {WAIT:?}; got {} and {}",
+                count(s, SpanKind::Server),
+                count(s, SpanKind::Client),
+            )
+        },
+    )
+    .await;
     agent.stop();
     let spans = receiver.spans();
     assert_eq!(
