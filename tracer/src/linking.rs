@@ -782,7 +782,7 @@ impl Served {
         self.longest = self.longest.max(took_ns);
     }
 
-    /// Where `key` goes among `starts[..end]`, all of whose last entry is not below it: a search
+    /// Where `key` goes among `starts[..=end]`, given that `starts[end]` is not below it: a search
     /// that gallops back from `end` (a drain hands over one connection's requests after another,
     /// so the place is usually a few dozen entries back, in memory still warm) and then bisects.
     fn place_behind(&self, key: (u64, u64), end: usize) -> usize {
