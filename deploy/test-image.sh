@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Proves the agent image works on this host with podman:
-#   1. `check` in a --privileged container reports the syscall-tracepoint capture mode;
+#   1. `check` in a --privileged container reports a usable capture mode (syscall or socket tracepoints);
 #   2. `check` with only the capabilities and mounts the DaemonSet grants does too;
 #   3. `run` with those capabilities traces a curl to a local python http.server running as
 #      another user (SERVER span named from that server's own OTEL_SERVICE_NAME, CLIENT span of
@@ -71,7 +71,7 @@ expect_capture_mode() {
   out=$(podman run --rm "${runtime[@]}" --network=none "$@" "$image" check 2>&1) \
     || { printf '%s\n' "$out" >&2; fail "$name: check exited non-zero"; }
   printf '%s\n' "$out" | sed "s/^/[test-image]   /" >&2
-  grep -q '^capture mode: syscall tracepoints$' <<<"$out" || fail "$name: no usable capture mode"
+  grep -Eq '^capture mode: (syscall|socket) tracepoints' <<<"$out" || fail "$name: no usable capture mode"
   grep -Eq '^privileges +yes' <<<"$out" || fail "$name: privileges not sufficient"
   log "ok: $name"
 }

@@ -424,7 +424,20 @@ fn start_agents(
     pid_b: u32,
     extra_a: &[&str],
 ) -> (Agent, Agent) {
-    let env = [("TRACER_LOG", "info,tracer::trace_context=debug")];
+    start_agents_with(dir_a, dir_b, pids_a, pid_b, extra_a, &[])
+}
+
+/// [`start_agents`] with `env` added to both agents' environment.
+fn start_agents_with(
+    dir_a: &TempDir,
+    dir_b: &TempDir,
+    pids_a: &[u32],
+    pid_b: u32,
+    extra_a: &[&str],
+    extra_env: &[(&str, &str)],
+) -> (Agent, Agent) {
+    let mut env = vec![("TRACER_LOG", "info,tracer::trace_context=debug")];
+    env.extend_from_slice(extra_env);
     let mut args_a: Vec<String> = pids_a
         .iter()
         .flat_map(|p| ["--pid".to_owned(), p.to_string()])
@@ -603,6 +616,18 @@ fn trace_ids_cross_hosts_in_tcp_options() {
 /// for the connection is rewritten in place per request, not replaced).
 #[test]
 fn trace_ids_follow_requests_on_a_kept_alive_connection() {
+    kept_alive_connection(&[]);
+}
+
+/// The same with socket reads and writes taken by the syscall programs, as kernels before 6.3
+/// take them (this kernel's socket-layer tracepoints turned off).
+#[test]
+fn trace_ids_follow_requests_on_a_kept_alive_connection_at_syscalls() {
+    kept_alive_connection(&[("TRACER_SOCKET_HOOKS", "0")]);
+}
+
+/// [`trace_ids_follow_requests_on_a_kept_alive_connection`], the agents run with `env`.
+fn kept_alive_connection(env: &[(&str, &str)]) {
     require_root();
     let dir = TempDir::new("tcpopt-ka");
     let ns = Namespaces::create("tk");
@@ -624,12 +649,13 @@ fn trace_ids_follow_requests_on_a_kept_alive_connection() {
         TempDir::new("tcpopt-ka-agent-a"),
         TempDir::new("tcpopt-ka-agent-b"),
     );
-    let (mut agent_a, mut agent_b) = start_agents(
+    let (mut agent_a, mut agent_b) = start_agents_with(
         &dir_a,
         &dir_b,
         &[client.pid(), backend.pid()],
         middle.pid(),
         &[],
+        env,
     );
     let ports = run_client(&mut client, &client_out);
     agent_a.stop();
@@ -643,6 +669,15 @@ fn trace_ids_follow_requests_on_a_kept_alive_connection() {
 
     let (log_a, log_b) = (agent_a.stderr(), agent_b.stderr());
     let all = format!("== agent A\n{log_a}\n== agent B\n{log_b}");
+    let taken_at = if env.contains(&("TRACER_SOCKET_HOOKS", "0")) {
+        r#"reads="syscalls" writes="syscalls""#
+    } else {
+        r#"reads="socket layer" writes="socket layer""#
+    };
+    assert!(
+        log_a.contains(taken_at) && log_b.contains(taken_at),
+        "expected {taken_at}:\n{all}"
+    );
     let (events_a, events_b) = (trace_events(&log_a), trace_events(&log_b));
     let sent = pick(&events_a, client.pid(), "client", "send");
     let read = pick(&events_b, middle.pid(), "server", "recv");

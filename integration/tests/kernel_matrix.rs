@@ -55,7 +55,9 @@ fn span_line<'a>(spans: &[&'a str], kind: &str, needle: &str, console: &str) -> 
     found[0]
 }
 
-fn check_kernel(meta: &str, version_prefix: &str) {
+/// Boots `meta` and checks the agent there; `mode` is the capture mode `tracer check` reports and
+/// `taken_at` what the agent logs as where it takes socket reads and writes.
+fn check_kernel(meta: &str, version_prefix: &str, mode: &str, taken_at: &str) {
     let console = boot(meta);
     assert!(
         console.contains(&format!("== kernel {version_prefix}")),
@@ -73,10 +75,7 @@ fn check_kernel(meta: &str, version_prefix: &str) {
             "{feature} not available on {meta}:\n{check}"
         );
     }
-    assert!(
-        check.contains("capture mode: syscall tracepoints"),
-        "{check}"
-    );
+    assert!(check.contains(&format!("capture mode: {mode}")), "{check}");
     // Both kernels have the TCP header option callbacks (5.10+); the guest has no cgroup2 mount,
     // so this also covers mounting one.
     let option = check
@@ -95,6 +94,11 @@ fn check_kernel(meta: &str, version_prefix: &str) {
     // the kernel counters (logged at exit when non-zero) saw the option written and read.
     let log = section(&console, "agent log").join("\n");
     assert!(log.contains("tcp_option=true"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("socket reads and writes are taken at") && l.ends_with(taken_at)),
+        "expected socket reads and writes taken at {taken_at}:\n{log}"
+    );
     // The fd walk's typed task loads passed this verifier (no fall back to probe reads).
     assert!(!log.contains("refused the typed task loads"), "{log}");
     for what in ["tcp_option_written", "tcp_option_read"] {
@@ -140,10 +144,23 @@ fn check_kernel(meta: &str, version_prefix: &str) {
 
 #[test]
 fn debian_6_1_kernel() {
-    check_kernel("linux-image-cloud-amd64", "6.1.");
+    // No socket-layer tracepoints before 6.3.
+    check_kernel(
+        "linux-image-cloud-amd64",
+        "6.1.",
+        "syscall tracepoints",
+        "reads=\"syscalls\" writes=\"syscalls\"",
+    );
 }
 
 #[test]
 fn debian_6_12_kernel() {
-    check_kernel("linux-image-6.12-cloud-amd64", "6.12.");
+    // `sock:sock_recv_length` (6.3) but no `tcp:tcp_sendmsg_locked` yet: reads at the socket
+    // layer, writes at their syscalls.
+    check_kernel(
+        "linux-image-6.12-cloud-amd64",
+        "6.12.",
+        "socket tracepoints for socket reads, syscall tracepoints for the rest",
+        "reads=\"socket layer\" writes=\"syscalls\"",
+    );
 }

@@ -125,6 +125,13 @@ pub const AFTER_CONTEXT_RECVMSG: u32 = 1;
 pub const AFTER_CONTEXT_RECVMMSG: u32 = 2;
 /// Number of `AFTER_CONTEXT` slots.
 pub const AFTER_CONTEXT_SLOTS: u32 = 3;
+/// Slots of `SOCK_IOV`: the program that copies a socket read through iovecs, which
+/// `sock_recv_length` tail-calls (see `sock_hooks.rs`).
+pub const SOCK_IOV_RECV: u32 = 0;
+/// The same for a socket write, tail-called by `sock_send_length`.
+pub const SOCK_IOV_SEND: u32 = 1;
+/// Number of `SOCK_IOV` slots.
+pub const SOCK_IOV_SLOTS: u32 = 2;
 
 /// Size of an `OUT_CTX` value (the trace id chosen for a client socket's requests); userspace only
 /// deletes entries, so it needs the size, not the layout.

@@ -955,10 +955,16 @@ fn inflight_of(
     direction: u8,
     buf_kind: u8,
 ) -> Option<Inflight> {
-    let fd = args[0] as i64;
     if !port_wanted(sock) {
         return None;
     }
+    Some(call_of(args, sock, source, direction, buf_kind))
+}
+
+/// The in-flight record of a data syscall with these first three arguments on TCP socket `sock`.
+#[inline(always)]
+fn call_of(args: [u64; 3], sock: u64, source: u8, direction: u8, buf_kind: u8) -> Inflight {
+    let fd = args[0] as i64;
     let (buf, len, mmsg) = match buf_kind {
         BUF_PLAIN | BUF_IOVEC => (args[1], args[2], 0),
         BUF_KERNEL => (0, 0, 0),
@@ -977,7 +983,7 @@ fn inflight_of(
             (iov, iovlen, mmsg)
         }
     };
-    Some(Inflight {
+    Inflight {
         // Set by the caller once it keeps the record: most calls here are not kept.
         enter_ns: 0,
         sock,
@@ -994,7 +1000,7 @@ fn inflight_of(
             buf_kind
         },
         trace_flags: 0,
-    })
+    }
 }
 
 /// x86-64 `struct pt_regs`: size, and offsets of the saved argument registers and `orig_ax`.
@@ -1118,7 +1124,19 @@ fn exit_io<const IOVECS: usize>(
             None => return 0,
         },
     };
-    let rc = ret(ctx);
+    emit_io::<IOVECS>(pid_tgid, inf, thread, ret(ctx), direction)
+}
+
+/// Emits a data event for call `inf` of the current thread (`thread`, its record when the caller
+/// has it), which returned `rc`; `direction` is the call's, a constant of each program.
+#[inline(always)]
+fn emit_io<const IOVECS: usize>(
+    pid_tgid: u64,
+    inf: Inflight,
+    thread: Option<*mut Thread>,
+    rc: i64,
+    direction: u8,
+) -> u32 {
     if rc <= 0 {
         // A read of zero bytes is the peer's end of stream: responses read until close end here.
         if rc == 0 && inf.direction == DIR_RECV && inf.len > 0 {
@@ -1338,20 +1356,27 @@ fn read_context(ctx: &TracePointContext) -> bool {
     if !trace_context() {
         return true;
     }
-    let rc = ret(ctx);
+    choose_read_context(thread, inf, ret(ctx));
+    true
+}
+
+/// The trace context of read `inf` of the current thread (`thread`, its record), which returned
+/// `rc`, stored in `inf` (see [`read_context`]).
+#[inline(always)]
+fn choose_read_context(thread: *mut Thread, inf: *mut Inflight, rc: i64) {
     if rc <= 0 {
-        return true;
+        return;
     }
-    // SAFETY: pointer from a successful lookup; only this thread writes its own key.
+    // SAFETY: the thread's own record, from a successful lookup; only this thread writes it.
     let (sock, mmsg) = unsafe { ((*inf).sock, (*inf).mmsg) };
     // SAFETY: copied out of the map.
     let Some(conn) = (unsafe { CONNS.get(sock) }).copied() else {
-        return true;
+        return;
     };
     // Requests on a connection userspace ignores make no span for anything to link to: the
     // thread is not serving one as far as linking goes (its outgoing calls start traces).
     if !wants_trace(conn.flags) {
-        return true;
+        return;
     }
     if conn.role == ROLE_SERVER {
         // The sequence number of the first byte read, as the exit program computes it; recvmmsg
@@ -1371,7 +1396,6 @@ fn read_context(ctx: &TracePointContext) -> bool {
     } else if conn.role == ROLE_CLIENT {
         client_read(sock);
     }
-    true
 }
 
 macro_rules! read_context_tracepoints {
@@ -1644,3 +1668,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     );
     0
 }
+
+// After the macros it uses (`off!`).
+#[path = "sock_hooks.rs"]
+mod sock_hooks;

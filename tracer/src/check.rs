@@ -160,6 +160,12 @@ impl Feature {
 pub enum CaptureMode {
     /// Syscall tracepoints (`sys_enter_*`/`sys_exit_*` of read, write, sendmsg, ...).
     SyscallTracepoints,
+    /// Socket reads (and, with `writes`, writes) at the socket layer's tracepoints, the other
+    /// calls at their syscall tracepoints: pipe and file I/O runs no program.
+    SocketLayer {
+        /// `tcp_sendmsg_locked` and `sock_send_length` are there too.
+        writes: bool,
+    },
     /// Capture is impossible; names the missing features.
     Unavailable(Vec<&'static str>),
 }
@@ -168,6 +174,11 @@ impl fmt::Display for CaptureMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::SyscallTracepoints => f.write_str("syscall tracepoints"),
+            Self::SocketLayer { writes } => write!(
+                f,
+                "socket tracepoints for socket reads{}, syscall tracepoints for the rest",
+                if *writes { " and writes" } else { "" }
+            ),
             Self::Unavailable(missing) => write!(f, "none (missing: {})", missing.join(", ")),
         }
     }
@@ -188,6 +199,11 @@ pub struct Report {
     pub ringbuf: Feature,
     /// tracefs is mounted and has the syscall tracepoints.
     pub syscall_tracepoints: Feature,
+    /// The socket layer's tracepoints (`sock_recv_length`, Linux 6.3) are there, so socket reads
+    /// need no program on every read of the host.
+    pub socket_tracepoints: Feature,
+    /// Socket writes can be taken there too (`sock_send_length` and `tcp_sendmsg_locked`).
+    pub socket_writes: bool,
     /// A tracepoint program loads.
     pub tracepoint_prog: Feature,
     /// The uprobe PMU exists.
@@ -203,13 +219,14 @@ pub struct Report {
 
 impl Report {
     /// The rows of the table, in display order.
-    fn rows(&self) -> [(&'static str, &Feature); 10] {
+    fn rows(&self) -> [(&'static str, &Feature); 11] {
         [
             ("privileges", &self.privileges),
             ("BTF + offsets", &self.btf),
             ("bpf syscall", &self.bpf_syscall),
             ("ring buffer", &self.ringbuf),
             ("syscall tracepoints", &self.syscall_tracepoints),
+            ("socket tracepoints", &self.socket_tracepoints),
             ("tracepoint programs", &self.tracepoint_prog),
             ("uprobes", &self.uprobes),
             ("kprobes", &self.kprobes),
@@ -232,12 +249,37 @@ impl Report {
             .filter(|(_, f)| !f.available)
             .map(|(name, _)| *name)
             .collect();
-        if missing.is_empty() {
-            CaptureMode::SyscallTracepoints
-        } else {
+        if !missing.is_empty() {
             CaptureMode::Unavailable(missing)
+        } else if self.socket_tracepoints.available && self.btf.available {
+            CaptureMode::SocketLayer {
+                writes: self.socket_writes,
+            }
+        } else {
+            CaptureMode::SyscallTracepoints
         }
     }
+}
+
+/// Which socket calls the socket layer's tracepoints can take (see [`Report::socket_tracepoints`]):
+/// reads when `sock_recv_length` is there, writes too with `sock_send_length` and
+/// `tcp_sendmsg_locked`.
+fn socket_tracepoints() -> (Feature, bool) {
+    let tracefs = match ensure_tracefs() {
+        Ok(t) => t,
+        Err(e) => return (Feature::no(e.to_string()), false),
+    };
+    let has = |event: &str| tracefs.join("events").join(event).join("id").is_file();
+    let reads = has("sock/sock_recv_length");
+    let writes = reads && has("sock/sock_send_length") && has("tcp/tcp_sendmsg_locked");
+    let feature = match (reads, writes) {
+        (true, true) => Feature::yes("sock_recv_length, sock_send_length, tcp_sendmsg_locked"),
+        (true, false) => {
+            Feature::yes("sock_recv_length (no tcp_sendmsg_locked: writes at syscalls)")
+        }
+        _ => Feature::no("no sock:sock_recv_length (Linux 6.3)"),
+    };
+    (feature, writes)
 }
 
 impl fmt::Display for Report {
@@ -277,6 +319,7 @@ pub fn probe() -> Report {
         },
         Err(_) => Err("needs kernel BTF".to_owned()),
     };
+    let (socket_tracepoints, socket_writes) = socket_tracepoints();
     Report {
         kernel: kernel_release().unwrap_or_else(|| "unknown".to_owned()),
         privileges,
@@ -286,6 +329,8 @@ pub fn probe() -> Report {
             create_map(BPF_MAP_TYPE_RINGBUF, 0, 0, page_size()).map(|()| "ring buffer map created"),
         ),
         syscall_tracepoints: feature(syscall_tracepoints()),
+        socket_tracepoints,
+        socket_writes,
         tracepoint_prog: feature(
             load_program(BPF_PROG_TYPE_TRACEPOINT, 0, 0, &RETURN_ZERO)
                 .map(|()| "tracepoint program loads"),
@@ -842,7 +887,12 @@ mod tests {
         ] {
             assert!(f.available, "{report}");
         }
-        assert_eq!(report.capture_mode(), CaptureMode::SyscallTracepoints);
+        // This kernel (6.18) has all three socket-layer tracepoints.
+        assert_eq!(
+            report.capture_mode(),
+            CaptureMode::SocketLayer { writes: true },
+            "{report}"
+        );
         let pmu = |name: &str| Path::new(PMU_DIR).join(name).join("type").exists();
         assert_eq!(report.uprobes.available, pmu("uprobe"), "{report}");
         assert_eq!(report.kprobes.available, pmu("kprobe"), "{report}");
@@ -874,7 +924,10 @@ mod tests {
             );
         }
         assert!(
-            shown.ends_with("capture mode: syscall tracepoints"),
+            shown.ends_with(
+                "capture mode: socket tracepoints for socket reads and writes, syscall \
+                 tracepoints for the rest"
+            ),
             "{shown}"
         );
     }
@@ -889,6 +942,8 @@ mod tests {
             bpf_syscall: ok.clone(),
             ringbuf: ok.clone(),
             syscall_tracepoints: ok.clone(),
+            socket_tracepoints: Feature::no("x"),
+            socket_writes: false,
             tracepoint_prog: ok.clone(),
             uprobes: Feature::no("x"),
             kprobes: Feature::no("x"),
@@ -896,6 +951,16 @@ mod tests {
             tcp_option: Feature::no("x"),
         };
         assert_eq!(report.capture_mode(), CaptureMode::SyscallTracepoints);
+        report.socket_tracepoints = ok.clone();
+        assert_eq!(
+            report.capture_mode().to_string(),
+            "socket tracepoints for socket reads, syscall tracepoints for the rest"
+        );
+        report.socket_writes = true;
+        assert_eq!(
+            report.capture_mode(),
+            CaptureMode::SocketLayer { writes: true }
+        );
         report.ringbuf = Feature::no("EPERM");
         report.btf = Feature::no("missing");
         assert_eq!(

@@ -174,7 +174,9 @@ fn main() -> ExitCode {
             let report = check::probe();
             println!("{}", report.to_string().trim_end());
             match report.capture_mode() {
-                check::CaptureMode::SyscallTracepoints => Ok(()),
+                check::CaptureMode::SyscallTracepoints | check::CaptureMode::SocketLayer { .. } => {
+                    Ok(())
+                }
                 check::CaptureMode::Unavailable(missing) => Err(anyhow::anyhow!(
                     "the agent cannot run here (kernel or privileges): missing {}",
                     missing.join(", ")

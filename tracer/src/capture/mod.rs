@@ -7,7 +7,7 @@ pub mod tcp_option;
 pub mod tls;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
-use aya::programs::{ProgramError, TracePoint};
+use aya::programs::{ProgramError, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader, Pod};
 use thiserror::Error;
 use tracer_ebpf::abi::{self, ConnState, KernelOffsets};
@@ -55,6 +55,55 @@ const READ_CONTEXT: &[(&str, u32)] = &[
     ("sys_exit_readv", abi::AFTER_CONTEXT_READV),
     ("sys_exit_recvmsg", abi::AFTER_CONTEXT_RECVMSG),
     ("sys_exit_recvmmsg", abi::AFTER_CONTEXT_RECVMMSG),
+];
+
+/// Syscall programs whose calls the socket-layer programs take (`sock_hooks.rs`) where the kernel
+/// has their tracepoints: reads, then writes.
+const SOCKET_READS: &[&str] = &[
+    "sys_enter_read",
+    "sys_exit_read",
+    "sys_enter_readv",
+    "sys_exit_readv",
+    "sys_enter_recvfrom",
+    "sys_exit_recvfrom",
+    "sys_enter_recvmsg",
+    "sys_exit_recvmsg",
+];
+const SOCKET_WRITES: &[&str] = &[
+    "sys_enter_write",
+    "sys_exit_write",
+    "sys_enter_writev",
+    "sys_exit_writev",
+    "sys_enter_sendto",
+    "sys_exit_sendto",
+    "sys_enter_sendmsg",
+    "sys_exit_sendmsg",
+];
+
+/// A group of socket-layer programs: the raw tracepoints it attaches (program name = tracepoint
+/// name, in attach order), the program that copies through iovecs with its `SOCK_IOV` slot, and
+/// the syscall programs it replaces.
+struct SocketHooks {
+    what: &'static str,
+    tracepoints: &'static [&'static str],
+    iov: (&'static str, u32),
+    replaces: &'static [&'static str],
+}
+
+const SOCKET_HOOKS: [SocketHooks; 2] = [
+    SocketHooks {
+        what: "reads",
+        tracepoints: &["sock_recv_length"],
+        iov: ("sock_recv_iov", abi::SOCK_IOV_RECV),
+        replaces: SOCKET_READS,
+    },
+    SocketHooks {
+        what: "writes",
+        // The call's start before its end: a send that finds no start is not taken.
+        tracepoints: &["tcp_sendmsg_locked", "sock_send_length"],
+        iov: ("sock_send_iov", abi::SOCK_IOV_SEND),
+        replaces: SOCKET_WRITES,
+    },
 ];
 
 /// Exit programs that have a `<name>_small` variant with a shorter iovec loop.
@@ -213,6 +262,73 @@ fn typed_task_loads(kernel: Option<(u32, u32)>) -> bool {
     kernel.is_some_and(|v| v >= (5, 11))
 }
 
+/// Whether socket reads and writes may be taken in the socket layer where the kernel allows
+/// (see `sock_hooks.rs`); `TRACER_SOCKET_HOOKS=0` keeps them on the syscall programs.
+fn socket_hooks_wanted() -> bool {
+    if std::env::var_os("TRACER_SOCKET_HOOKS").is_some_and(|v| v == "0") {
+        tracing::info!("socket-layer hooks turned off by TRACER_SOCKET_HOOKS=0");
+        return false;
+    }
+    true
+}
+
+/// The raw tracepoint program `program` of the object.
+fn raw_tracepoint_program<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &str,
+) -> Result<&'a mut RawTracePoint, ProgramError> {
+    ebpf.program_mut(program)
+        .ok_or(ProgramError::UnexpectedProgramType)?
+        .try_into()
+}
+
+/// Loads and attaches the socket-layer programs of `hooks`, the long iovec loop only where
+/// `long_iovec_loop` says the verifier may take it. On failure nothing of the group stays
+/// attached and the caller uses the syscall programs instead.
+fn attach_socket_hooks(
+    ebpf: &mut Ebpf,
+    hooks: &SocketHooks,
+    long_iovec_loop: bool,
+) -> Result<(), String> {
+    let (iov, slot) = hooks.iov;
+    let small = format!("{iov}_small");
+    let load = |ebpf: &mut Ebpf, name: &str| raw_tracepoint_program(ebpf, name)?.load();
+    let loaded = if long_iovec_loop && load(ebpf, iov).is_ok() {
+        iov.to_owned()
+    } else {
+        load(ebpf, &small).map_err(|e| format!("loading {small}: {e}"))?;
+        small
+    };
+    let fd = raw_tracepoint_program(ebpf, &loaded)
+        .and_then(|prog| prog.fd())
+        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+        .map_err(|e| format!("{loaded}: {e}"))?;
+    let mut slots: ProgramArray<&mut MapData> =
+        typed_map(ebpf, "SOCK_IOV").map_err(|e| e.to_string())?;
+    slots
+        .set(slot, &fd, 0)
+        .map_err(|e| format!("SOCK_IOV: {e}"))?;
+    for (i, &name) in hooks.tracepoints.iter().enumerate() {
+        let attached = load(ebpf, name)
+            .and_then(|()| raw_tracepoint_program(ebpf, name)?.attach(name).map(drop));
+        if let Err(err) = attached {
+            let reason = match &err {
+                ProgramError::LoadError { verifier_log, .. } => {
+                    verifier_reason(&verifier_log.to_string()).to_owned()
+                }
+                other => other.to_string(),
+            };
+            for &done in &hooks.tracepoints[..i] {
+                if let Ok(prog) = raw_tracepoint_program(ebpf, done) {
+                    let _ = prog.unload();
+                }
+            }
+            return Err(format!("{name}: {reason}"));
+        }
+    }
+    Ok(())
+}
+
 /// The tracepoint program `program` of the object.
 fn tracepoint_program<'a>(
     ebpf: &'a mut Ebpf,
@@ -356,17 +472,51 @@ impl Capture {
     ) -> Result<Capture, CaptureError> {
         let (mut ebpf, tcp_option) = load_with_tcp_option(opts, offsets, task_btf)?;
 
+        // Verifiers before 6.8 spend their whole budget on the long iovec loop and reject it (after
+        // seconds of work), so those kernels get the short loop straight away.
+        let long_iovec_loop = kernel.is_some_and(|v| v >= (6, 8));
+        let mut attached = 0;
+        let mut replaced: Vec<&str> = Vec::new();
+        let mut socket_layer = Vec::new();
+        // The socket-layer tracepoints came in 6.3 (`tcp_sendmsg_locked` later); older kernels
+        // need not try.
+        if task_btf && kernel.is_some_and(|v| v >= (6, 3)) && socket_hooks_wanted() {
+            for hooks in &SOCKET_HOOKS {
+                match attach_socket_hooks(&mut ebpf, hooks, long_iovec_loop) {
+                    Ok(()) => {
+                        replaced.extend(hooks.replaces);
+                        attached += hooks.tracepoints.len();
+                        socket_layer.push(hooks.what);
+                    }
+                    Err(reason) => tracing::warn!(
+                        %reason,
+                        "socket {} stay on the syscall tracepoints, which run on every read and write of the host",
+                        hooks.what
+                    ),
+                }
+            }
+        }
+        let at = |what| {
+            if socket_layer.contains(&what) {
+                "socket layer"
+            } else {
+                "syscalls"
+            }
+        };
+        tracing::info!(
+            reads = at("reads"),
+            writes = at("writes"),
+            "socket reads and writes are taken at"
+        );
+
         let tracepoints = SYSCALL_TRACEPOINTS
             .iter()
+            .filter(|name| !replaced.contains(name))
             .map(|&name| ("syscalls", name))
             .chain([
                 ("sched", "sched_process_exit"),
                 ("sched", "sched_process_exec"),
             ]);
-        // Verifiers before 6.8 spend their whole budget on the long iovec loop and reject it (after
-        // seconds of work), so those kernels get the short loop straight away.
-        let long_iovec_loop = kernel.is_some_and(|v| v >= (6, 8));
-        let mut attached = 0;
         for (category, name) in tracepoints {
             let load = |ebpf: &mut Ebpf, program: &str| tracepoint_program(ebpf, program)?.load();
             let attach = |ebpf: &mut Ebpf, program: &str| -> Result<(), ProgramError> {
