@@ -13,6 +13,8 @@
 # (5000,10000,20000), COST_RATE (10000), SOAK_SECONDS (600, with --soak), WRK_THREADS (1),
 # WRK_CONNS (16), NGINX_WORKERS (1), LOADGEN_CONNS (64), GUNICORN_THREADS (4), SYSCALL_ITERS,
 # SYSCALL_SECONDS (5), SYSCALL_MODES (http,opaque,pipe), AGENT_ARGS (extra `tracer run` flags),
+# AGENT_ENV (NAME=VALUE pairs for the agent, e.g. TRACER_SOCKET_HOOKS=0; other TRACER_*/OTEL_*
+# variables are not passed on),
 # QUIET_WAIT (seconds each run may wait for a quiet machine: no other agent, CPUs < 10 % busy; 0).
 # `--only profile` adds a kernel BPF run-time and perf profile of the agent under saturation.
 # Everything runs on 127.0.0.1; every load is bounded in requests and time.

@@ -35,7 +35,7 @@ NOISY_BUSY = 0.10
 
 KNOBS = ("ROUNDS", "DURATION", "RATES", "COST_RATE", "SOAK_SECONDS", "RSS_EVERY", "WRK_THREADS", "WRK_CONNS",
          "NGINX_WORKERS", "LOADGEN_CONNS", "GUNICORN_THREADS", "SYSCALL_MODES", "SYSCALL_ITERS",
-         "SYSCALL_SECONDS", "AGENT_ARGS", "QUIET_WAIT")
+         "SYSCALL_SECONDS", "AGENT_ARGS", "AGENT_ENV", "QUIET_WAIT")
 
 TARGETS = {
     "syscall_ns": 250.0,
@@ -259,7 +259,7 @@ class Agent:
         args = [str(ctx.tracer), "run", "--otlp-endpoint", ctx.receiver_url,
                 "--otlp-protocol", "http/protobuf", "--metrics-addr", f"127.0.0.1:{metrics_port}"]
         args += ctx.agent_args + list(extra)
-        self.proc = Proc("tracer", args, stderr=self.log_path)
+        self.proc = Proc("tracer", args, env=clean_env(ctx.agent_env), stderr=self.log_path)
         deadline = time.monotonic() + AGENT_READY_TIMEOUT
         while READY_LINE not in self.log_path.read_text(errors="replace"):
             if not self.proc.running():
@@ -802,7 +802,9 @@ def report(ctx, res, meta):
     L.append(f"Run {meta['date']} · commit `{meta['commit']}` · {meta['machine']}")
     L.append("")
     L.append(f"Command: `{meta['command']}` · ROUNDS={ctx.rounds} · DURATION={ctx.duration}s · "
-             f"agent flags: `{' '.join(ctx.agent_args) or '(defaults: every process on the host)'}`")
+             f"agent flags: `{' '.join(ctx.agent_args) or '(defaults: every process on the host)'}`"
+             + (f" · agent environment: `{' '.join(f'{k}={v}' for k, v in ctx.agent_env.items())}`"
+                if ctx.agent_env else ""))
     L.append("")
     L.append("Background load before each scenario (CPU busy while the suite was idle; load average): "
              + "; ".join(f"{k} {100 * v[0]:.0f} % ({v[1]})" for k, v in meta["background"].items())
@@ -1045,6 +1047,8 @@ def main():
     ctx.syscall_iters = env_int("SYSCALL_ITERS", 5_000_000)
     ctx.syscall_seconds = env_float("SYSCALL_SECONDS", 5)
     ctx.agent_args = os.environ.get("AGENT_ARGS", "").split()
+    # NAME=VALUE pairs for the agent's environment (the rest of TRACER_* is kept from it).
+    ctx.agent_env = dict(kv.split("=", 1) for kv in os.environ.get("AGENT_ENV", "").split() if "=" in kv)
     ctx.quiet_wait = env_float("QUIET_WAIT", 0)
     ctx.nginx = os.environ.get("NGINX", "/usr/sbin/nginx")
     ctx.wrk = os.environ.get("WRK", "wrk")
