@@ -501,8 +501,20 @@ fn tcp_stream(sk: u64, file: u64, by_fops: bool) -> bool {
 /// this event; advances that direction's byte count by `bytes`.
 #[inline(always)]
 fn conn_advance(sk: u64, now: u64, direction: u8, bytes: u64) -> (ConnState, u64) {
+    conn_advance_at(None, sk, now, direction, bytes)
+}
+
+/// [`conn_advance`] with the state of `sk` when the caller looked it up already (`found`).
+#[inline(always)]
+fn conn_advance_at(
+    found: Option<*mut ConnState>,
+    sk: u64,
+    now: u64,
+    direction: u8,
+    bytes: u64,
+) -> (ConnState, u64) {
     // One lookup for a known connection: every captured syscall comes here.
-    let c = match CONNS.get_ptr_mut(sk) {
+    let c = match found.or_else(|| CONNS.get_ptr_mut(sk)) {
         Some(c) => c,
         None => {
             let fresh = ConnState {
@@ -880,7 +892,7 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
         // so no in-flight entry and nothing for the exit program to do. Its byte counts stop
         // advancing; only data events read them. An SSL call running on this thread still
         // learns its socket (a protocol upgraded to TLS after plaintext userspace ignored).
-        tls::socket_io(pid_tgid, inflight.sock, inflight.fd, conn.conn_id);
+        tls::socket_io(pid_tgid, inflight.sock, || inflight.fd, conn.conn_id);
         return 0;
     }
     // Only a send's entry is timed: a read's span time is when its bytes arrived, its exit (the
@@ -1124,16 +1136,18 @@ fn exit_io<const IOVECS: usize>(
             None => return 0,
         },
     };
-    emit_io::<IOVECS>(pid_tgid, inf, thread, ret(ctx), direction)
+    emit_io::<IOVECS>(pid_tgid, inf, thread, None, ret(ctx), direction)
 }
 
 /// Emits a data event for call `inf` of the current thread (`thread`, its record when the caller
-/// has it), which returned `rc`; `direction` is the call's, a constant of each program.
+/// has it; `conn`, its socket's state, likewise), which returned `rc`; `direction` is the
+/// call's, a constant of each program.
 #[inline(always)]
 fn emit_io<const IOVECS: usize>(
     pid_tgid: u64,
     inf: Inflight,
     thread: Option<*mut Thread>,
+    conn: Option<*mut ConnState>,
     rc: i64,
     direction: u8,
 ) -> u32 {
@@ -1162,10 +1176,10 @@ fn emit_io<const IOVECS: usize>(
     let scratch = unsafe { &mut *scratch };
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (conn, offset) = conn_advance(inf.sock, now, inf.direction, bytes);
+    let (conn, offset) = conn_advance_at(conn, inf.sock, now, inf.direction, bytes);
     // SAFETY: the thread's own record, from a successful lookup.
     if thread.is_none_or(|t| unsafe { (*t).ssl } != 0) {
-        tls::socket_io(pid_tgid, inf.sock, inf.fd, conn.conn_id);
+        tls::socket_io(pid_tgid, inf.sock, || inf.fd, conn.conn_id);
     }
     // A read into one plain buffer has no copy loop, so its program finds its trace context
     // itself, with the sequence number and tuple (the key of `IN_CTX`) read for the event.

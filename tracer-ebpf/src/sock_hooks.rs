@@ -117,32 +117,33 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> u32 {
     if !traced((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let (nr, args) = syscall_args();
-    let Some((source, buf_kind)) = recv_call(nr) else {
-        return 0;
-    };
     let sk: u64 = ctx.arg(0);
-    // SAFETY: copied out of the map.
-    let conn = unsafe { CONNS.get(sk) }.copied();
+    let found = CONNS.get_ptr_mut(sk);
+    // SAFETY: copied out of the map, from a successful lookup.
+    let conn = found.map(|c| unsafe { *c });
     if conn.is_none() && !tcp_sock(sk) {
         return 0;
     }
     if !port_wanted(sk) {
         return 0;
     }
-    let mut call = call_of(args, sk, source, DIR_RECV, buf_kind);
     if let Some(conn) = conn
         && !wants_trace(conn.flags)
     {
         // As the syscall entry does for a connection userspace ignores (see `enter_io`).
-        tls::socket_io(pid_tgid, sk, call.fd, conn.conn_id);
+        tls::socket_io(pid_tgid, sk, || syscall_args().1[0] as i32, conn.conn_id);
         return 0;
     }
+    let (nr, args) = syscall_args();
+    let Some((source, buf_kind)) = recv_call(nr) else {
+        return 0;
+    };
+    let mut call = call_of(args, sk, source, DIR_RECV, buf_kind);
     // A read's time is its exit's; non-zero keeps the record live.
     call.enter_ns = 1;
     let thread = THREADS.get_ptr_mut(pid_tgid);
     if call.buf_kind == BUF_PLAIN {
-        return emit_io::<0>(pid_tgid, call, thread, rc, DIR_RECV);
+        return emit_io::<0>(pid_tgid, call, thread, found, rc, DIR_RECV);
     }
     // Through iovecs: the trace context here, the copy in the tail-called program, which finds
     // the call in the thread's record.
@@ -168,7 +169,14 @@ fn recv_iov<const IOVECS: usize>(ctx: &RawTracePointContext) -> u32 {
     let Some((call, thread)) = inflight_take(pid_tgid) else {
         return 0;
     };
-    emit_io::<IOVECS>(pid_tgid, call, Some(thread), length_ret(ctx), DIR_RECV)
+    emit_io::<IOVECS>(
+        pid_tgid,
+        call,
+        Some(thread),
+        None,
+        length_ret(ctx),
+        DIR_RECV,
+    )
 }
 
 /// The first firing in a TCP send call (it fires before each buffer the call queues): what the
@@ -231,18 +239,8 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
         return 0;
     };
     let sk: u64 = ctx.arg(0);
-    let (nr, args) = syscall_args();
     // SAFETY: the thread's own record, from a successful lookup; only this thread writes it.
     let started: Inflight = unsafe { (*thread).call };
-    let Some((source, buf_kind)) = send_call(nr) else {
-        // A send these programs do not take. Unless a syscall program recorded it, a record
-        // `tcp_sendmsg_locked` made for it (a send from io_uring) ends here.
-        if nr != NR_SENDMMSG && nr != NR_SENDFILE && started.sock == sk {
-            // SAFETY: as above.
-            unsafe { (*thread).call.enter_ns = 0 };
-        }
-        return 0;
-    };
     if started.enter_ns == 0 || started.sock != sk {
         // Not a traced TCP send: another kind of socket, or a connection userspace ignores,
         // whose socket an SSL call running on this thread still learns (see `enter_io`).
@@ -250,10 +248,20 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
         if unsafe { (*thread).ssl } != 0
             && let Some(conn) = unsafe { CONNS.get(sk) }
         {
-            tls::socket_io(pid_tgid, sk, args[0] as i32, conn.conn_id);
+            tls::socket_io(pid_tgid, sk, || syscall_args().1[0] as i32, conn.conn_id);
         }
         return 0;
     }
+    let (nr, args) = syscall_args();
+    let Some((source, buf_kind)) = send_call(nr) else {
+        // A send these programs do not take. Unless a syscall program recorded it, the record
+        // `tcp_sendmsg_locked` made for it (a send from io_uring) ends here.
+        if nr != NR_SENDMMSG && nr != NR_SENDFILE {
+            // SAFETY: as above.
+            unsafe { (*thread).call.enter_ns = 0 };
+        }
+        return 0;
+    };
     let mut call = call_of(args, sk, source, DIR_SEND, buf_kind);
     call.enter_ns = started.enter_ns;
     call.trace_id = started.trace_id;
@@ -262,7 +270,7 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
     if call.buf_kind == BUF_PLAIN {
         // SAFETY: as above.
         unsafe { (*thread).call.enter_ns = 0 };
-        return emit_io::<0>(pid_tgid, call, Some(thread), rc, DIR_SEND);
+        return emit_io::<0>(pid_tgid, call, Some(thread), None, rc, DIR_SEND);
     }
     // SAFETY: as above; the tail-called program takes the record.
     unsafe {
@@ -281,7 +289,14 @@ fn send_iov<const IOVECS: usize>(ctx: &RawTracePointContext) -> u32 {
     let Some((call, thread)) = inflight_take(pid_tgid) else {
         return 0;
     };
-    emit_io::<IOVECS>(pid_tgid, call, Some(thread), length_ret(ctx), DIR_SEND)
+    emit_io::<IOVECS>(
+        pid_tgid,
+        call,
+        Some(thread),
+        None,
+        length_ret(ctx),
+        DIR_SEND,
+    )
 }
 
 // Never attached: userspace puts one of each pair in `SOCK_IOV` (the long loop where the

@@ -89,12 +89,13 @@ struct TlsStream {
 /// Called by the syscall exit programs for every socket syscall that moved bytes: ties the socket
 /// to the thread's active SSL call, and remembers it as the thread's latest socket. The data exit
 /// programs call it only for threads that called the SSL library (`Thread::ssl`); it costs one
-/// lookup, which misses for the others.
+/// lookup, which misses for the others. `fd` gives the socket's fd, asked for only on a hit.
 #[inline(always)]
-pub(super) fn socket_io(pid_tgid: u64, sock: u64, fd: i32, conn_id: u64) {
+pub(super) fn socket_io(pid_tgid: u64, sock: u64, fd: impl FnOnce() -> i32, conn_id: u64) {
     let Some(t) = SSL_THREADS.get_ptr_mut(pid_tgid) else {
         return;
     };
+    let fd = fd();
     // SAFETY: pointer from a successful lookup; only this thread writes its own entry.
     unsafe {
         if (*t).active != 0 {
