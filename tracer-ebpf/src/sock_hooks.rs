@@ -206,7 +206,8 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> u32 {
     let Some(thread) = thread.or_else(|| thread_of(pid_tgid)) else {
         return 0;
     };
-    // SAFETY: all-zero bytes are a valid record (plain integers).
+    // SAFETY: all-zero bytes are a valid record (plain integers). Its source stays 0, which
+    // tells `sock_send_length` that this program recorded it.
     let mut call: Inflight = unsafe { core::mem::zeroed() };
     call.sock = sk;
     call.direction = DIR_SEND;
@@ -244,6 +245,12 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
     if started.enter_ns == 0 || started.sock != sk {
         // Not a traced TCP send: another kind of socket, or a connection userspace ignores,
         // whose socket an SSL call running on this thread still learns (see `enter_io`).
+        if started.enter_ns != 0 && started.source == 0 {
+            // A start `tcp_sendmsg_locked` recorded (it sets no source) for a send that ended
+            // without this tracepoint on its socket: it must not pass for the next send's.
+            // SAFETY: as above.
+            unsafe { (*thread).call.enter_ns = 0 };
+        }
         // SAFETY: as above; copied out of the map.
         if unsafe { (*thread).ssl } != 0
             && let Some(conn) = unsafe { CONNS.get(sk) }
