@@ -626,6 +626,14 @@ fn trace_ids_follow_requests_on_a_kept_alive_connection_at_syscalls() {
     kept_alive_connection(&[("TRACER_SOCKET_HOOKS", "0")]);
 }
 
+/// The same with socket writes started at their syscall's entry, which chooses the TCP option's
+/// trace id, and ended at the socket layer, as kernels from 6.3 without `tcp_sendmsg_locked`
+/// (6.12) take them.
+#[test]
+fn trace_ids_follow_requests_on_a_kept_alive_connection_with_write_exits() {
+    kept_alive_connection(&[("TRACER_SOCKET_HOOKS", "exits")]);
+}
+
 /// [`trace_ids_follow_requests_on_a_kept_alive_connection`], the agents run with `env`.
 fn kept_alive_connection(env: &[(&str, &str)]) {
     require_root();
@@ -671,6 +679,8 @@ fn kept_alive_connection(env: &[(&str, &str)]) {
     let all = format!("== agent A\n{log_a}\n== agent B\n{log_b}");
     let taken_at = if env.contains(&("TRACER_SOCKET_HOOKS", "0")) {
         r#"reads="syscalls" writes="syscalls""#
+    } else if env.contains(&("TRACER_SOCKET_HOOKS", "exits")) {
+        r#"reads="socket layer" writes="syscall entries, socket-layer exits""#
     } else {
         r#"reads="socket layer" writes="socket layer""#
     };

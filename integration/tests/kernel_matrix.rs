@@ -155,12 +155,13 @@ fn debian_6_1_kernel() {
 
 #[test]
 fn debian_6_12_kernel() {
-    // `sock:sock_recv_length` (6.3) but no `tcp:tcp_sendmsg_locked` yet: reads at the socket
-    // layer, writes at their syscalls.
+    // The `sock` tracepoints (6.3) but no `tcp:tcp_sendmsg_locked` yet: reads at the socket
+    // layer, writes from their syscall's entry to `sock_send_length`.
     check_kernel(
         "linux-image-6.12-cloud-amd64",
         "6.12.",
-        "socket tracepoints for socket reads, syscall tracepoints for the rest",
-        "reads=\"socket layer\" writes=\"syscalls\"",
+        "socket tracepoints for socket reads and the ends of socket writes, syscall tracepoints \
+         for the rest",
+        "reads=\"socket layer\" writes=\"syscall entries, socket-layer exits\"",
     );
 }

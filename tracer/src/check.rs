@@ -160,10 +160,12 @@ impl Feature {
 pub enum CaptureMode {
     /// Syscall tracepoints (`sys_enter_*`/`sys_exit_*` of read, write, sendmsg, ...).
     SyscallTracepoints,
-    /// Socket reads (and, with `writes`, writes) at the socket layer's tracepoints, the other
-    /// calls at their syscall tracepoints: pipe and file I/O runs no program.
+    /// Socket reads and writes at the socket layer's tracepoints, the other calls at their
+    /// syscall tracepoints: pipe and file reads run no program, and with `writes` neither do
+    /// their writes.
     SocketLayer {
-        /// `tcp_sendmsg_locked` and `sock_send_length` are there too.
+        /// `tcp_sendmsg_locked` is there too, so a socket write's start is taken there and not
+        /// at its syscall's entry.
         writes: bool,
     },
     /// Capture is impossible; names the missing features.
@@ -176,8 +178,12 @@ impl fmt::Display for CaptureMode {
             Self::SyscallTracepoints => f.write_str("syscall tracepoints"),
             Self::SocketLayer { writes } => write!(
                 f,
-                "socket tracepoints for socket reads{}, syscall tracepoints for the rest",
-                if *writes { " and writes" } else { "" }
+                "socket tracepoints for socket reads and {}, syscall tracepoints for the rest",
+                if *writes {
+                    "writes"
+                } else {
+                    "the ends of socket writes"
+                }
             ),
             Self::Unavailable(missing) => write!(f, "none (missing: {})", missing.join(", ")),
         }
@@ -199,10 +205,11 @@ pub struct Report {
     pub ringbuf: Feature,
     /// tracefs is mounted and has the syscall tracepoints.
     pub syscall_tracepoints: Feature,
-    /// The socket layer's tracepoints (`sock_recv_length`, Linux 6.3) are there, so socket reads
-    /// need no program on every read of the host.
+    /// The socket layer's tracepoints (`sock_recv_length` and `sock_send_length`, Linux 6.3) are
+    /// there, so socket reads and the ends of socket writes need no program on every read and
+    /// write of the host.
     pub socket_tracepoints: Feature,
-    /// Socket writes can be taken there too (`sock_send_length` and `tcp_sendmsg_locked`).
+    /// Whole socket writes can be taken there (`tcp_sendmsg_locked` too).
     pub socket_writes: bool,
     /// A tracepoint program loads.
     pub tracepoint_prog: Feature,
@@ -262,21 +269,22 @@ impl Report {
 }
 
 /// Which socket calls the socket layer's tracepoints can take (see [`Report::socket_tracepoints`]):
-/// reads when `sock_recv_length` is there, writes too with `sock_send_length` and
-/// `tcp_sendmsg_locked`.
+/// reads and the ends of writes when `sock_recv_length` and `sock_send_length` are there, whole
+/// writes with `tcp_sendmsg_locked` too.
 fn socket_tracepoints() -> (Feature, bool) {
     let tracefs = match ensure_tracefs() {
         Ok(t) => t,
         Err(e) => return (Feature::no(e.to_string()), false),
     };
     let has = |event: &str| tracefs.join("events").join(event).join("id").is_file();
-    let reads = has("sock/sock_recv_length");
-    let writes = reads && has("sock/sock_send_length") && has("tcp/tcp_sendmsg_locked");
-    let feature = match (reads, writes) {
+    // Both `sock` tracepoints came in 6.3.
+    let socket = has("sock/sock_recv_length") && has("sock/sock_send_length");
+    let writes = socket && has("tcp/tcp_sendmsg_locked");
+    let feature = match (socket, writes) {
         (true, true) => Feature::yes("sock_recv_length, sock_send_length, tcp_sendmsg_locked"),
-        (true, false) => {
-            Feature::yes("sock_recv_length (no tcp_sendmsg_locked: writes at syscalls)")
-        }
+        (true, false) => Feature::yes(
+            "sock_recv_length, sock_send_length (no tcp_sendmsg_locked: writes start at syscalls)",
+        ),
         _ => Feature::no("no sock:sock_recv_length (Linux 6.3)"),
     };
     (feature, writes)
@@ -954,7 +962,8 @@ mod tests {
         report.socket_tracepoints = ok.clone();
         assert_eq!(
             report.capture_mode().to_string(),
-            "socket tracepoints for socket reads, syscall tracepoints for the rest"
+            "socket tracepoints for socket reads and the ends of socket writes, syscall \
+             tracepoints for the rest"
         );
         report.socket_writes = true;
         assert_eq!(

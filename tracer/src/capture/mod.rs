@@ -80,30 +80,53 @@ const SOCKET_WRITES: &[&str] = &[
     "sys_exit_sendmsg",
 ];
 
-/// A group of socket-layer programs: the raw tracepoints it attaches (program name = tracepoint
-/// name, in attach order), the program that copies through iovecs with its `SOCK_IOV` slot, and
-/// the syscall programs it replaces.
+/// The exits of [`SOCKET_WRITES`]: where the kernel has `sock_send_length` but not
+/// `tcp_sendmsg_locked`, a write's syscall entry still records its start and chooses its TCP
+/// option's trace id, and `sock_send_length` takes its end.
+const SOCKET_WRITE_EXITS: &[&str] = &[
+    "sys_exit_write",
+    "sys_exit_writev",
+    "sys_exit_sendto",
+    "sys_exit_sendmsg",
+];
+
+/// A group of socket-layer programs: the calls it takes, where (as logged), the raw tracepoints
+/// it attaches (program name = tracepoint name, in attach order), the program that copies
+/// through iovecs with its `SOCK_IOV` slot, and the syscall programs it replaces.
 struct SocketHooks {
-    what: &'static str,
+    calls: &'static str,
+    at: &'static str,
     tracepoints: &'static [&'static str],
     iov: (&'static str, u32),
     replaces: &'static [&'static str],
 }
 
-const SOCKET_HOOKS: [SocketHooks; 2] = [
-    SocketHooks {
-        what: "reads",
+/// Reads, then writes: each a list of groups, the first one that attaches wins.
+const SOCKET_HOOKS: [&[SocketHooks]; 2] = [
+    &[SocketHooks {
+        calls: "reads",
+        at: "socket layer",
         tracepoints: &["sock_recv_length"],
         iov: ("sock_recv_iov", abi::SOCK_IOV_RECV),
         replaces: SOCKET_READS,
-    },
-    SocketHooks {
-        what: "writes",
-        // The call's start before its end: a send that finds no start is not taken.
-        tracepoints: &["tcp_sendmsg_locked", "sock_send_length"],
-        iov: ("sock_send_iov", abi::SOCK_IOV_SEND),
-        replaces: SOCKET_WRITES,
-    },
+    }],
+    &[
+        SocketHooks {
+            calls: "writes",
+            at: "socket layer",
+            // The call's start before its end: a send that finds no start is not taken.
+            tracepoints: &["tcp_sendmsg_locked", "sock_send_length"],
+            iov: ("sock_send_iov", abi::SOCK_IOV_SEND),
+            replaces: SOCKET_WRITES,
+        },
+        SocketHooks {
+            calls: "writes",
+            at: "syscall entries, socket-layer exits",
+            tracepoints: &["sock_send_length"],
+            iov: ("sock_send_iov", abi::SOCK_IOV_SEND),
+            replaces: SOCKET_WRITE_EXITS,
+        },
+    ],
 ];
 
 /// Exit programs that have a `<name>_small` variant with a shorter iovec loop.
@@ -262,14 +285,23 @@ fn typed_task_loads(kernel: Option<(u32, u32)>) -> bool {
     kernel.is_some_and(|v| v >= (5, 11))
 }
 
-/// Whether socket reads and writes may be taken in the socket layer where the kernel allows
-/// (see `sock_hooks.rs`); `TRACER_SOCKET_HOOKS=0` keeps them on the syscall programs.
-fn socket_hooks_wanted() -> bool {
-    if std::env::var_os("TRACER_SOCKET_HOOKS").is_some_and(|v| v == "0") {
-        tracing::info!("socket-layer hooks turned off by TRACER_SOCKET_HOOKS=0");
-        return false;
+/// Which socket-layer groups may be tried (see `sock_hooks.rs`): all of them unless
+/// `TRACER_SOCKET_HOOKS=0` keeps socket calls on the syscall programs, or
+/// `TRACER_SOCKET_HOOKS=exits` leaves `tcp_sendmsg_locked` out, as kernels without it do.
+fn socket_hooks_wanted(hooks: &SocketHooks) -> bool {
+    match std::env::var("TRACER_SOCKET_HOOKS").as_deref() {
+        Ok("0") => false,
+        Ok("exits") => !hooks.tracepoints.contains(&"tcp_sendmsg_locked"),
+        _ => true,
     }
-    true
+}
+
+/// Loads program `name` unless it is loaded already (an earlier group may have loaded it).
+fn load_once(ebpf: &mut Ebpf, name: &str) -> Result<(), ProgramError> {
+    match raw_tracepoint_program(ebpf, name)?.load() {
+        Err(ProgramError::AlreadyLoaded) => Ok(()),
+        other => other,
+    }
 }
 
 /// The raw tracepoint program `program` of the object.
@@ -292,7 +324,7 @@ fn attach_socket_hooks(
 ) -> Result<(), String> {
     let (iov, slot) = hooks.iov;
     let small = format!("{iov}_small");
-    let load = |ebpf: &mut Ebpf, name: &str| raw_tracepoint_program(ebpf, name)?.load();
+    let load = load_once;
     let loaded = if long_iovec_loop && load(ebpf, iov).is_ok() {
         iov.to_owned()
     } else {
@@ -477,35 +509,38 @@ impl Capture {
         let long_iovec_loop = kernel.is_some_and(|v| v >= (6, 8));
         let mut attached = 0;
         let mut replaced: Vec<&str> = Vec::new();
-        let mut socket_layer = Vec::new();
+        // Where reads and writes are taken.
+        let mut taken_at = ["syscalls"; 2];
         // The socket-layer tracepoints came in 6.3 (`tcp_sendmsg_locked` later); older kernels
         // need not try.
-        if task_btf && kernel.is_some_and(|v| v >= (6, 3)) && socket_hooks_wanted() {
-            for hooks in &SOCKET_HOOKS {
-                match attach_socket_hooks(&mut ebpf, hooks, long_iovec_loop) {
-                    Ok(()) => {
-                        replaced.extend(hooks.replaces);
-                        attached += hooks.tracepoints.len();
-                        socket_layer.push(hooks.what);
+        if task_btf && kernel.is_some_and(|v| v >= (6, 3)) {
+            for (at, groups) in taken_at.iter_mut().zip(SOCKET_HOOKS) {
+                let mut failed = Vec::new();
+                for hooks in groups.iter().filter(|h| socket_hooks_wanted(h)) {
+                    match attach_socket_hooks(&mut ebpf, hooks, long_iovec_loop) {
+                        Ok(()) => {
+                            replaced.extend(hooks.replaces);
+                            attached += hooks.tracepoints.len();
+                            *at = hooks.at;
+                            break;
+                        }
+                        Err(reason) => failed.push(reason),
                     }
-                    Err(reason) => tracing::warn!(
-                        %reason,
+                }
+                if *at == "syscalls" && !failed.is_empty() {
+                    tracing::warn!(
+                        reason = failed.join("; "),
                         "socket {} stay on the syscall tracepoints, which run on every read and write of the host",
-                        hooks.what
-                    ),
+                        groups[0].calls
+                    );
+                } else if !failed.is_empty() {
+                    tracing::debug!(reason = failed.join("; "), "socket {}", groups[0].calls);
                 }
             }
         }
-        let at = |what| {
-            if socket_layer.contains(&what) {
-                "socket layer"
-            } else {
-                "syscalls"
-            }
-        };
         tracing::info!(
-            reads = at("reads"),
-            writes = at("writes"),
+            reads = taken_at[0],
+            writes = taken_at[1],
             "socket reads and writes are taken at"
         );
 
