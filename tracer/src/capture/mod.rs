@@ -324,11 +324,10 @@ fn attach_socket_hooks(
 ) -> Result<(), String> {
     let (iov, slot) = hooks.iov;
     let small = format!("{iov}_small");
-    let load = load_once;
-    let loaded = if long_iovec_loop && load(ebpf, iov).is_ok() {
+    let loaded = if long_iovec_loop && load_once(ebpf, iov).is_ok() {
         iov.to_owned()
     } else {
-        load(ebpf, &small).map_err(|e| format!("loading {small}: {e}"))?;
+        load_once(ebpf, &small).map_err(|e| format!("loading {small}: {e}"))?;
         small
     };
     let fd = raw_tracepoint_program(ebpf, &loaded)
@@ -341,7 +340,7 @@ fn attach_socket_hooks(
         .set(slot, &fd, 0)
         .map_err(|e| format!("SOCK_IOV: {e}"))?;
     for (i, &name) in hooks.tracepoints.iter().enumerate() {
-        let attached = load(ebpf, name)
+        let attached = load_once(ebpf, name)
             .and_then(|()| raw_tracepoint_program(ebpf, name)?.attach(name).map(drop));
         if let Err(err) = attached {
             let reason = match &err {
