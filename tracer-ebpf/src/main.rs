@@ -1,4 +1,5 @@
-//! Kernel programs: syscall tracepoints that copy socket payloads into a ring buffer.
+//! Kernel programs: syscall and socket-layer tracepoints that copy socket payloads into a ring
+//! buffer.
 //!
 //! Thin on purpose: decide whether an fd is a TCP socket, copy at most `CAPTURE_LIMIT` bytes of what
 //! the syscall actually transferred, attach the connection's identity, tuple and role, emit. All
