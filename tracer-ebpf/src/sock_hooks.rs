@@ -8,9 +8,11 @@
 //! user registers the syscall saved (`bpf_task_pt_regs`). A client write must choose the trace id
 //! of its TCP option before the kernel sends a byte: `tcp_sendmsg_locked` fires inside TCP's send
 //! before it queues each buffer, and its first firing in a call does what the syscall entry did.
-//! Userspace attaches these in place of the syscall programs of `read`, `write`, `readv`,
-//! `writev`, `recvfrom`, `sendto`, `recvmsg` and `sendmsg` where the kernel has all three
-//! tracepoints; `recvmmsg`, `sendmmsg` (one tracepoint firing per message) and `sendfile` stay on
+//! Userspace attaches these in place of the syscall programs of `read`, `readv`, `recvfrom` and
+//! `recvmsg` where the kernel has `sock_recv_length`, and of `write`, `writev`, `sendto` and
+//! `sendmsg` where it has the other two; where it lacks `tcp_sendmsg_locked`, only those writes'
+//! exits are replaced and their syscall entry records the start (`sock_send_length` takes either
+//! record). `recvmmsg`, `sendmmsg` (one tracepoint firing per message) and `sendfile` stay on
 //! their syscall programs, and these programs leave those calls alone.
 
 use core::ptr::read_volatile;
@@ -231,7 +233,8 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> u32 {
 }
 
 /// A write on a socket returned: emits its bytes, with the time and trace context that
-/// `tcp_sendmsg_locked` recorded at the call's start.
+/// `tcp_sendmsg_locked`, or the syscall entry where that is not attached, recorded at the call's
+/// start.
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
