@@ -470,17 +470,19 @@ fn socket_of_fd(fd: i64) -> Option<(u64, u64, bool)> {
     Some((sk, file, known != 0))
 }
 
+/// Whether `sk` is a TCP/IP stream socket.
+#[inline(always)]
+fn tcp_sock(sk: u64) -> bool {
+    let family: u16 = kread(sk + off!(sk_family) as u64).unwrap_or(0);
+    (family == AF_INET || family == AF_INET6)
+        && kread::<u16>(sk + off!(sk_type) as u64) == Some(SOCK_STREAM)
+}
+
 /// Whether socket `sk` (of `file`) is a TCP/IP stream socket. The first one found teaches the
 /// programs `socket_file_ops` unless `by_fops` says they know it already.
 #[inline(always)]
 fn tcp_stream(sk: u64, file: u64, by_fops: bool) -> bool {
-    let Some(family) = kread::<u16>(sk + off!(sk_family) as u64) else {
-        return false;
-    };
-    if family != AF_INET && family != AF_INET6 {
-        return false;
-    }
-    if kread::<u16>(sk + off!(sk_type) as u64) != Some(SOCK_STREAM) {
+    if !tcp_sock(sk) {
         return false;
     }
     // Learned only from a socket whose `struct sock` checked out: a file opened with O_PATH on a

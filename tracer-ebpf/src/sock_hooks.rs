@@ -25,10 +25,10 @@ use aya_ebpf::programs::RawTracePointContext;
 use tracer_ebpf::abi::*;
 
 use super::{
-    AF_INET, AF_INET6, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, Inflight, OFFSETS, PT_REGS_DI,
-    PT_REGS_DX, PT_REGS_ORIG_AX, PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, SOCK_STREAM, THREADS,
-    call_of, choose_read_context, client_write, count, emit_io, inflight_take, kread, offset_at,
-    port_wanted, serve_write, thread_of, tls, trace_context, traced, wants_trace,
+    BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, Inflight, PT_REGS_DI, PT_REGS_DX, PT_REGS_ORIG_AX,
+    PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, THREADS, call_of, choose_read_context, client_write,
+    count, emit_io, inflight_take, port_wanted, serve_write, tcp_sock, thread_of, tls,
+    trace_context, traced, wants_trace,
 };
 
 /// x86-64 syscall numbers of the calls these programs take.
@@ -92,14 +92,6 @@ fn send_call(nr: u64) -> Option<(u8, u8)> {
     }
 }
 
-/// Whether `sk` is a TCP/IP stream socket (these tracepoints fire for every kind).
-#[inline(always)]
-fn tcp_sock(sk: u64) -> bool {
-    let family: u16 = kread(sk + off!(sk_family) as u64).unwrap_or(0);
-    (family == AF_INET || family == AF_INET6)
-        && kread::<u16>(sk + off!(sk_type) as u64) == Some(SOCK_STREAM)
-}
-
 /// The return value of `sock_recv_length`/`sock_send_length` (an `int`, zero-extended).
 #[inline(always)]
 fn length_ret(ctx: &RawTracePointContext) -> i64 {
@@ -123,6 +115,7 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> u32 {
     let found = CONNS.get_ptr_mut(sk);
     // SAFETY: copied out of the map, from a successful lookup.
     let conn = found.map(|c| unsafe { *c });
+    // These tracepoints fire for sockets of every kind.
     if conn.is_none() && !tcp_sock(sk) {
         return 0;
     }
@@ -164,9 +157,10 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> u32 {
     0
 }
 
-/// The copy of a socket read through iovecs, tail-called by `sock_recv_length`.
+/// The copy of a socket read or write (`direction`) through iovecs, tail-called by
+/// `sock_recv_length` or `sock_send_length`, which left the call in the thread's record.
 #[inline(always)]
-fn recv_iov<const IOVECS: usize>(ctx: &RawTracePointContext) -> u32 {
+fn copy_iov<const IOVECS: usize>(ctx: &RawTracePointContext, direction: u8) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some((call, thread)) = inflight_take(pid_tgid) else {
         return 0;
@@ -177,7 +171,7 @@ fn recv_iov<const IOVECS: usize>(ctx: &RawTracePointContext) -> u32 {
         Some(thread),
         None,
         length_ret(ctx),
-        DIR_RECV,
+        direction,
     )
 }
 
@@ -292,41 +286,24 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
     0
 }
 
-/// The copy of a socket write through iovecs, tail-called by `sock_send_length`.
-#[inline(always)]
-fn send_iov<const IOVECS: usize>(ctx: &RawTracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some((call, thread)) = inflight_take(pid_tgid) else {
-        return 0;
-    };
-    emit_io::<IOVECS>(
-        pid_tgid,
-        call,
-        Some(thread),
-        None,
-        length_ret(ctx),
-        DIR_SEND,
-    )
-}
-
 // Never attached: userspace puts one of each pair in `SOCK_IOV` (the long loop where the
 // verifier takes it, from 6.8 on).
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn sock_recv_iov(ctx: RawTracePointContext) -> u32 {
-    recv_iov::<MAX_IOVECS>(&ctx)
+    copy_iov::<MAX_IOVECS>(&ctx, DIR_RECV)
 }
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn sock_recv_iov_small(ctx: RawTracePointContext) -> u32 {
-    recv_iov::<SMALL_IOVECS>(&ctx)
+    copy_iov::<SMALL_IOVECS>(&ctx, DIR_RECV)
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_iov(ctx: RawTracePointContext) -> u32 {
-    send_iov::<MAX_IOVECS>(&ctx)
+    copy_iov::<MAX_IOVECS>(&ctx, DIR_SEND)
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_iov_small(ctx: RawTracePointContext) -> u32 {
-    send_iov::<SMALL_IOVECS>(&ctx)
+    copy_iov::<SMALL_IOVECS>(&ctx, DIR_SEND)
 }
