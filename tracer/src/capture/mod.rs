@@ -309,6 +309,17 @@ fn raw_tracepoint_program<'a>(
     ebpf: &'a mut Ebpf,
     program: &str,
 ) -> Result<&'a mut RawTracePoint, ProgramError> {
+    typed_program(ebpf, program)
+}
+
+/// Program `program` of the object as its type `P` (a tracepoint, a raw tracepoint, ...).
+pub(super) fn typed_program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    program: &str,
+) -> Result<&'a mut P, ProgramError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
     ebpf.program_mut(program)
         .ok_or(ProgramError::UnexpectedProgramType)?
         .try_into()
@@ -365,9 +376,7 @@ fn tracepoint_program<'a>(
     ebpf: &'a mut Ebpf,
     program: &str,
 ) -> Result<&'a mut TracePoint, ProgramError> {
-    ebpf.program_mut(program)
-        .ok_or(ProgramError::UnexpectedProgramType)?
-        .try_into()
+    typed_program(ebpf, program)
 }
 
 /// Puts the loaded exit program `program` of tracepoint `name` in slot `slot` of

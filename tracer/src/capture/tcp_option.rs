@@ -73,11 +73,7 @@ pub fn attach(ebpf: &mut Ebpf, cgroup: &Cgroup) -> Result<(), TcpOptionError> {
         path: cgroup.path.clone(),
         source,
     };
-    let prog: &mut SockOps = ebpf
-        .program_mut(PROGRAM)
-        .ok_or(ProgramError::UnexpectedProgramType)
-        .and_then(TryInto::try_into)
-        .map_err(failed)?;
+    let prog: &mut SockOps = super::typed_program(ebpf, PROGRAM).map_err(failed)?;
     prog.load().map_err(failed)?;
     // aya attaches with a bpf_link (Linux 5.7 and later, so wherever the option runs): links of a
     // cgroup always coexist with other links, and link_create rejects the ALLOW_MULTI flag.

@@ -740,9 +740,7 @@ fn count_failure(reason: &'static str) {
 }
 
 pub(super) fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe, ProgramError> {
-    ebpf.program_mut(name)
-        .ok_or(ProgramError::UnexpectedProgramType)?
-        .try_into()
+    super::typed_program(ebpf, name)
 }
 
 /// Attaches entry and return probes to every function; on failure nothing stays attached.
