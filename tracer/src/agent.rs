@@ -142,6 +142,7 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
         recover_blocked_secs = cfg.recover_blocked.as_secs(),
         "tracer ready"
     );
+    crate::release_startup_memory();
 
     // Spans leave for the exporter once per turn of the loop, in one batch.
     let mut ready: Vec<Span> = Vec::new();

@@ -35,6 +35,7 @@ const MI_OPTION_PURGE_DELAY: i32 = 15;
 
 unsafe extern "C" {
     fn mi_option_set(option: i32, value: std::ffi::c_long);
+    fn mi_collect(force: bool);
     #[cfg(test)]
     fn mi_option_get(option: i32) -> std::ffi::c_long;
 }
@@ -66,6 +67,14 @@ fn tune_allocator() {
             );
         }
     }
+}
+
+/// Gives back what start-up freed: parsing the kernel's BTF and loading the eBPF object free
+/// ~37 MiB, which mimalloc keeps committed for the thread that freed it, and that thread may
+/// allocate nothing after: the idle agent's RSS was 72 MiB with them, 35 MiB without.
+pub(crate) fn release_startup_memory() {
+    // SAFETY: no arguments to check; mimalloc frees what it holds unused.
+    unsafe { mi_collect(true) };
 }
 
 /// Zero-code distributed tracing: eBPF capture of every process's traffic, exported as OpenTelemetry spans.
