@@ -278,7 +278,7 @@ fn span_len(span: &Span) -> usize {
         len += 9;
     }
     // Already in wire form (`Span.attributes` fields).
-    len += span.attributes.wire().len();
+    len += span.attributes.encoded_len();
     if let Status::Error(message) = &span.status {
         len += delimited_len(status_len(message.as_deref().unwrap_or_default()));
     }
@@ -346,7 +346,9 @@ fn put_span(buf: &mut BytesMut, span: &Span, len: usize) {
         buf.put_u8(SPAN_END);
         buf.put_u64_le(span.end_unix_ns);
     }
-    buf.put_slice(span.attributes.wire());
+    for part in span.attributes.parts() {
+        buf.put_slice(part);
+    }
     if let Status::Error(message) = &span.status {
         let message = message.as_deref().unwrap_or_default();
         put_header(buf, SPAN_STATUS, status_len(message));

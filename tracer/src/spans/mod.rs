@@ -523,10 +523,11 @@ const ENDPOINT_SLOTS: usize = 256;
 struct EndpointAttributes {
     local: SocketAddr,
     remote: SocketAddr,
-    /// `network.peer.*` and `network.local.*`.
-    network: Attributes,
-    /// `client.address` and `client.port` of the remote end (a server's client).
-    client: Attributes,
+    /// `network.peer.*` and `network.local.*`, shared by the spans ([`Attributes::share`]).
+    network: Arc<[u8]>,
+    /// The same followed by `client.address` and `client.port` of the remote end (a server's
+    /// client).
+    with_client: Arc<[u8]>,
 }
 
 thread_local! {
@@ -537,8 +538,9 @@ thread_local! {
         std::cell::RefCell::new((0..ENDPOINT_SLOTS).map(|_| None).collect());
 }
 
-/// Appends `network.peer.*` and `network.local.*` of the connection and, with `client`, the
-/// remote end as `client.address` and `client.port`.
+/// Adds `network.peer.*` and `network.local.*` of the connection and, with `client`, the
+/// remote end as `client.address` and `client.port`, after the span's own attributes, as a
+/// block the connection's spans share.
 pub(crate) fn push_endpoints(attrs: &mut Attributes, a: &ConnAddrs, client: bool) {
     use std::hash::BuildHasher as _;
     let slot =
@@ -549,26 +551,23 @@ pub(crate) fn push_endpoints(attrs: &mut Attributes, a: &ConnAddrs, client: bool
             .is_some_and(|e| e.local == a.local && e.remote == a.remote);
         if !hit {
             let remote_ip = ip_string(a.remote.ip());
-            let mut network = Attributes::with_capacity(128);
+            let mut network = Attributes::with_capacity(176);
             network.push_str("network.peer.address", &remote_ip);
             network.push_int("network.peer.port", i64::from(a.remote.port()));
             network.push_str("network.local.address", &ip_string(a.local.ip()));
             network.push_int("network.local.port", i64::from(a.local.port()));
-            let mut client = Attributes::with_capacity(48);
-            client.push_str("client.address", &remote_ip);
-            client.push_int("client.port", i64::from(a.remote.port()));
+            let shared = network.shared_wire();
+            network.push_str("client.address", &remote_ip);
+            network.push_int("client.port", i64::from(a.remote.port()));
             slots[slot] = Some(EndpointAttributes {
                 local: a.local,
                 remote: a.remote,
-                network,
-                client,
+                network: shared,
+                with_client: network.shared_wire(),
             });
         }
         if let Some(e) = &slots[slot] {
-            attrs.append(&e.network);
-            if client {
-                attrs.append(&e.client);
-            }
+            attrs.share(if client { &e.with_client } else { &e.network });
         }
     });
 }
