@@ -240,6 +240,8 @@ pub fn hex(bytes: &[u8]) -> String {
 struct State {
     requests: Mutex<Vec<ReceivedRequest>>,
     fail_next: Mutex<usize>,
+    /// OTLP/HTTP answers left that close their connection (`Connection: close`).
+    close_next: Mutex<usize>,
 }
 
 impl State {
@@ -371,6 +373,16 @@ impl OtlpReceiver {
             .unwrap_or_else(|e| e.into_inner()) = n;
     }
 
+    /// OTLP/HTTP only: answers the next `n` accepted export requests with `Connection: close`, so
+    /// the exporter's connection ends after each.
+    pub fn close_next(&self, n: usize) {
+        *self
+            .state
+            .close_next
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = n;
+    }
+
     /// Polls until `pred` holds for the spans received so far: `Ok(spans)`, or `Err(spans)` at timeout.
     pub async fn wait_for(
         &self,
@@ -462,10 +474,19 @@ async fn handle_http(
             Bytes::from_static(b"failure injected by the test receiver"),
         ));
     }
-    Ok(reply(
+    let mut ok = reply(
         HttpStatus::OK,
         Bytes::from(ExportTraceServiceResponse::default().encode_to_vec()),
-    ))
+    );
+    let mut close = state.close_next.lock().unwrap_or_else(|e| e.into_inner());
+    if *close > 0 {
+        *close -= 1;
+        ok.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
+    Ok(ok)
 }
 
 fn reply(status: HttpStatus, body: Bytes) -> Response<Full<Bytes>> {

@@ -273,7 +273,7 @@ impl Connections {
                 remote: ev.remote(),
                 tls: false,
             };
-            let wanted = self.wanted(h.tgid, &addrs);
+            let wanted = self.wanted(h.tgid, &addrs, h.conn_id);
             let initial = || {
                 if wanted {
                     ProtoState::Detecting {
@@ -410,8 +410,8 @@ impl Connections {
         self.flush(&resource, &addrs, &link, tls_version, emit);
     }
 
-    fn wanted(&self, tgid: u32, addrs: &ConnAddrs) -> bool {
-        if crate::export::own::is_own(addrs.remote) {
+    fn wanted(&self, tgid: u32, addrs: &ConnAddrs, first_seen_ns: u64) -> bool {
+        if crate::export::own::is_own(addrs.remote, first_seen_ns) {
             // The receiving end of the agent's own export (a collector on this host).
             metrics::add("connections_ignored_total", "reason=\"agent_export\"", 1);
             return false;

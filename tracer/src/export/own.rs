@@ -1,19 +1,25 @@
 //! The agent's own export connections. The kernel programs skip the agent's process, but not the
 //! other end: a collector on the same host would be traced receiving every export, one span and a
 //! captured request body per batch sent, each batch then carrying the span of the one before.
-//! The connector records the local address of every connection it opens, and the connection table
-//! ignores a connection whose remote end is one of them (`is_own`), like a filtered-out one.
+//! The connector records the local address of every connection it opens and, when the connection
+//! is dropped, the time it closed; the connection table ignores a connection whose remote end is
+//! one of those addresses, like a filtered-out one, unless the kernel first saw it after that
+//! export connection closed: the kernel hands a closed connection's port to later connections of
+//! other processes, which are not the agent's (a proxy's upstream connection that reused one was
+//! ignored, with the spans of its requests).
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use hyper::Uri;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected as ConnectedInfo, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
@@ -22,7 +28,14 @@ use tower_service::Service;
 /// the live ones.
 const REMEMBERED: usize = 64;
 
-static OWN: Mutex<VecDeque<SocketAddr>> = Mutex::new(VecDeque::new());
+/// One export connection: its local address, and when it closed (`CLOCK_MONOTONIC` ns, the
+/// kernel's clock for connection ids), 0 while open.
+struct Own {
+    local: SocketAddr,
+    closed_ns: Arc<AtomicU64>,
+}
+
+static OWN: Mutex<VecDeque<Own>> = Mutex::new(VecDeque::new());
 /// Whether `OWN` ever held an address: until then `is_own` takes no lock.
 static ANY: AtomicBool = AtomicBool::new(false);
 
@@ -32,24 +45,113 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// Remembers `local`, the local address of an export connection the agent opened.
-pub(crate) fn note(local: SocketAddr) {
+/// `CLOCK_MONOTONIC` in ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Remembers `local`, the local address of an export connection the agent opened; the returned
+/// cell takes the time it closes ([`Tracked`]).
+pub(crate) fn note(local: SocketAddr) -> Arc<AtomicU64> {
+    let closed_ns = Arc::new(AtomicU64::new(0));
     let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
     if own.len() == REMEMBERED {
         own.pop_front();
     }
-    own.push_back(canonical(local));
+    own.push_back(Own {
+        local: canonical(local),
+        closed_ns: Arc::clone(&closed_ns),
+    });
     ANY.store(true, Ordering::Release);
+    closed_ns
 }
 
-/// Whether `remote` is the local end of one of the agent's export connections.
-pub fn is_own(remote: SocketAddr) -> bool {
+/// Whether `remote` is the local end of one of the agent's export connections, for a connection
+/// the kernel first saw at `first_seen_ns` (its connection id): one that began after that export
+/// connection closed only reuses its port.
+pub fn is_own(remote: SocketAddr, first_seen_ns: u64) -> bool {
     if !ANY.load(Ordering::Acquire) {
         return false;
     }
     let remote = canonical(remote);
     let own = OWN.lock().unwrap_or_else(|e| e.into_inner());
-    own.contains(&remote)
+    own.iter().any(|o| {
+        let closed = o.closed_ns.load(Ordering::Acquire);
+        o.local == remote && (closed == 0 || first_seen_ns <= closed)
+    })
+}
+
+/// An export connection's stream: notes the time it closes when the client drops it.
+pub(crate) struct Tracked {
+    io: TokioIo<TcpStream>,
+    closed_ns: Arc<AtomicU64>,
+}
+
+impl Tracked {
+    #[cfg(test)]
+    fn stream(&self) -> &TcpStream {
+        self.io.inner()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // Before the socket closes (the stream is dropped after this): a connection the kernel
+        // first sees later cannot be this one.
+        self.closed_ns.store(monotonic_ns(), Ordering::Release);
+    }
+}
+
+impl Read for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl Write for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl Connection for Tracked {
+    fn connected(&self) -> ConnectedInfo {
+        self.io.connected()
+    }
 }
 
 /// The TCP connector of both exporters (OTLP/HTTP and OTLP/gRPC), which notes each connection's
@@ -57,13 +159,12 @@ pub fn is_own(remote: SocketAddr) -> bool {
 #[derive(Clone)]
 pub(crate) struct Recording(pub(crate) HttpConnector);
 
-type Connected = TokioIo<TcpStream>;
 type ConnectError = <HttpConnector as Service<Uri>>::Error;
 
 impl Service<Uri> for Recording {
-    type Response = Connected;
+    type Response = Tracked;
     type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Tracked, ConnectError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
         self.0.poll_ready(cx)
@@ -73,10 +174,12 @@ impl Service<Uri> for Recording {
         let connecting = self.0.call(uri);
         Box::pin(async move {
             let io = connecting.await?;
-            if let Ok(local) = io.inner().local_addr() {
-                note(local);
-            }
-            Ok(io)
+            // An address that cannot be read is never matched: the cell stays unlisted.
+            let closed_ns = match io.inner().local_addr() {
+                Ok(local) => note(local),
+                Err(_) => Arc::new(AtomicU64::new(0)),
+            };
+            Ok(Tracked { io, closed_ns })
         })
     }
 }
@@ -92,23 +195,38 @@ mod tests {
     fn remote_ends_match_the_newest_noted_local_ends_in_either_family() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let a: SocketAddr = "127.0.0.1:40001".parse().expect("addr");
-        note(a);
-        assert!(is_own(a));
+        let _open = note(a);
+        assert!(is_own(a, 5));
         // The receiving socket is dual-stack: the same peer, IPv4-mapped.
-        assert!(is_own("[::ffff:127.0.0.1]:40001".parse().expect("addr")));
-        assert!(!is_own("127.0.0.1:40002".parse().expect("addr")));
-        assert!(!is_own("127.0.0.2:40001".parse().expect("addr")));
+        assert!(is_own("[::ffff:127.0.0.1]:40001".parse().expect("addr"), 5));
+        assert!(!is_own("127.0.0.1:40002".parse().expect("addr"), 5));
+        assert!(!is_own("127.0.0.2:40001".parse().expect("addr"), 5));
         // Only the newest are remembered.
         let port = |i: usize| SocketAddr::new([10, 9, 8, 7].into(), 20_000 + i as u16);
-        for i in 0..REMEMBERED {
-            note(port(i));
-        }
-        assert!(!is_own(a));
-        assert!(is_own(port(0)) && is_own(port(REMEMBERED - 1)));
+        let cells: Vec<_> = (0..REMEMBERED).map(|i| note(port(i))).collect();
+        assert!(!is_own(a, 5));
+        assert!(is_own(port(0), 5) && is_own(port(REMEMBERED - 1), 5));
+        drop(cells);
     }
 
     #[test]
-    fn the_connector_notes_the_local_end_of_what_it_opens() {
+    fn a_closed_export_connections_port_is_not_the_agents_for_later_connections() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let a: SocketAddr = "127.0.0.1:40101".parse().expect("addr");
+        let closed = note(a);
+        closed.store(1_000, Ordering::Release);
+        // The collector's end of the export connection, seen while it was open.
+        assert!(is_own(a, 999));
+        assert!(is_own(a, 1_000));
+        // Another process's connection that got the port after it closed.
+        assert!(!is_own(a, 1_001));
+        // A newer export connection on the same port is the agent's again.
+        let _reopened = note(a);
+        assert!(is_own(a, 5_000));
+    }
+
+    #[test]
+    fn the_connector_notes_the_local_end_of_what_it_opens_and_when_it_closes() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -126,8 +244,12 @@ mod tests {
                 .await
                 .expect("connect");
             let (_, peer) = listener.accept().await.expect("accept");
-            assert_eq!(peer, io.inner().local_addr().expect("local"));
-            assert!(is_own(peer));
+            assert_eq!(peer, io.stream().local_addr().expect("local"));
+            let seen = monotonic_ns();
+            assert!(is_own(peer, seen));
+            drop(io);
+            assert!(is_own(peer, seen), "first seen while it was open");
+            assert!(!is_own(peer, monotonic_ns()), "first seen after it closed");
         });
     }
 }
