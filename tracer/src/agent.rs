@@ -377,7 +377,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener) {
 }
 
 /// CLOCK_MONOTONIC in ns: the clock the kernel programs stamp events with.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -24,6 +24,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use crate::agent::monotonic_ns;
+
 /// Export connections remembered: the client pools and keeps few open, so the newest ones are
 /// the live ones.
 const REMEMBERED: usize = 64;
@@ -43,17 +45,6 @@ static ANY: AtomicBool = AtomicBool::new(false);
 /// IPv4 peers as IPv4-mapped IPv6).
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-/// `CLOCK_MONOTONIC` in ns.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Remembers `local`, the local address of an export connection the agent opened; the returned
