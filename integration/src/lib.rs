@@ -337,6 +337,11 @@ impl OtlpReceiver {
         format!("http://{}", self.addr)
     }
 
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     /// Value for `OTEL_EXPORTER_OTLP_PROTOCOL`: `grpc` or `http/protobuf`.
     pub fn protocol(&self) -> &'static str {
         self.protocol

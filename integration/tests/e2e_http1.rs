@@ -247,12 +247,7 @@ async fn own_exports_untraced_at_the_receiver(protocol: Protocol) {
     require_root();
     let dir = TempDir::new("own-exports");
     let receiver = receiver(protocol).await;
-    let port: u16 = receiver
-        .endpoint()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("the receiver's port");
+    let port = receiver.port();
     // Only the receiver's port: its exports are all the agent's traffic there, besides curl's.
     let mut agent = Agent::start_otlp(&dir, &receiver, port);
     let h2 = matches!(protocol, Protocol::Grpc);
@@ -335,12 +330,7 @@ async fn a_client_on_the_port_of_a_closed_export_connection_is_traced() {
     let dir = TempDir::new("reused-export-port");
     dir.write("index.html", "hello\n");
     let receiver = receiver(Protocol::HttpProtobuf).await;
-    let receiver_port: u16 = receiver
-        .endpoint()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("the receiver's port");
+    let receiver_port = receiver.port();
     let port = free_port();
     let _server = start_http_server(dir.path(), port, &[]);
     let mut agent = Agent::start_otlp(&dir, &receiver, port);
