@@ -65,24 +65,41 @@ echo "== check"
 echo "== check rc=$?"
 echo "hello from the guest" > /www/index.html
 httpd -p 127.0.0.1:8080 -h /www
-OTEL_BSP_SCHEDULE_DELAY=200 /tracer run --port 8080 > /tmp/spans.txt 2> /tmp/agent.log &
+# Waits for the agent $1 to log that it is ready in $2.
+wait_ready() {
+  i=0
+  while ! grep -q "tracer ready" "$2" 2>/dev/null; do
+    i=$((i + 1))
+    if [ $i -gt 600 ] || ! kill -0 "$1" 2>/dev/null; then echo "== agent not ready"; break; fi
+    sleep 0.5
+  done
+}
+TRACER_LOG=info,tracer::trace_context=debug OTEL_BSP_SCHEDULE_DELAY=200 \
+  /tracer run --port 8080 > /tmp/spans.txt 2> /tmp/agent.log &
 agent=$!
-i=0
-while ! grep -q "tracer ready" /tmp/agent.log 2>/dev/null; do
-  i=$((i + 1))
-  if [ $i -gt 600 ] || ! kill -0 $agent 2>/dev/null; then echo "== agent not ready"; break; fi
-  sleep 0.5
-done
+wait_ready $agent /tmp/agent.log
 wget -q -O /dev/null http://127.0.0.1:8080/index.html
 wget -q -O /dev/null http://127.0.0.1:8080/missing
 sleep 3
 kill -INT $agent
 wait $agent
 echo "== agent rc=$?"
+# Connections within the host hand trace ids over in memory; this agent puts them in the TCP
+# option, as connections between hosts carry them.
+TRACER_TCP_OPTION_LOCAL=1 /tracer run --port 8080 > /dev/null 2> /tmp/agent-wire.log &
+agent=$!
+wait_ready $agent /tmp/agent-wire.log
+wget -q -O /dev/null http://127.0.0.1:8080/index.html
+sleep 1
+kill -INT $agent
+wait $agent
+echo "== wire agent rc=$?"
 echo "== spans"
 cat /tmp/spans.txt
 echo "== agent log"
 cat /tmp/agent.log
+echo "== wire agent log"
+cat /tmp/agent-wire.log
 echo "== end"
 poweroff -f
 INIT

@@ -709,7 +709,7 @@ fn kept_alive_connection(env: &[(&str, &str)]) {
 /// sees only its own host's processes and the agents never talk to each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_link_across_hosts() {
-    link_across_hosts(false).await;
+    link_across_hosts(false, false).await;
 }
 
 /// The same over TLS (OpenSSL through python's `ssl`): the SSL probes report the trace id the
@@ -717,20 +717,35 @@ async fn spans_link_across_hosts() {
 /// request's plaintext offset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_link_across_hosts_over_tls() {
-    link_across_hosts(true).await;
+    link_across_hosts(true, false).await;
 }
 
-async fn link_across_hosts(tls: bool) {
+/// A chain whose first hop stays on one host: the client runs beside the middle in B and calls it
+/// at B's own address, so that connection carries no option (the client's kernel hands the
+/// trace id to the middle's socket in memory, `trace_ids_pass_between_ends_on_one_host`); the
+/// middle's call to A carries the option. Each request is still one trace of four spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_link_across_a_local_hop_and_hosts() {
+    link_across_hosts(false, true).await;
+}
+
+/// Client → middle (B) → backend (A), over TLS with `tls`; the client in A, or with `local_hop`
+/// in B.
+async fn link_across_hosts(tls: bool, local_hop: bool) {
     require_root();
     let dir = TempDir::new(if tls { "xhost-tls" } else { "xhost" });
-    let ns = Namespaces::create(if tls { "xt" } else { "xh" });
+    let ns = Namespaces::create(match (tls, local_hop) {
+        (true, _) => "xt",
+        (false, false) => "xh",
+        (false, true) => "xl",
+    });
     let cert_args = if tls {
         let (cert, key) = tls_material(&dir);
         vec![cert.display().to_string(), key.display().to_string()]
     } else {
         Vec::new()
     };
-    let (_backend, middle) = start_services(&dir, &ns, &cert_args);
+    let (backend, middle) = start_services(&dir, &ns, &cert_args);
     let mut client_args = vec![
         ADDR_B.to_owned(),
         MIDDLE_PORT.to_string(),
@@ -739,8 +754,9 @@ async fn link_across_hosts(tls: bool) {
     if tls {
         client_args.push("tls".to_owned());
     }
+    let client_ns = if local_hop { &ns.b } else { &ns.a };
     let (mut client, client_out) =
-        spawn_python(&dir, &ns.a, "client.py", CLIENT_PY, &client_args, true);
+        spawn_python(&dir, client_ns, "client.py", CLIENT_PY, &client_args, true);
     assert_eq!(client_out.next("client"), "waiting");
 
     let receiver = OtlpReceiver::start_grpc().await.expect("OTLP receiver");
@@ -753,8 +769,13 @@ async fn link_across_hosts(tls: bool) {
         args
     };
     let (dir_a, dir_b) = (TempDir::new("xhost-agent-a"), TempDir::new("xhost-agent-b"));
-    let mut agent_a = Agent::start(&dir_a, &export(&[client.pid(), _backend.pid()]));
-    let mut agent_b = Agent::start(&dir_b, &export(&[middle.pid()]));
+    let (pids_a, pids_b) = if local_hop {
+        (vec![backend.pid()], vec![client.pid(), middle.pid()])
+    } else {
+        (vec![client.pid(), backend.pid()], vec![middle.pid()])
+    };
+    let mut agent_a = Agent::start(&dir_a, &export(&pids_a));
+    let mut agent_b = Agent::start(&dir_b, &export(&pids_b));
     run_client(&mut client, &client_out);
 
     let want = 2 * REQUESTS;
@@ -853,6 +874,141 @@ async fn link_across_hosts(tls: bool) {
     assert_eq!(traces.len(), REQUESTS, "one trace per request");
 }
 
+/// `local.py N`: two HTTP servers on this host in threads of the script, one on 127.0.0.1 and one
+/// dual-stack on `::` (its accepted sockets are IPv6 with IPv4-mapped addresses); prints
+/// `waiting`, waits for a line on stdin, then GETs `/ka/0..N` from the first on one kept-alive
+/// connection and `/ds/0..N` from the second, from an IPv4 socket, on a new connection each, and
+/// prints `done`.
+const LOCAL_PY: &str = r#"
+import http.client, http.server, socket, socketserver, sys, threading
+
+n = int(sys.argv[1])
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = ("local " + self.path).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self):
+        # No name lookup of the address (HTTPServer's own server_bind does one).
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "local", self.server_address[1]
+
+class DualStack(Server):
+    address_family = socket.AF_INET6
+
+servers = [Server(("127.0.0.1", 0), Handler), DualStack(("::", 0), Handler)]
+for server in servers:
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+print("waiting", flush=True)
+sys.stdin.readline()
+
+def get(conn, path):
+    conn.request("GET", path)
+    answer = conn.getresponse()
+    body = answer.read()
+    if answer.status != 200 or body != ("local " + path).encode():
+        sys.exit("unexpected answer to %s: %d %r" % (path, answer.status, body))
+
+conn = http.client.HTTPConnection("127.0.0.1", servers[0].server_port, timeout=10)
+for i in range(n):
+    get(conn, "/ka/%d" % i)
+conn.close()
+for i in range(n):
+    conn = http.client.HTTPConnection("127.0.0.1", servers[1].server_port, timeout=10)
+    get(conn, "/ds/%d" % i)
+    conn.close()
+print("done", flush=True)
+"#;
+
+/// The port of an event's `address:port` end.
+fn port_of(end: &str) -> &str {
+    end.rsplit(':').next().unwrap_or(end)
+}
+
+/// When both ends of a connection are on one host the agent sees both, and the client's write
+/// hands its trace id to the receiving socket in the kernel's memory: the server's read gets it
+/// in band, request by request, on a kept-alive connection and on new ones (to a dual-stack
+/// server too, whose side of the tuple is IPv6), and no TCP option is written. With
+/// `TRACER_TCP_OPTION_LOCAL=1` the same ids travel in the option instead.
+#[test]
+fn trace_ids_pass_between_ends_on_one_host() {
+    require_root();
+    local_ends(&[], false);
+    // Writes started at their syscall's entry, as kernels before 6.3 (and 6.12) take them.
+    local_ends(&[("TRACER_SOCKET_HOOKS", "0")], false);
+    local_ends(&[("TRACER_TCP_OPTION_LOCAL", "1")], true);
+}
+
+/// [`trace_ids_pass_between_ends_on_one_host`] with the agent run with `env`; `on_the_wire`:
+/// whether the ids travel in the TCP option.
+fn local_ends(env: &[(&str, &str)], on_the_wire: bool) {
+    let dir = TempDir::new("tcpopt-local");
+    let path = dir.write("local.py", LOCAL_PY);
+    let mut cmd = Command::new(python());
+    cmd.arg(&path)
+        .arg(REQUESTS.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut script = Proc::spawn("local.py", cmd);
+    let out = Lines::new(script.take_stdout());
+    assert_eq!(out.next("local.py"), "waiting");
+    let mut all_env = vec![("TRACER_LOG", "info,tracer::trace_context=debug")];
+    all_env.extend_from_slice(env);
+    let agent_dir = TempDir::new("tcpopt-local-agent");
+    let mut agent = Agent::start_with_env(
+        &agent_dir,
+        &["--pid".to_owned(), script.pid().to_string()],
+        &all_env,
+    );
+    script.stdin().write_all(b"go\n").expect("start the client");
+    assert_eq!(out.next("local.py"), "done");
+    assert!(script.wait(WAIT).success(), "local.py failed");
+    agent.stop();
+
+    let log = agent.stderr();
+    let events = trace_events(&log);
+    let sent = pick(&events, script.pid(), "client", "send");
+    let read = pick(&events, script.pid(), "server", "recv");
+    assert_eq!(sent.len(), 2 * REQUESTS, "client writes; agent log:\n{log}");
+    assert_eq!(read.len(), 2 * REQUESTS, "server reads; agent log:\n{log}");
+    // One request at a time: the reads come in the order of the writes.
+    for (s, r) in sent.iter().zip(&read) {
+        assert_eq!(port_of(&r.remote), port_of(&s.local), "{s:?} {r:?}\n{log}");
+        assert!(s.generated && !s.in_band, "{s:?}");
+        assert!(r.in_band && !r.generated, "{r:?}\n{log}");
+        assert_eq!(r.trace_id, s.trace_id, "request by request\n{log}");
+    }
+    let distinct: BTreeSet<&String> = sent.iter().map(|e| &e.trace_id).collect();
+    assert_eq!(
+        distinct.len(),
+        2 * REQUESTS,
+        "each request has its own trace"
+    );
+    let written = kernel_counter(&log, "tcp_option_written");
+    let received = kernel_counter(&log, "tcp_option_read");
+    if on_the_wire {
+        assert!(
+            written >= 2 * REQUESTS as u64 && received >= 2 * REQUESTS as u64,
+            "options written {written}, read {received}:\n{log}"
+        );
+    } else {
+        assert_eq!((written, received), (0, 0), "options on the wire:\n{log}");
+    }
+}
+
 /// Opaque request/response rounds over one loopback connection: bytes no parser recognises, so
 /// the agent gives up on the connection after its first writes.
 const OPAQUE_PY: &str = r#"
@@ -896,7 +1052,8 @@ fn ignored_connections_stop_carrying_trace_ids() {
     require_root();
     const ROUNDS: u64 = 400;
     let dir = TempDir::new("tcpopt-ignored");
-    let mut agent = Agent::start(&dir, &[]);
+    // A loopback connection: the option is on the wire only when asked for there.
+    let mut agent = Agent::start_with_env(&dir, &[], &[("TRACER_TCP_OPTION_LOCAL", "1")]);
     assert!(
         agent.stderr().contains("tcp_option=true"),
         "the option should run on this kernel:\n{}",

@@ -1,8 +1,9 @@
 //! The agent on other kernels: boots Debian's 6.1 and 6.12 cloud kernels under qemu (software
 //! emulation) with the agent in a busybox initramfs, and checks that the programs pass those
 //! kernels' verifiers, `tracer check` reports their features, and busybox httpd/wget traffic
-//! inside the guest becomes spans, with the trace-context TCP option written and read. The host
-//! kernel is covered by the other end-to-end tests.
+//! inside the guest becomes spans, with wget's trace ids reaching httpd in memory (both ends on
+//! one host) and, in a second run, in the TCP option written and read. The host kernel is covered
+//! by the other end-to-end tests.
 
 mod common;
 
@@ -90,10 +91,36 @@ fn check_kernel(meta: &str, version_prefix: &str, mode: &str, taken_at: &str) {
         console.contains("== agent rc=0"),
         "agent did not exit cleanly:\n{console}"
     );
-    // The sock_ops program passed this verifier, attached, and carried wget's trace id to httpd:
-    // the kernel counters (logged at exit when non-zero) saw the option written and read.
+    // The sock_ops program passed this verifier and attached, and wget's trace id reached httpd:
+    // handed over in memory (both ends on this host), httpd's read got it in band...
     let log = section(&console, "agent log").join("\n");
     assert!(log.contains("tcp_option=true"), "{log}");
+    let in_band = |role: &str, direction: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains("trace context")
+                    && l.contains(&format!("role=\"{role}\""))
+                    && l.contains(&format!("direction=\"{direction}\""))
+            })
+            .map(|l| {
+                let id = l
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("trace_id="));
+                (id.unwrap_or("").to_owned(), l.contains("in_band=true"))
+            })
+            .collect::<Vec<_>>()
+    };
+    let (sent, read) = (in_band("client", "send"), in_band("server", "recv"));
+    assert!(
+        read.len() >= 2,
+        "httpd's reads of wget's two requests:\n{log}"
+    );
+    for (id, got_in_band) in &read {
+        assert!(
+            *got_in_band && sent.iter().any(|(sent_id, _)| sent_id == id),
+            "httpd read {id} not in band from wget:\n{log}"
+        );
+    }
     assert!(
         log.lines()
             .any(|l| l.contains("socket reads and writes are taken at") && l.ends_with(taken_at)),
@@ -101,10 +128,21 @@ fn check_kernel(meta: &str, version_prefix: &str, mode: &str, taken_at: &str) {
     );
     // The fd walk's typed task loads passed this verifier (no fall back to probe reads).
     assert!(!log.contains("refused the typed task loads"), "{log}");
+    assert!(
+        !log.contains("tcp_option_written"),
+        "an option on a connection within the host:\n{log}"
+    );
+    // ...and in the TCP option with TRACER_TCP_OPTION_LOCAL=1: the kernel counters (logged at
+    // exit when non-zero) saw it written and read.
+    assert!(
+        console.contains("== wire agent rc=0"),
+        "the second agent did not exit cleanly:\n{console}"
+    );
+    let wire = section(&console, "wire agent log").join("\n");
     for what in ["tcp_option_written", "tcp_option_read"] {
         assert!(
-            log.contains(&format!("{{what=\"{what}\"}}=")),
-            "no {what} on {meta}:\n{log}"
+            wire.contains(&format!("{{what=\"{what}\"}}=")),
+            "no {what} on {meta}:\n{wire}"
         );
     }
 

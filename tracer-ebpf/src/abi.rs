@@ -275,8 +275,8 @@ pub struct KernelOffsets {
     pub tcp_copied_seq: u32,
     /// `file.f_op`
     pub file_f_op: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+    /// `msghdr.msg_iter.count`: the bytes a send has left to queue; 0 when BTF lacks it.
+    pub msg_iter_count: u32,
 }
 
 const _: () = assert!(HEADER_SIZE.is_multiple_of(8));
@@ -309,6 +309,10 @@ pub const CONN_F_NO_TLS_PAYLOAD: u8 = 2;
 /// [`ConnState::flags`]: the connection carries TLS (its plaintext comes from the SSL probes):
 /// its client writes still choose a trace id for the TCP option, which the SSL probes report.
 pub const CONN_F_TLS: u8 = 4;
+/// [`ConnState::flags`], set by the kernel programs: a client connection whose other end is on
+/// this host (a loopback address, or the connection's own local address). Its writes hand their
+/// trace id to the receiving socket's in-band entry directly instead of through the TCP option.
+pub const CONN_F_LOCAL: u8 = 8;
 
 /// Where a Go program keeps the socket of a `crypto/tls.Conn`, and how to check that the
 /// connection is a TCP one. Userspace chooses it per executable (by its Go version) and passes it

@@ -1,7 +1,7 @@
 //! The tracepoint programs and their maps.
 
 use core::ffi::c_void;
-use core::ptr::{addr_of, addr_of_mut, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
@@ -47,6 +47,11 @@ static FILTER_PORTS: u8 = 0;
 /// program carrying trace ids in TCP options (`tcp_option.rs`) is attached.
 #[unsafe(no_mangle)]
 static TRACE_CONTEXT: u8 = 0;
+/// Set by userspace before load: non-zero when connections within the host carry the TCP option
+/// too (`TRACER_TCP_OPTION_LOCAL=1`); by default a local client's write hands its trace id to the
+/// receiving socket's `IN_CTX` entry itself (see [`hand_over`]).
+#[unsafe(no_mangle)]
+static LOCAL_OPTION: u8 = 0;
 /// Set by userspace before load: non-zero when the kernel has `bpf_get_current_task_btf` (5.11),
 /// so the fd walk loads through typed task pointers instead of calling `bpf_probe_read_kernel`
 /// for each step.
@@ -76,7 +81,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_write_seq: 0,
     tcp_copied_seq: 0,
     file_f_op: 0,
-    _pad: 0,
+    msg_iter_count: 0,
 };
 
 /// Events to userspace. Userspace resizes it at load time.
@@ -552,9 +557,13 @@ fn conn_advance_at(
 fn conn_open(sk: u64, role: u8) {
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
+    // Only a client's writes choose trace ids (see `client_write`).
+    let local =
+        role == ROLE_CLIENT && trace_context() && local_hand_over() && is_local(&tuple_of(sk));
     let c = ConnState {
         conn_id: now,
         role,
+        flags: if local { CONN_F_LOCAL } else { 0 },
         ..ConnState::default()
     };
     if CONNS.insert(sk, c, 0).is_err() {
@@ -579,14 +588,63 @@ fn tuple_of(sk: u64) -> TupleKey {
 /// The `IN_CTX` key of the tuple [`fill_tuple`] wrote into `h`.
 #[inline(always)]
 fn tuple_key(h: &EventHeader) -> TupleKey {
-    TupleKey {
+    canonical(TupleKey {
         family: h.family as u16,
         local_port: h.local_port,
         remote_port: h.remote_port,
         _pad: 0,
         local_addr: h.local_addr,
         remote_addr: h.remote_addr,
+    })
+}
+
+/// The four 32-bit words of an address, in memory order.
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    // SAFETY: 16 plain bytes are four u32.
+    unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*a) }
+}
+
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in memory order.
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// `t` with an IPv4-mapped pair (a dual-stack IPv6 socket talking IPv4) written as IPv4, so that
+/// both ends of a connection key it alike whichever family each socket has.
+#[inline(always)]
+fn canonical(mut t: TupleKey) -> TupleKey {
+    let (l, r) = (words(&t.local_addr), words(&t.remote_addr));
+    if t.family == AF_INET6
+        && l[0] | l[1] | r[0] | r[1] == 0
+        && l[2] == V4_MAPPED
+        && r[2] == V4_MAPPED
+    {
+        t.family = AF_INET;
+        t.local_addr = [0; 16];
+        t.remote_addr = [0; 16];
+        t.local_addr[..4].copy_from_slice(&l[3].to_ne_bytes());
+        t.remote_addr[..4].copy_from_slice(&r[3].to_ne_bytes());
     }
+    t
+}
+
+/// Whether the other end of canonical tuple `t` is on this host: a loopback address, or the
+/// connection's own local address (traffic to the host's own address goes through loopback too).
+#[inline(always)]
+fn is_local(t: &TupleKey) -> bool {
+    let (l, r) = (words(&t.local_addr), words(&t.remote_addr));
+    if t.family == AF_INET {
+        return t.remote_addr[0] == 127 || r[0] == l[0];
+    }
+    let loopback = r[0] | r[1] | r[2] == 0 && r[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+    loopback || (r[0] == l[0] && r[1] == l[1] && r[2] == l[2] && r[3] == l[3])
+}
+
+/// Whether connections within the host carry the trace id in memory rather than in the TCP
+/// option (see `LOCAL_OPTION`).
+#[inline(always)]
+fn local_hand_over() -> bool {
+    // SAFETY: plain read of a global set before load.
+    unsafe { read_volatile(&LOCAL_OPTION) == 0 }
 }
 
 /// Bytes of `struct sock` read at once for the tuple: `sock_common`'s addresses, ports and family
@@ -718,6 +776,90 @@ fn in_band(key: TupleKey, seq: Option<u32>) -> Option<TraceId> {
     match seq {
         Some(s) if s.wrapping_sub(first) >= end.wrapping_sub(first) => None,
         _ => Some(trace_id),
+    }
+}
+
+/// Records that the bytes with sequence numbers `[first, end)` arriving on the socket with tuple
+/// `key` carry trace id `trace_id`, rewriting the socket's entry in place in the order [`InCtx`]
+/// describes for its readers: more bytes of the id it holds widen its range, another id replaces
+/// it. Callers are the socket's only writers at the time: the sock_ops program parses one
+/// segment at a time under the socket's lock, and [`hand_over`] runs in the sending call, before
+/// the bytes are queued.
+#[inline(always)]
+fn in_ctx_record(key: &TupleKey, trace_id: TraceId, first: u32, end: u32) {
+    match IN_CTX.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup; volatile stores, in the order `InCtx`
+        // describes.
+        Some(c) => unsafe {
+            let range = addr_of_mut!((*c).range);
+            if read_volatile(addr_of!((*c).trace_id)) == trace_id {
+                // More of the same request (or a retransmission): widen the range.
+                let old = read_volatile(range);
+                let (mut lo, mut hi) = (old as u32, (old >> 32) as u32);
+                if (first.wrapping_sub(lo) as i32) < 0 || lo == hi {
+                    lo = first;
+                }
+                if (end.wrapping_sub(hi) as i32) > 0 {
+                    hi = end;
+                }
+                write_volatile(range, seq_range(lo, hi));
+            } else {
+                // A new request: empty range, id, then its range.
+                write_volatile(range, seq_range(first, first));
+                write_volatile(addr_of_mut!((*c).trace_id), trace_id);
+                write_volatile(range, seq_range(first, end));
+            }
+        },
+        None => {
+            let entry = InCtx {
+                trace_id,
+                range: seq_range(first, end),
+            };
+            let _ = IN_CTX.insert(key, &entry, 0);
+        }
+    }
+}
+
+/// Bytes a local write's hand-over covers when the call's length is not known: later writes of
+/// the connection rewrite the range before any byte beyond the call's is read.
+const OPEN_RANGE: u32 = 1 << 30;
+
+/// A write on a local client connection ([`CONN_F_LOCAL`], both ends on this host) that chose
+/// trace id `id` (all zero: no id) for its next `len` bytes (0: not known): what the TCP option
+/// would bring the receiving socket, written into that socket's `IN_CTX` entry (keyed by the
+/// tuple seen from its side) before the kernel queues a byte. The option itself would cost every
+/// segment the sock_ops program's runs and the receiver TCP's slow path; the agent sees both
+/// ends here, so nothing needs to travel on the wire.
+#[inline(always)]
+fn hand_over(sock: u64, id: TraceId, len: u64) {
+    let member = off!(tcp_write_seq);
+    if member == 0 {
+        return;
+    }
+    // The sequence number of the first byte this call sends.
+    let Some(first) = kread::<u32>(sock + member as u64) else {
+        return;
+    };
+    let t = tuple_of(sock);
+    let key = TupleKey {
+        family: t.family,
+        local_port: t.remote_port,
+        remote_port: t.local_port,
+        _pad: 0,
+        local_addr: t.remote_addr,
+        remote_addr: t.local_addr,
+    };
+    let span = if len == 0 || len > OPEN_RANGE as u64 {
+        OPEN_RANGE
+    } else {
+        len as u32
+    };
+    if id[0] | id[1] != 0 {
+        in_ctx_record(&key, id, first, first.wrapping_add(span));
+    } else if let Some(c) = IN_CTX.get_ptr_mut(&key) {
+        // No id for these bytes (an ambiguous thread): an empty range gives them none.
+        // SAFETY: pointer from a successful lookup; one 64-bit store.
+        unsafe { write_volatile(addr_of_mut!((*c).range), seq_range(first, first)) };
     }
 }
 
@@ -916,7 +1058,19 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
             if conn.role == ROLE_SERVER {
                 serve_write(thread, inflight.sock);
             } else if conn.role == ROLE_CLIENT {
-                if let Some((id, origin)) = client_write(thread, inflight.sock, conn.conn_id) {
+                let chosen = client_write(thread, inflight.sock, conn.conn_id);
+                if conn.flags & CONN_F_LOCAL != 0 {
+                    // A plain buffer's length is the call's; through iovecs it is not known here.
+                    let len = if buf_kind == BUF_PLAIN {
+                        inflight.len
+                    } else {
+                        0
+                    };
+                    // An id travels as its value, none as zero: an `Option`'s `None` leaves the id's
+                    // registers undefined, which the verifier refuses to see stored.
+                    hand_over(inflight.sock, chosen.map_or([0, 0], |(id, _)| id), len);
+                }
+                if let Some((id, origin)) = chosen {
                     inflight.trace_id = id;
                     inflight.trace_flags = EV_F_TRACE | origin;
                 }

@@ -25,10 +25,10 @@ use aya_ebpf::programs::RawTracePointContext;
 use tracer_ebpf::abi::*;
 
 use super::{
-    BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, Inflight, PT_REGS_DI, PT_REGS_DX, PT_REGS_ORIG_AX,
-    PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, THREADS, call_of, choose_read_context, client_write,
-    count, emit_io, inflight_take, port_wanted, serve_write, tcp_sock, thread_of, tls,
-    trace_context, traced, wants_trace,
+    BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, Inflight, OFFSETS, PT_REGS_DI, PT_REGS_DX,
+    PT_REGS_ORIG_AX, PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, THREADS, call_of, choose_read_context,
+    client_write, count, emit_io, hand_over, inflight_take, kread, offset_at, port_wanted,
+    serve_write, tcp_sock, thread_of, tls, trace_context, traced, wants_trace,
 };
 
 /// x86-64 syscall numbers of the calls these programs take.
@@ -214,16 +214,32 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> u32 {
     {
         if conn.role == ROLE_SERVER {
             serve_write(thread, sk);
-        } else if conn.role == ROLE_CLIENT
-            && let Some((id, origin)) = client_write(thread, sk, conn.conn_id)
-        {
-            call.trace_id = id;
-            call.trace_flags = EV_F_TRACE | origin;
+        } else if conn.role == ROLE_CLIENT {
+            let chosen = client_write(thread, sk, conn.conn_id);
+            if conn.flags & CONN_F_LOCAL != 0 {
+                hand_over(sk, chosen.map_or([0, 0], |(id, _)| id), send_len(&ctx));
+            }
+            if let Some((id, origin)) = chosen {
+                call.trace_id = id;
+                call.trace_flags = EV_F_TRACE | origin;
+            }
         }
     }
     // SAFETY: the thread's own record, from a successful lookup; only this thread writes it.
     unsafe { (*thread).call = call };
     0
+}
+
+/// The bytes the send of this `tcp_sendmsg_locked` firing has left to queue (at its first firing,
+/// the call's length); 0 when not known.
+#[inline(always)]
+fn send_len(ctx: &RawTracePointContext) -> u64 {
+    let member = off!(msg_iter_count);
+    if member == 0 {
+        return 0;
+    }
+    let msg: u64 = ctx.arg(1);
+    kread::<u64>(msg + member as u64).unwrap_or(0)
 }
 
 /// A write on a socket returned: emits its bytes, with the time and trace context that

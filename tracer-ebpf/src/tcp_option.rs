@@ -8,10 +8,12 @@
 //! Option layout ([`TCP_OPT_KIND`]): kind 253, length 20, the 16-bit experiment id
 //! [`TCP_OPT_EXID`], the 16-byte trace id. Requests flow from the connecting side, so only active
 //! (client) sockets ask for the write callbacks and only passive (server) sockets for the parse
-//! callback: the program runs for no other segment.
+//! callback: the program runs for no other segment. Connections whose two ends are on this host
+//! ask for neither (unless `LOCAL_OPTION`): their client writes put the id into `IN_CTX` themselves
+//! (`hand_over`).
 
 use core::ffi::c_void;
-use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::bindings::{
     BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
@@ -24,8 +26,8 @@ use aya_ebpf::programs::SockOpsContext;
 use tracer_ebpf::abi::*;
 
 use super::{
-    AF_INET6, CONNS, IN_CTX, InCtx, OUT_CTX, TraceId, TupleKey, count, seq_range, trace_bytes,
-    wants_trace,
+    AF_INET6, CONNS, IN_CTX, OUT_CTX, TraceId, TupleKey, canonical, count, in_ctx_record, is_local,
+    local_hand_over, trace_bytes, wants_trace,
 };
 
 /// `args[0]` of `BPF_SOCK_OPS_HDR_OPT_LEN_CB` when the kernel computes the MSS: no segment is
@@ -46,13 +48,21 @@ pub fn trace_tcp_opt(ctx: SockOpsContext) -> u32 {
             // the old socket's id (a process this agent does not trace, or whose writes bypass
             // the syscalls, never replaces it).
             let _ = OUT_CTX.remove(&sock(ops));
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+            // Both ends on this host: the client's writes hand their ids over in memory
+            // (`hand_over`), and no segment of the connection runs this program.
+            if !(local_hand_over() && is_local(&tuple(ops))) {
+                let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+                let _ = ctx.set_cb_flags(flags as i32);
+            }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             // A new connection on a tuple an older one used: nothing received on it yet.
-            let _ = IN_CTX.remove(&tuple(ops));
-            let flags = ctx.cb_flags() | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG;
-            let _ = ctx.set_cb_flags(flags as i32);
+            let key = tuple(ops);
+            let _ = IN_CTX.remove(&key);
+            if !(local_hand_over() && is_local(&key)) {
+                let flags = ctx.cb_flags() | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG;
+                let _ = ctx.set_cb_flags(flags as i32);
+            }
         }
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => reserve(&ctx),
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB => write(ops),
@@ -71,9 +81,15 @@ fn field(p: *const u32) -> u32 {
 }
 
 /// The socket's tuple as the syscall programs build it (`tuple_of`): addresses in network order,
-/// ports in host order.
+/// ports in host order, an IPv4-mapped pair as IPv4 (`canonical`).
 #[inline(always)]
 fn tuple(ops: *mut bpf_sock_ops) -> TupleKey {
+    canonical(raw_tuple(ops))
+}
+
+/// [`tuple`] as the socket's family gives it.
+#[inline(always)]
+fn raw_tuple(ops: *mut bpf_sock_ops) -> TupleKey {
     // SAFETY: field addresses inside the context; each is read with one 32-bit load.
     unsafe {
         let family = field(addr_of!((*ops).family)) as u16;
@@ -241,39 +257,6 @@ fn parse(ops: *mut bpf_sock_ops) {
     id.copy_from_slice(&opt[4..]);
     // SAFETY: 16 plain bytes are two u64.
     let trace_id = unsafe { core::mem::transmute::<[u8; 16], TraceId>(id) };
-    let key = tuple(ops);
-    let end = seq.wrapping_add(len);
-    match IN_CTX.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup; segments of one socket are parsed one at a
-        // time (under its lock), so this is the entry's only writer. Volatile stores, in the order
-        // `InCtx` describes for its readers.
-        Some(c) => unsafe {
-            let range = addr_of_mut!((*c).range);
-            if read_volatile(addr_of!((*c).trace_id)) == trace_id {
-                // More of the same request (or a retransmission): widen the range.
-                let old = read_volatile(range);
-                let (mut first, mut last) = (old as u32, (old >> 32) as u32);
-                if (seq.wrapping_sub(first) as i32) < 0 {
-                    first = seq;
-                }
-                if (end.wrapping_sub(last) as i32) > 0 {
-                    last = end;
-                }
-                write_volatile(range, seq_range(first, last));
-            } else {
-                // A new request: empty range, id, then its range.
-                write_volatile(range, seq_range(seq, seq));
-                write_volatile(addr_of_mut!((*c).trace_id), trace_id);
-                write_volatile(range, seq_range(seq, end));
-            }
-        },
-        None => {
-            let entry = InCtx {
-                trace_id,
-                range: seq_range(seq, end),
-            };
-            let _ = IN_CTX.insert(&key, &entry, 0);
-        }
-    }
+    in_ctx_record(&tuple(ops), trace_id, seq, seq.wrapping_add(len));
     count(CNT_TCP_OPT_READ);
 }

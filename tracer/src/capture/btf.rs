@@ -693,7 +693,10 @@ pub fn resolve_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         task_stack: btf.member_offset("task_struct", &["stack"])?,
         tcp_write_seq: btf.member_offset("tcp_sock", &["write_seq"])?,
         tcp_copied_seq: btf.member_offset("tcp_sock", &["copied_seq"])?,
-        _pad: 0,
+        // Only a bound for the trace id handed over on local connections: optional.
+        msg_iter_count: btf
+            .member_offset("msghdr", &["msg_iter", "count"])
+            .unwrap_or(0),
     })
 }
 

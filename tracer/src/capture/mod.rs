@@ -296,6 +296,20 @@ fn socket_hooks_wanted(hooks: &SocketHooks) -> bool {
     }
 }
 
+/// Whether connections within the host carry the trace-context TCP option too
+/// (`TRACER_TCP_OPTION_LOCAL=1`), instead of their client writes handing the trace id to the
+/// receiving socket in the kernel's memory (the default: the agent sees both ends, and the option
+/// costs every segment a sock_ops run and the receiver TCP's slow path).
+fn local_tcp_option() -> bool {
+    let on = std::env::var_os("TRACER_TCP_OPTION_LOCAL").is_some_and(|v| v == "1");
+    if on {
+        tracing::info!(
+            "connections within the host carry the TCP option (TRACER_TCP_OPTION_LOCAL=1)"
+        );
+    }
+    on
+}
+
 /// Loads program `name` unless it is loaded already (an earlier group may have loaded it).
 fn load_once(ebpf: &mut Ebpf, name: &str) -> Result<(), ProgramError> {
     match raw_tracepoint_program(ebpf, name)?.load() {
@@ -356,7 +370,9 @@ fn attach_socket_hooks(
         if let Err(err) = attached {
             let reason = match &err {
                 ProgramError::LoadError { verifier_log, .. } => {
-                    verifier_reason(&verifier_log.to_string()).to_owned()
+                    let log = verifier_log.to_string();
+                    tracing::debug!(program = name, %log, "verifier log");
+                    verifier_reason(&log).to_owned()
                 }
                 other => other.to_string(),
             };
@@ -412,6 +428,7 @@ fn load_object(
     let filter_ports = u8::from(!opts.ports.is_empty());
     let trace_context = u8::from(trace_context);
     let task_btf = u8::from(task_btf);
+    let local_option = u8::from(trace_context != 0 && local_tcp_option());
     let mut ebpf = EbpfLoader::new()
         .override_global("AGENT_TGID", &agent, true)
         .override_global("WAKEUP_BYTES", &wakeup_bytes(opts.ring_buffer_bytes), true)
@@ -419,6 +436,7 @@ fn load_object(
         .override_global("FILTER_PIDS", &filter_pids, true)
         .override_global("FILTER_PORTS", &filter_ports, true)
         .override_global("TRACE_CONTEXT", &trace_context, true)
+        .override_global("LOCAL_OPTION", &local_option, true)
         .override_global("TASK_BTF", &task_btf, true)
         .override_global("OFFSETS", &offsets, true)
         .map_max_entries("EVENTS", opts.ring_buffer_bytes)
