@@ -252,14 +252,15 @@ DROP_PREFIXES = (
 class Agent:
     """`tracer run` exporting to the counting receiver, with its metrics endpoint on."""
 
-    def __init__(self, ctx, tag, extra=()):
+    def __init__(self, ctx, tag, extra=(), env=None):
         self.ctx = ctx
         self.log_path = ctx.work / f"agent-{tag}.log"
         metrics_port = free_port()
         args = [str(ctx.tracer), "run", "--otlp-endpoint", ctx.receiver_url,
                 "--otlp-protocol", "http/protobuf", "--metrics-addr", f"127.0.0.1:{metrics_port}"]
         args += ctx.agent_args + list(extra)
-        self.proc = Proc("tracer", args, env=clean_env(ctx.agent_env), stderr=self.log_path)
+        self.proc = Proc("tracer", args, env=clean_env({**ctx.agent_env, **(env or {})}),
+                         stderr=self.log_path)
         deadline = time.monotonic() + AGENT_READY_TIMEOUT
         while READY_LINE not in self.log_path.read_text(errors="replace"):
             if not self.proc.running():
@@ -449,13 +450,13 @@ def quiet_gate(ctx):
         time.sleep(2)
 
 
-def with_agent(ctx, tag, on, load, extra=()):
+def with_agent(ctx, tag, on, load, extra=(), env=None):
     """Runs `load()` with or without a fresh agent; returns (load result, agent result or None).
     Other agents seen at the start or end of the run are recorded in the result's `others`."""
     busy = quiet_gate(ctx)
     others = set(other_agents())
     before = ctx.receiver.counts()
-    agent = Agent(ctx, tag, extra) if on else None
+    agent = Agent(ctx, tag, extra, env) if on else None
     try:
         if agent:
             agent.begin()
@@ -478,22 +479,29 @@ def with_agent(ctx, tag, on, load, extra=()):
 CONTAMINATED = {}
 
 
+# Per-syscall modes run as another mode of the loop with the agent's environment changed:
+# `http-option` puts the loop's trace ids in the TCP option, as connections between hosts carry
+# them (on loopback they are handed over in the kernel's memory).
+SYSCALL_VARIANTS = {"http-option": ("http", {"TRACER_TCP_OPTION_LOCAL": "1"})}
+
+
 def scenario_syscall(ctx):
     rows = {}
     for mode in ctx.syscall_modes:
+        loop_mode, agent_env = SYSCALL_VARIANTS.get(mode, (mode, None))
         runs = {"off": [], "on": []}
         for r, order in enumerate(orders(["off", "on"], ctx.rounds)):
             for cfg in order:
                 def load():
                     out = subprocess.run(
-                        [str(ctx.syscall_loop), mode, str(ctx.syscall_iters), str(ctx.syscall_seconds)],
+                        [str(ctx.syscall_loop), loop_mode, str(ctx.syscall_iters), str(ctx.syscall_seconds)],
                         capture_output=True, text=True, timeout=ctx.syscall_seconds + 60, check=True).stdout
                     return {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", out)}
                 # The steady state: an agent stops recovering calls blocked at its start after
                 # a minute (--recover-blocked-secs), which costs every exit without an entry
                 # one more map lookup while it lasts; each run here is seconds long.
                 res, a = with_agent(ctx, f"syscall-{mode}-{r}", cfg == "on", load,
-                                    extra=("--recover-blocked-secs", "0"))
+                                    extra=("--recover-blocked-secs", "0"), env=agent_env)
                 res["agent"] = a
                 runs[cfg].append(res)
                 log(f"syscall {mode} round {r} {cfg}: {res['ns_per_syscall']:.0f} ns/syscall")
@@ -833,6 +841,8 @@ def report(ctx, res, meta):
                 for k, v in x["agent"]["drops"].items():
                     drops[k] = drops.get(k, 0) + v
             label = {"http": "TCP, HTTP/1.1 request+response (copied, parsed, 2 spans per iteration)",
+                     "http-option": "the same, trace ids in the TCP option as between hosts "
+                                    "(`TRACER_TCP_OPTION_LOCAL=1`; on loopback they go in memory)",
                      "opaque": "TCP, unknown protocol (payload copying stops after detection)",
                      "pipe": "pipe (not a socket: fd-type check only)",
                      "untraced": "getppid, a syscall the agent does not trace (dispatch only)"}.get(mode, mode)
@@ -1043,7 +1053,7 @@ def main():
     ctx.nginx_workers = env_int("NGINX_WORKERS", 1)
     ctx.loadgen_conns = env_int("LOADGEN_CONNS", 64)
     ctx.gunicorn_threads = env_int("GUNICORN_THREADS", 4)
-    ctx.syscall_modes = os.environ.get("SYSCALL_MODES", "http,opaque,pipe,untraced").split(",")
+    ctx.syscall_modes = os.environ.get("SYSCALL_MODES", "http,http-option,opaque,pipe,untraced").split(",")
     ctx.syscall_iters = env_int("SYSCALL_ITERS", 5_000_000)
     ctx.syscall_seconds = env_float("SYSCALL_SECONDS", 5)
     ctx.agent_args = os.environ.get("AGENT_ARGS", "").split()
