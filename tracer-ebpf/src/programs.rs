@@ -1066,8 +1066,8 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
                     } else {
                         0
                     };
-                    // An id travels as its value, none as zero: an `Option`'s `None` leaves the id's
-                    // registers undefined, which the verifier refuses to see stored.
+                    // An id travels as its value, none as zero: an `Option`'s `None` leaves
+                    // the id's registers undefined, which the verifier refuses to see stored.
                     hand_over(inflight.sock, chosen.map_or([0, 0], |(id, _)| id), len);
                 }
                 if let Some((id, origin)) = chosen {
