@@ -10,7 +10,8 @@
 //! kernel read in band, that the middle's onward call carries its request's trace, that requests
 //! get different trace ids, and that nothing arrives in band when the sender's option is off.
 //! It also checks that each agent attaches one sock_ops program to the cgroup v2 root while it
-//! runs and detaches it on shutdown.
+//! runs and detaches it on shutdown, and that between two ends on one host the ids pass without
+//! the option, handed over in the kernel's memory (`trace_ids_pass_between_ends_on_one_host`).
 
 mod common;
 
