@@ -209,10 +209,11 @@ impl Drop for Namespaces {
     }
 }
 
-/// A python script from `dir` run in namespace `ns`, stdout piped (and stdin when `stdin`).
+/// A python script from `dir` run in namespace `ns` (`None`: this one), stdout piped (and stdin
+/// when `stdin`).
 fn spawn_python(
     dir: &TempDir,
-    ns: &str,
+    ns: Option<&str>,
     name: &str,
     script: &str,
     args: &[String],
@@ -221,7 +222,14 @@ fn spawn_python(
     let path = dir.write(name, script);
     let mut all = vec![path.display().to_string()];
     all.extend_from_slice(args);
-    let mut cmd = Namespaces::command(ns, python(), &all);
+    let mut cmd = match ns {
+        Some(ns) => Namespaces::command(ns, python(), &all),
+        None => {
+            let mut cmd = Command::new(python());
+            cmd.args(&all);
+            cmd
+        }
+    };
     cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -237,7 +245,7 @@ fn start_services(dir: &TempDir, ns: &Namespaces, cert: &[String]) -> (Proc, Pro
     backend_args.extend_from_slice(cert);
     let (backend, backend_out) = spawn_python(
         dir,
-        &ns.a,
+        Some(&ns.a),
         "backend.py",
         &service(BACKEND_PY),
         &backend_args,
@@ -252,7 +260,7 @@ fn start_services(dir: &TempDir, ns: &Namespaces, cert: &[String]) -> (Proc, Pro
     middle_args.extend_from_slice(cert);
     let (middle, middle_out) = spawn_python(
         dir,
-        &ns.b,
+        Some(&ns.b),
         "middle.py",
         &service(MIDDLE_PY),
         &middle_args,
@@ -485,8 +493,14 @@ fn trace_ids_cross_hosts_in_tcp_options() {
     ];
 
     // Phase 1: both agents carry trace ids.
-    let (mut client, client_out) =
-        spawn_python(&dir, &ns.a, "client.py", CLIENT_PY, &client_args, true);
+    let (mut client, client_out) = spawn_python(
+        &dir,
+        Some(&ns.a),
+        "client.py",
+        CLIENT_PY,
+        &client_args,
+        true,
+    );
     assert_eq!(client_out.next("client"), "waiting");
     let (dir_a, dir_b) = (
         TempDir::new("tcpopt-agent-a"),
@@ -566,8 +580,14 @@ fn trace_ids_cross_hosts_in_tcp_options() {
     assert_eq!(traces.len(), REQUESTS, "each request has its own trace");
 
     // Phase 2: the sender's option is off: nothing arrives in band at the middle.
-    let (mut client, client_out) =
-        spawn_python(&dir, &ns.a, "client.py", CLIENT_PY, &client_args, true);
+    let (mut client, client_out) = spawn_python(
+        &dir,
+        Some(&ns.a),
+        "client.py",
+        CLIENT_PY,
+        &client_args,
+        true,
+    );
     assert_eq!(client_out.next("client"), "waiting");
     let (dir_a, dir_b) = (
         TempDir::new("tcpopt-agent-a"),
@@ -643,7 +663,7 @@ fn kept_alive_connection(env: &[(&str, &str)]) {
     let (mut backend, mut middle) = start_services(&dir, &ns, &[]);
     let (mut client, client_out) = spawn_python(
         &dir,
-        &ns.a,
+        Some(&ns.a),
         "client_keepalive.py",
         CLIENT_KEEPALIVE_PY,
         &[
@@ -756,8 +776,14 @@ async fn link_across_hosts(tls: bool, local_hop: bool) {
         client_args.push("tls".to_owned());
     }
     let client_ns = if local_hop { &ns.b } else { &ns.a };
-    let (mut client, client_out) =
-        spawn_python(&dir, client_ns, "client.py", CLIENT_PY, &client_args, true);
+    let (mut client, client_out) = spawn_python(
+        &dir,
+        Some(client_ns),
+        "client.py",
+        CLIENT_PY,
+        &client_args,
+        true,
+    );
     assert_eq!(client_out.next("client"), "waiting");
 
     let receiver = OtlpReceiver::start_grpc().await.expect("OTLP receiver");
@@ -956,15 +982,14 @@ fn trace_ids_pass_between_ends_on_one_host() {
 /// whether the ids travel in the TCP option.
 fn local_ends(env: &[(&str, &str)], on_the_wire: bool) {
     let dir = TempDir::new("tcpopt-local");
-    let path = dir.write("local.py", LOCAL_PY);
-    let mut cmd = Command::new(python());
-    cmd.arg(&path)
-        .arg(REQUESTS.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut script = Proc::spawn("local.py", cmd);
-    let out = Lines::new(script.take_stdout());
+    let (mut script, out) = spawn_python(
+        &dir,
+        None,
+        "local.py",
+        LOCAL_PY,
+        &[REQUESTS.to_string()],
+        true,
+    );
     assert_eq!(out.next("local.py"), "waiting");
     let mut all_env = vec![("TRACER_LOG", "info,tracer::trace_context=debug")];
     all_env.extend_from_slice(env);
