@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
@@ -291,50 +291,6 @@ for i in range(n):
 conn.close()
 print("done", flush=True)
 "#;
-
-/// One `trace context` debug line of an agent.
-#[derive(Debug, Clone)]
-struct TraceEvent {
-    pid: u32,
-    role: String,
-    direction: String,
-    local: String,
-    remote: String,
-    trace_id: String,
-    in_band: bool,
-    generated: bool,
-}
-
-/// The `trace context` lines of an agent's log.
-fn trace_events(stderr: &str) -> Vec<TraceEvent> {
-    stderr
-        .lines()
-        .filter(|l| l.contains("tracer::trace_context: trace context "))
-        .map(|line| {
-            let fields: BTreeMap<&str, &str> = line
-                .split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k, v.trim_matches('"')))
-                .collect();
-            let get = |k: &str| {
-                fields
-                    .get(k)
-                    .unwrap_or_else(|| panic!("no {k} in {line:?}"))
-                    .to_string()
-            };
-            TraceEvent {
-                pid: get("pid").parse().expect("pid"),
-                role: get("role"),
-                direction: get("direction"),
-                local: get("local"),
-                remote: get("remote"),
-                trace_id: get("trace_id"),
-                in_band: get("in_band") == "true",
-                generated: get("generated") == "true",
-            }
-        })
-        .collect()
-}
 
 /// The events of `pid` with this role and direction.
 fn pick<'a>(

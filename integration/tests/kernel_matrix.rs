@@ -95,30 +95,23 @@ fn check_kernel(meta: &str, version_prefix: &str, mode: &str, taken_at: &str) {
     // handed over in memory (both ends on this host), httpd's read got it in band...
     let log = section(&console, "agent log").join("\n");
     assert!(log.contains("tcp_option=true"), "{log}");
-    let in_band = |role: &str, direction: &str| {
-        log.lines()
-            .filter(|l| {
-                l.contains("trace context")
-                    && l.contains(&format!("role=\"{role}\""))
-                    && l.contains(&format!("direction=\"{direction}\""))
-            })
-            .map(|l| {
-                let id = l
-                    .split_whitespace()
-                    .find_map(|f| f.strip_prefix("trace_id="));
-                (id.unwrap_or("").to_owned(), l.contains("in_band=true"))
-            })
-            .collect::<Vec<_>>()
+    let events = common::trace_events(&log);
+    let of = |role: &str, direction: &str| -> Vec<&common::TraceEvent> {
+        events
+            .iter()
+            .filter(|e| e.role == role && e.direction == direction)
+            .collect()
     };
-    let (sent, read) = (in_band("client", "send"), in_band("server", "recv"));
+    let (sent, read) = (of("client", "send"), of("server", "recv"));
     assert!(
         read.len() >= 2,
         "httpd's reads of wget's two requests:\n{log}"
     );
-    for (id, got_in_band) in &read {
+    for r in &read {
         assert!(
-            *got_in_band && sent.iter().any(|(sent_id, _)| sent_id == id),
-            "httpd read {id} not in band from wget:\n{log}"
+            r.in_band && sent.iter().any(|s| s.trace_id == r.trace_id),
+            "httpd read {} not in band from wget:\n{log}",
+            r.trace_id
         );
     }
     assert!(

@@ -983,3 +983,47 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
     let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     found >= (major, minor)
 }
+
+/// One `trace context` debug line of an agent.
+#[derive(Debug, Clone)]
+pub struct TraceEvent {
+    pub pid: u32,
+    pub role: String,
+    pub direction: String,
+    pub local: String,
+    pub remote: String,
+    pub trace_id: String,
+    pub in_band: bool,
+    pub generated: bool,
+}
+
+/// The `trace context` lines of an agent's log (`TRACER_LOG=tracer::trace_context=debug`).
+pub fn trace_events(stderr: &str) -> Vec<TraceEvent> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("tracer::trace_context: trace context "))
+        .map(|line| {
+            let fields: std::collections::BTreeMap<&str, &str> = line
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k, v.trim_matches('"')))
+                .collect();
+            let get = |k: &str| {
+                fields
+                    .get(k)
+                    .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+                    .to_string()
+            };
+            TraceEvent {
+                pid: get("pid").parse().expect("pid"),
+                role: get("role"),
+                direction: get("direction"),
+                local: get("local"),
+                remote: get("remote"),
+                trace_id: get("trace_id"),
+                in_band: get("in_band") == "true",
+                generated: get("generated") == "true",
+            }
+        })
+        .collect()
+}
