@@ -6,7 +6,8 @@ need=()
 # android-libboringssl(-dev): BoringSSL as a shared library, for the C client in
 # integration/c/boringssl_client.c, which the TLS tests build with gcc. golang-google-grpc-dev:
 # grpc-go's source, for the gRPC-over-TLS peer in integration/go/gogrpc (built in GOPATH mode).
-for p in nginx-light curl python3 nghttp2-client postgresql-15 postgresql-client-15 golang-go \
+# bpftool: lists the tracepoints the agent's programs are attached to (e2e_http1).
+for p in nginx-light curl python3 nghttp2-client bpftool postgresql-15 postgresql-client-15 golang-go \
   golang-google-grpc-dev android-libboringssl android-libboringssl-dev gcc libc6-dev; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done

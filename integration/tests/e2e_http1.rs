@@ -841,3 +841,193 @@ fn stdout_mode_prints_server_and_client_lines() {
         );
     }
 }
+
+/// Serves three kinds of exchange, one connection at a time (argv: port, file to send): `/half`
+/// answers HTTP/1.0 after the client shut its side, and closes (the response ends at the close);
+/// `/file` sends its body with sendfile; anything else a short body, on the kept-alive connection.
+const CLOSING_SERVER_PY: &str = r#"
+import socket, sys, time
+port, path = int(sys.argv[1]), sys.argv[2]
+size = len(open(path, "rb").read())
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port))
+srv.listen(8)
+print("ready", flush=True)
+
+def target(c):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = c.recv(4096)
+        if not chunk:
+            return None
+        head += chunk
+    return head.split(b" ")[1]
+
+while True:
+    c, _ = srv.accept()
+    while True:
+        t = target(c)
+        if t is None:
+            break
+        if t == b"/half":
+            time.sleep(0.3)  # the client shuts its side meanwhile
+            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nread until close\n")
+            break
+        if t == b"/file":
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            with open(path, "rb") as f:
+                c.sendfile(f)
+        else:
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nafter\n")
+    c.close()
+"#;
+
+/// The client of [`CLOSING_SERVER_PY`] (argv: port, size of `/file`): `/half` after which it shuts
+/// its side, reads the response until it is whole (not until the end of stream), waits for the
+/// server's FIN and closes; then `/file` and `/after` on one kept-alive connection. It then
+/// prints `done` and stays alive, so that only close events can end its connections.
+const CLOSING_CLIENT_PY: &str = r#"
+import socket, sys, time
+port, size = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(b"GET /half HTTP/1.0\r\nHost: test\r\n\r\n")
+s.shutdown(socket.SHUT_WR)
+data = b""
+while not data.endswith(b"read until close\n"):
+    data += s.recv(4096)
+time.sleep(0.3)  # the server's FIN: the socket leaves TCP while this process still holds it
+s.close()
+s = socket.create_connection(("127.0.0.1", port))
+for target, length in ((b"/file", size), (b"/after", 6)):
+    s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: test\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < length:
+        data += s.recv(65536)
+s.close()
+print("done", flush=True)
+time.sleep(300)
+"#;
+
+/// Connections open and close at their TCP state changes on this kernel, with no syscall
+/// tracepoint attached, and at their syscalls with `TRACER_SOCKET_STATES=0`. Either way: a
+/// response that ends at the server's close is exported from both ends while the client still
+/// runs (only close events end those exchanges: the client never reads the end of stream, and a
+/// `shutdown(SHUT_WR)` before the response is no close); a body sent with sendfile is counted, so
+/// the next request on that connection is placed right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_close_at_their_tcp_state_changes() {
+    require_root();
+    closing_connections(&[], true).await;
+    closing_connections(&[("TRACER_SOCKET_STATES", "0")], false).await;
+}
+
+async fn closing_connections(env: &[(&str, &str)], states: bool) {
+    let dir = TempDir::new("closing");
+    let body = "sent with sendfile\n".repeat(300);
+    let file = dir.write("file.txt", &body);
+    let receiver = receiver(Protocol::HttpProtobuf).await;
+    let port = free_port();
+    let spawn = |name: &str, script: &str, args: &[String]| {
+        let mut cmd = Command::new(python());
+        cmd.arg(dir.write(name, script))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        let mut proc = Proc::spawn(name, cmd);
+        let lines = Lines::new(proc.take_stdout());
+        (proc, lines)
+    };
+    let server_args = [port.to_string(), file.display().to_string()];
+    let (mut server, server_lines) = spawn("closing_server.py", CLOSING_SERVER_PY, &server_args);
+    assert_eq!(server_lines.next("closing_server.py"), "ready");
+    wait_for_port(&mut server, port);
+    let mut args = Agent::otlp_args(&receiver);
+    args.extend(["--port".to_owned(), port.to_string()]);
+    let mut agent = Agent::start_with_env(&dir, &args, env);
+
+    let at = if states {
+        "TCP state changes"
+    } else {
+        "syscalls"
+    };
+    let stderr = agent.stderr();
+    assert!(
+        stderr.contains(&format!(r#"where connections open and close at="{at}""#)),
+        "expected connections taken at {at}:\n{stderr}"
+    );
+    // The programs on syscall tracepoints are named after them.
+    let attached = attached_programs(agent.pid());
+    let has = |name: &str| attached.iter().any(|t| t == name);
+    assert_eq!(
+        attached.iter().any(|t| t.starts_with("sys_")),
+        !states,
+        "programs attached: {attached:?}"
+    );
+    assert!(has("sock_recv_length"), "programs attached: {attached:?}");
+    assert_eq!(
+        has("inet_sock_set_state") && has("tcp_destroy_sock"),
+        states,
+        "programs attached: {attached:?}"
+    );
+
+    let client_args = [port.to_string(), body.len().to_string()];
+    let (mut client, client_lines) = spawn("closing_client.py", CLOSING_CLIENT_PY, &client_args);
+    assert_eq!(client_lines.next("closing_client.py"), "done");
+    // The client is alive until the spans are in: its exit would end its connections too.
+    let spans = collect_exact(&receiver, &mut agent, 3, 3).await;
+    client.assert_running();
+    for kind in [SpanKind::Server, SpanKind::Client] {
+        for (path, size) in [("/half", 17), ("/file", body.len()), ("/after", 6)] {
+            let span = one(&spans, kind, path, |s| {
+                s.attr_str("url.path") == Some(path)
+                    || s.attr_str("url.full") == Some(&format!("http://test{path}"))
+            });
+            expect_int(span, "http.response.status_code", 200);
+            let size = i64::try_from(size).expect("size");
+            if kind == SpanKind::Client || path != "/file" {
+                expect_int(span, "http.response.body.size", size);
+            }
+        }
+    }
+}
+
+/// The names of the programs process `pid` holds attached through BPF links (its fds'
+/// `link_type` and `prog_id` in /proc, the programs' names from `bpftool prog show`, whose lines
+/// start `<id>: <type>  name <name>`).
+fn attached_programs(pid: u32) -> Vec<String> {
+    let mut ids = Vec::new();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("agent fdinfo");
+    for entry in fds {
+        let info = std::fs::read_to_string(entry.expect("fdinfo entry").path()).unwrap_or_default();
+        if !info.contains("link_type:") {
+            continue;
+        }
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+        };
+        if let Some(id) = field("prog_id:") {
+            ids.push(id);
+        }
+    }
+    let out = Command::new(which("bpftool"))
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool prog show");
+    assert!(out.status.success(), "bpftool prog show failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter_map(|l| {
+            let (id, rest) = l.split_once(':')?;
+            if !ids.iter().any(|i| i == id) {
+                return None;
+            }
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "name")?;
+            words.get(at + 1).map(|name| (*name).to_owned())
+        })
+        .collect()
+}

@@ -277,6 +277,11 @@ pub struct KernelOffsets {
     pub file_f_op: u32,
     /// `msghdr.msg_iter.count`: the bytes a send has left to queue; 0 when BTF lacks it.
     pub msg_iter_count: u32,
+    /// `sock.sk_shutdown` (u8): which directions are shut; 0 when BTF has no such byte, and then
+    /// connections open and close at their syscalls.
+    pub sk_shutdown: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
 }
 
 const _: () = assert!(HEADER_SIZE.is_multiple_of(8));
@@ -294,7 +299,11 @@ pub struct ConnState {
     /// `CONN_F_*` flags; userspace may set them.
     pub flags: u8,
     /// Reserved, zero.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Process id (tgid) of the last process that read or wrote the connection, 0 before that:
+    /// where the kernel programs take a connection's close from its TCP state changes rather than
+    /// from close(2), the close event goes to this process's connection.
+    pub owner: u32,
     /// Bytes the kernel saw sent on this connection (next send event's `stream_offset`).
     pub sent: u64,
     /// Bytes the kernel saw received on this connection.

@@ -36,6 +36,11 @@ static CAPTURE_LIMIT: u32 = DEFAULT_CAPTURE;
 /// buffer (it also drains on a short timer); 0 wakes it for every record.
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 0;
+/// Set by userspace before load: the number of possible CPUs. `SCRATCH` holds twice as many
+/// slots: the second half for programs that may interrupt another one on their CPU (see
+/// [`scratch_interrupting`]).
+#[unsafe(no_mangle)]
+static NR_CPUS: u32 = 0;
 /// Set by userspace before load: non-zero when only the processes in `PIDS` are traced.
 #[unsafe(no_mangle)]
 static FILTER_PIDS: u8 = 0;
@@ -82,6 +87,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_copied_seq: 0,
     file_f_op: 0,
     msg_iter_count: 0,
+    sk_shutdown: 0,
+    _pad: 0,
 };
 
 /// Events to userspace. Userspace resizes it at load time.
@@ -109,6 +116,12 @@ static SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 /// read instead of a lookup in `SEEN`.
 #[map]
 static RECOVERY_DONE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Slot 0 is non-zero once userspace attached `inet_sock_set_state` in place of the connect,
+/// accept and close syscall programs, with no syscall program left: the socket-layer programs
+/// then take sendfile and the mmsg calls too (see `sock_hooks.rs`).
+#[map]
+static SOCKET_STATES: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The exit programs of reads through iovecs, by `AFTER_CONTEXT_*` slot, for their trace-context
 /// programs to tail-call (see `read_context`).
@@ -187,6 +200,15 @@ struct Scratch {
 fn scratch() -> Option<*mut Scratch> {
     // SAFETY: returns the current CPU id.
     let cpu = unsafe { bpf_get_smp_processor_id() };
+    SCRATCH.get_ptr_mut(cpu)
+}
+
+/// This CPU's second staging area, for a program that may run in a softirq: it may have
+/// interrupted another program on this CPU halfway through that one's use of [`scratch`].
+#[inline(always)]
+fn scratch_interrupting() -> Option<*mut Scratch> {
+    // SAFETY: returns the current CPU id; plain read of a global set before load.
+    let cpu = unsafe { bpf_get_smp_processor_id() + read_volatile(&NR_CPUS) };
     SCRATCH.get_ptr_mut(cpu)
 }
 
@@ -508,14 +530,17 @@ fn tcp_stream(sk: u64, file: u64, by_fops: bool) -> bool {
 /// this event; advances that direction's byte count by `bytes`.
 #[inline(always)]
 fn conn_advance(sk: u64, now: u64, direction: u8, bytes: u64) -> (ConnState, u64) {
-    conn_advance_at(None, sk, now, direction, bytes)
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    conn_advance_at(None, sk, tgid, now, direction, bytes)
 }
 
-/// [`conn_advance`] with the state of `sk` when the caller looked it up already (`found`).
+/// [`conn_advance`] with the state of `sk` when the caller looked it up already (`found`), for
+/// process `tgid` (the current one), which becomes the connection's owner.
 #[inline(always)]
 fn conn_advance_at(
     found: Option<*mut ConnState>,
     sk: u64,
+    tgid: u32,
     now: u64,
     direction: u8,
     bytes: u64,
@@ -548,6 +573,7 @@ fn conn_advance_at(
         };
         let offset = *counter;
         *counter = offset + bytes;
+        (*c).owner = tgid;
         (*c, offset)
     }
 }
@@ -1211,6 +1237,12 @@ fn recovery_done() -> bool {
     RECOVERY_DONE.get(0).is_some_and(|done| *done != 0)
 }
 
+/// Whether connections open and close at their TCP state changes (see [`SOCKET_STATES`]).
+#[inline(always)]
+fn socket_states() -> bool {
+    SOCKET_STATES.get(0).is_some_and(|on| *on != 0)
+}
+
 /// A syscall exit without a recorded entry: either not a socket, or a call that was already
 /// blocked when the programs attached (a server waiting in recv on an old connection). Each
 /// thread is looked at once; its arguments come from its saved registers.
@@ -1332,7 +1364,8 @@ fn emit_io<const IOVECS: usize>(
     let scratch = unsafe { &mut *scratch };
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (conn, offset) = conn_advance_at(conn, inf.sock, now, inf.direction, bytes);
+    let tgid = (pid_tgid >> 32) as u32;
+    let (conn, offset) = conn_advance_at(conn, inf.sock, tgid, now, inf.direction, bytes);
     // SAFETY: the thread's own record, from a successful lookup.
     if thread.is_none_or(|t| unsafe { (*t).ssl } != 0) {
         tls::socket_io(pid_tgid, inf.sock, || inf.fd, conn.conn_id);
@@ -1738,7 +1771,21 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 /// Emits a header-only event (close, end of stream, exit).
 #[inline(always)]
 fn emit_control(kind: u8, source: u8, pid_tgid: u64, fd: i32, sk: u64, conn: ConnState) {
-    let Some(scratch) = scratch() else { return };
+    emit_control_at(scratch(), kind, source, pid_tgid, fd, sk, conn);
+}
+
+/// [`emit_control`] staged in `scratch`.
+#[inline(always)]
+fn emit_control_at(
+    scratch: Option<*mut Scratch>,
+    kind: u8,
+    source: u8,
+    pid_tgid: u64,
+    fd: i32,
+    sk: u64,
+    conn: ConnState,
+) {
+    let Some(scratch) = scratch else { return };
     // SAFETY: the per-CPU scratch slot belongs to this program invocation until it returns.
     emit_header(
         unsafe { &mut *scratch },

@@ -13,7 +13,23 @@
 //! `sendmsg` where it has the other two; where it lacks `tcp_sendmsg_locked`, only those writes'
 //! exits are replaced and their syscall entry records the start (`sock_send_length` takes either
 //! record). `recvmmsg`, `sendmmsg` (one tracepoint firing per message) and `sendfile` stay on
-//! their syscall programs, and these programs leave those calls alone.
+//! their syscall programs, and these programs leave those calls alone, except where
+//! `inet_sock_set_state` takes connections' opens and closes (below): then no syscall program is
+//! left, and these programs count those calls' bytes per firing, without copying them.
+//!
+//! Any syscall tracepoint attached sends every syscall of every process on the host down the
+//! kernel's slow syscall path (~65 ns each). Where reads and whole writes are taken here, the
+//! syscall programs left were connect, accept, close, sendfile and the mmsg calls; the
+//! `inet_sock_set_state` tracepoint fires at a TCP socket's state changes instead: `SYN_SENT` in
+//! the connecting task (a client connection starts), `SYN_RECV` to `ESTABLISHED` where the
+//! kernel completes a handshake for a listener (a server connection starts, before accept(2)
+//! returns it), and the close: `FIN_WAIT1` or `LAST_ACK` in the task that closes the socket
+//! with both directions shut (not a `shutdown(SHUT_WR)`). A socket that reaches `CLOSE` before
+//! its process lets go (a reset, or the peer's FIN after a `shutdown(SHUT_WR)`) may still hold
+//! bytes to read, so its close is taken when the kernel destroys it instead
+//! (`tcp:tcp_destroy_sock`: in close(2) for such a socket). A close is per socket, not per file
+//! descriptor: it comes when the last one goes, and its event goes to the process that last read
+//! or wrote the socket (its `ConnState::owner`), once.
 
 use core::ptr::read_volatile;
 
@@ -25,10 +41,11 @@ use aya_ebpf::programs::RawTracePointContext;
 use tracer_ebpf::abi::*;
 
 use super::{
-    BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, Inflight, OFFSETS, PT_REGS_DI, PT_REGS_DX,
-    PT_REGS_ORIG_AX, PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, THREADS, call_of, choose_read_context,
-    client_write, count, emit_io, hand_over, inflight_take, kread, offset_at, port_wanted,
-    serve_write, tcp_sock, thread_of, tls, trace_context, traced, wants_trace,
+    BUF_IOVEC, BUF_KERNEL, BUF_MSGHDR, BUF_PLAIN, CONNS, Inflight, OFFSETS, PT_REGS_DI, PT_REGS_DX,
+    PT_REGS_ORIG_AX, PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, Scratch, THREADS, call_of,
+    choose_read_context, client_write, conn_open, count, emit_control_at, emit_io, hand_over,
+    inflight_take, kread, offset_at, port_wanted, scratch, scratch_interrupting, serve_write,
+    socket_states, tcp_sock, thread_of, tls, trace_context, traced, wants_trace,
 };
 
 /// x86-64 syscall numbers of the calls these programs take.
@@ -43,6 +60,7 @@ const NR_RECVMSG: u64 = 47;
 /// Calls whose syscall programs record the call at entry (see the module's doc).
 const NR_SENDFILE: u64 = 40;
 const NR_SENDMMSG: u64 = 307;
+const NR_RECVMMSG: u64 = 299;
 
 /// `recv` flag: the bytes stay queued and will be read again.
 const MSG_PEEK: u32 = 2;
@@ -130,14 +148,18 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> u32 {
         return 0;
     }
     let (nr, args) = syscall_args();
-    let Some((source, buf_kind)) = recv_call(nr) else {
+    // A recvmmsg's messages, one firing each, are counted uncopied where no syscall program is
+    // left (see the module's doc).
+    let Some((source, buf_kind)) = recv_call(nr)
+        .or_else(|| (nr == NR_RECVMMSG && socket_states()).then_some((SRC_RECVMMSG, BUF_KERNEL)))
+    else {
         return 0;
     };
     let mut call = call_of(args, sk, source, DIR_RECV, buf_kind);
     // A read's time is its exit's; non-zero keeps the record live.
     call.enter_ns = 1;
     let thread = THREADS.get_ptr_mut(pid_tgid);
-    if call.buf_kind == BUF_PLAIN {
+    if call.buf_kind == BUF_PLAIN || call.buf_kind == BUF_KERNEL {
         return emit_io::<0>(pid_tgid, call, thread, found, rc, DIR_RECV);
     }
     // Through iovecs: the trace context here, the copy in the tail-called program, which finds
@@ -273,10 +295,24 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
         return 0;
     }
     let (nr, args) = syscall_args();
-    let Some((source, buf_kind)) = send_call(nr) else {
+    // With no syscall program left (see the module's doc), a sendfile's or sendmmsg's bytes
+    // count here, one firing per buffer or message, uncopied: the file's pages never pass
+    // through user memory, and a message's iovecs are not at hand here.
+    let uncopied = (nr == NR_SENDMMSG || nr == NR_SENDFILE) && started.source == 0;
+    let uncopied = uncopied && socket_states();
+    let Some((source, buf_kind)) = send_call(nr).or_else(|| {
+        uncopied.then_some((
+            if nr == NR_SENDFILE {
+                SRC_SENDFILE
+            } else {
+                SRC_SENDMMSG
+            },
+            BUF_KERNEL,
+        ))
+    }) else {
         // A send these programs do not take. Unless a syscall program recorded it, the record
         // `tcp_sendmsg_locked` made for it (a send from io_uring) ends here.
-        if nr != NR_SENDMMSG && nr != NR_SENDFILE {
+        if started.source == 0 || (nr != NR_SENDMMSG && nr != NR_SENDFILE) {
             // SAFETY: as above.
             unsafe { (*thread).call.enter_ns = 0 };
         }
@@ -287,7 +323,7 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
     call.trace_id = started.trace_id;
     call.trace_flags = started.trace_flags;
     let rc = length_ret(&ctx);
-    if call.buf_kind == BUF_PLAIN {
+    if call.buf_kind == BUF_PLAIN || call.buf_kind == BUF_KERNEL {
         // SAFETY: as above.
         unsafe { (*thread).call.enter_ns = 0 };
         return emit_io::<0>(pid_tgid, call, Some(thread), None, rc, DIR_SEND);
@@ -322,4 +358,90 @@ pub fn sock_send_iov(ctx: RawTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_iov_small(ctx: RawTracePointContext) -> u32 {
     copy_iov::<SMALL_IOVECS>(&ctx, DIR_SEND)
+}
+
+/// TCP states (`include/net/tcp_states.h`).
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_SYN_RECV: u32 = 3;
+const TCP_FIN_WAIT1: u32 = 4;
+const TCP_LAST_ACK: u32 = 9;
+
+/// `sock.sk_shutdown` with both directions shut, as close(2) sets it before its state change.
+const SHUTDOWN_MASK: u8 = 3;
+
+/// A TCP socket changed state: connections open and close here instead of at connect(2),
+/// accept(2) and close(2) where userspace attaches this (see the module's doc).
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let old = ctx.arg::<u64>(1) as u32;
+    let new = ctx.arg::<u64>(2) as u32;
+    match new {
+        // In the connecting task, before the SYN leaves (its local port may not be chosen yet;
+        // the addresses are).
+        TCP_SYN_SENT => {
+            if traced((bpf_get_current_pid_tgid() >> 32) as u32) && tcp_sock(sk) {
+                conn_open(sk, ROLE_CLIENT);
+            }
+        }
+        // Where the handshake completes (usually the softirq that took the ACK): no process to
+        // filter on yet; the socket's reads and writes are filtered.
+        TCP_ESTABLISHED if old == TCP_SYN_RECV => {
+            if tcp_sock(sk) {
+                conn_open(sk, ROLE_SERVER);
+            }
+        }
+        // Only close(2) and shutdown(2) set these, in the task that calls them.
+        TCP_FIN_WAIT1 | TCP_LAST_ACK => {
+            let member = off!(sk_shutdown);
+            // Only a close (or a shutdown of both directions) has shut reading too.
+            if member != 0 && kread::<u8>(sk + member as u64) == Some(SHUTDOWN_MASK) {
+                conn_closed(sk, scratch());
+            }
+        }
+        _ => {}
+    }
+    0
+}
+
+/// A TCP socket is destroyed: the close of one that reached `CLOSE` without a close(2) state
+/// change above (see the module's doc). Also fires for sockets whose close was taken already,
+/// which find no owner.
+#[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    // In close(2), or in the softirq or timer that ends an orphaned socket, which may have
+    // interrupted another program on this CPU.
+    conn_closed(sk, scratch_interrupting());
+    // The socket is gone for every process that held it; a new one at this address is opened
+    // afresh (at its own state changes).
+    let _ = CONNS.remove(sk);
+    0
+}
+
+/// Socket `sk` was closed: a close event for its owner, once, staged in `slot`.
+#[inline(always)]
+fn conn_closed(sk: u64, slot: Option<*mut Scratch>) {
+    let Some(c) = CONNS.get_ptr_mut(sk) else {
+        return;
+    };
+    // SAFETY: copied out of the map, from a successful lookup.
+    let conn: ConnState = unsafe { *c };
+    // Never read nor written by a traced process (or closed already): nothing to flush.
+    if conn.owner == 0 {
+        return;
+    }
+    // SAFETY: as above. The socket's destruction after a close taken here finds no owner.
+    unsafe { (*c).owner = 0 };
+    let owner = conn.owner as u64;
+    emit_control_at(
+        slot,
+        KIND_CLOSE,
+        SRC_CLOSE,
+        owner << 32 | owner,
+        -1,
+        sk,
+        conn,
+    );
 }

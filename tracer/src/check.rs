@@ -167,6 +167,9 @@ pub enum CaptureMode {
         /// `tcp_sendmsg_locked` is there too, so a socket write's start is taken there and not
         /// at its syscall's entry.
         writes: bool,
+        /// With `writes`, connections open and close at `inet_sock_set_state` (their TCP state
+        /// changes) too, and no syscall tracepoint is attached.
+        states: bool,
     },
     /// Capture is impossible; names the missing features.
     Unavailable(Vec<&'static str>),
@@ -176,7 +179,14 @@ impl fmt::Display for CaptureMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::SyscallTracepoints => f.write_str("syscall tracepoints"),
-            Self::SocketLayer { writes } => write!(
+            Self::SocketLayer {
+                writes: true,
+                states: true,
+            } => f.write_str(
+                "socket tracepoints for socket reads and writes, TCP state changes for \
+                 connections' opens and closes, no syscall tracepoint",
+            ),
+            Self::SocketLayer { writes, .. } => write!(
                 f,
                 "socket tracepoints for socket reads and {}, syscall tracepoints for the rest",
                 if *writes {
@@ -211,6 +221,9 @@ pub struct Report {
     pub socket_tracepoints: Feature,
     /// Whole socket writes can be taken there (`tcp_sendmsg_locked` too).
     pub socket_writes: bool,
+    /// With `socket_writes`, connections can open and close at `inet_sock_set_state`: the
+    /// tracepoint is there and BTF gives `sock.sk_shutdown` as a byte.
+    pub socket_states: bool,
     /// A tracepoint program loads.
     pub tracepoint_prog: Feature,
     /// The uprobe PMU exists.
@@ -261,6 +274,7 @@ impl Report {
         } else if self.socket_tracepoints.available && self.btf.available {
             CaptureMode::SocketLayer {
                 writes: self.socket_writes,
+                states: self.socket_writes && self.socket_states,
             }
         } else {
             CaptureMode::SyscallTracepoints
@@ -276,7 +290,7 @@ fn socket_tracepoints() -> (Feature, bool) {
         Ok(t) => t,
         Err(e) => return (Feature::no(e.to_string()), false),
     };
-    let has = |event: &str| tracefs.join("events").join(event).join("id").is_file();
+    let has = |event: &str| has_event(&tracefs, event);
     // Both `sock` tracepoints came in 6.3.
     let socket = has("sock/sock_recv_length") && has("sock/sock_send_length");
     let writes = socket && has("tcp/tcp_sendmsg_locked");
@@ -288,6 +302,17 @@ fn socket_tracepoints() -> (Feature, bool) {
         _ => Feature::no("no sock:sock_recv_length (Linux 6.3)"),
     };
     (feature, writes)
+}
+
+/// Whether tracefs at `tracefs` has tracepoint `event` (`category/name`).
+fn has_event(tracefs: &Path, event: &str) -> bool {
+    tracefs.join("events").join(event).join("id").is_file()
+}
+
+/// Whether the kernel has tracepoint `event` (`category/name`); false when tracefs cannot be
+/// mounted.
+fn has_tracepoint(event: &str) -> bool {
+    ensure_tracefs().is_ok_and(|t| has_event(&t, event))
 }
 
 impl fmt::Display for Report {
@@ -328,6 +353,10 @@ pub fn probe() -> Report {
         Err(_) => Err("needs kernel BTF".to_owned()),
     };
     let (socket_tracepoints, socket_writes) = socket_tracepoints();
+    let shutdown_byte = parsed
+        .as_ref()
+        .is_ok_and(|b| resolve_offsets(b).is_ok_and(|o| o.sk_shutdown != 0));
+    let socket_states = shutdown_byte && has_tracepoint("sock/inet_sock_set_state");
     Report {
         kernel: kernel_release().unwrap_or_else(|| "unknown".to_owned()),
         privileges,
@@ -339,6 +368,7 @@ pub fn probe() -> Report {
         syscall_tracepoints: feature(syscall_tracepoints()),
         socket_tracepoints,
         socket_writes,
+        socket_states,
         tracepoint_prog: feature(
             load_program(BPF_PROG_TYPE_TRACEPOINT, 0, 0, &RETURN_ZERO)
                 .map(|()| "tracepoint program loads"),
@@ -895,10 +925,14 @@ mod tests {
         ] {
             assert!(f.available, "{report}");
         }
-        // This kernel (6.18) has all three socket-layer tracepoints.
+        // This kernel (6.18) has all three socket-layer tracepoints, `inet_sock_set_state` and
+        // `sk_shutdown` as a byte.
         assert_eq!(
             report.capture_mode(),
-            CaptureMode::SocketLayer { writes: true },
+            CaptureMode::SocketLayer {
+                writes: true,
+                states: true
+            },
             "{report}"
         );
         let pmu = |name: &str| Path::new(PMU_DIR).join(name).join("type").exists();
@@ -933,8 +967,8 @@ mod tests {
         }
         assert!(
             shown.ends_with(
-                "capture mode: socket tracepoints for socket reads and writes, syscall \
-                 tracepoints for the rest"
+                "capture mode: socket tracepoints for socket reads and writes, TCP state changes \
+                 for connections' opens and closes, no syscall tracepoint"
             ),
             "{shown}"
         );
@@ -952,6 +986,7 @@ mod tests {
             syscall_tracepoints: ok.clone(),
             socket_tracepoints: Feature::no("x"),
             socket_writes: false,
+            socket_states: true,
             tracepoint_prog: ok.clone(),
             uprobes: Feature::no("x"),
             kprobes: Feature::no("x"),
@@ -968,7 +1003,15 @@ mod tests {
         report.socket_writes = true;
         assert_eq!(
             report.capture_mode(),
-            CaptureMode::SocketLayer { writes: true }
+            CaptureMode::SocketLayer {
+                writes: true,
+                states: true
+            }
+        );
+        report.socket_states = false;
+        assert_eq!(
+            report.capture_mode().to_string(),
+            "socket tracepoints for socket reads and writes, syscall tracepoints for the rest"
         );
         report.ringbuf = Feature::no("EPERM");
         report.btf = Feature::no("missing");

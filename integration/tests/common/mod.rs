@@ -594,6 +594,11 @@ impl Agent {
         agent
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// The flags that make the agent export to `receiver`.
     pub fn otlp_args(receiver: &OtlpReceiver) -> Vec<String> {
         vec![

@@ -697,6 +697,10 @@ pub fn resolve_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         msg_iter_count: btf
             .member_offset("msghdr", &["msg_iter", "count"])
             .unwrap_or(0),
+        // Optional (a bitfield, which does not resolve, in older kernels): without it
+        // connections open and close at their syscalls.
+        sk_shutdown: btf.member_offset("sock", &["sk_shutdown"]).unwrap_or(0),
+        _pad: 0,
     })
 }
 

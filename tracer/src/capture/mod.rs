@@ -129,6 +129,23 @@ const SOCKET_HOOKS: [&[SocketHooks]; 2] = [
     ],
 ];
 
+/// The syscall programs left once reads and whole writes are taken at the socket layer, which
+/// `inet_sock_set_state` replaces (see `sock_hooks.rs`): with none of them attached, no syscall
+/// of the host takes the kernel's slow syscall path for tracepoints.
+const SOCKET_STATE_REPLACES: &[&str] = &[
+    "sys_enter_recvmmsg",
+    "sys_exit_recvmmsg",
+    "sys_enter_sendmmsg",
+    "sys_exit_sendmmsg",
+    "sys_enter_sendfile64",
+    "sys_exit_sendfile64",
+    "sys_enter_connect",
+    "sys_exit_connect",
+    "sys_exit_accept",
+    "sys_exit_accept4",
+    "sys_enter_close",
+];
+
 /// Exit programs that have a `<name>_small` variant with a shorter iovec loop.
 const SMALL_VARIANTS: &[&str] = &[
     "sys_exit_readv",
@@ -296,6 +313,38 @@ fn socket_hooks_wanted(hooks: &SocketHooks) -> bool {
     }
 }
 
+/// Whether connections may open and close at their TCP state changes (`inet_sock_set_state`)
+/// instead of at their syscalls: unless `TRACER_SOCKET_STATES=0`.
+fn socket_states_wanted() -> bool {
+    let off = std::env::var_os("TRACER_SOCKET_STATES").is_some_and(|v| v == "0");
+    if off {
+        tracing::info!("connections open and close at their syscalls (TRACER_SOCKET_STATES=0)");
+    }
+    !off
+}
+
+/// Loads and attaches `inet_sock_set_state` and `tcp_destroy_sock` in place of
+/// [`SOCKET_STATE_REPLACES`], then tells
+/// the socket-layer programs that they take sendfile and the mmsg calls too.
+fn attach_socket_states(ebpf: &mut Ebpf) -> Result<(), String> {
+    let names = ["inet_sock_set_state", "tcp_destroy_sock"];
+    for (i, name) in names.into_iter().enumerate() {
+        let attached = load_once(ebpf, name)
+            .and_then(|()| raw_tracepoint_program(ebpf, name)?.attach(name).map(drop));
+        if let Err(e) = attached {
+            for done in &names[..i] {
+                if let Ok(prog) = raw_tracepoint_program(ebpf, done) {
+                    let _ = prog.unload();
+                }
+            }
+            return Err(format!("{name}: {e}"));
+        }
+    }
+    let mut on: Array<&mut MapData, u32> =
+        typed_map(ebpf, "SOCKET_STATES").map_err(|e| e.to_string())?;
+    on.set(0, 1, 0).map_err(|e| format!("SOCKET_STATES: {e}"))
+}
+
 /// Whether connections within the host carry the trace-context TCP option too
 /// (`TRACER_TCP_OPTION_LOCAL=1`), instead of their client writes handing the trace id to the
 /// receiving socket in the kernel's memory (the default: the agent sees both ends, and the option
@@ -429,6 +478,7 @@ fn load_object(
     let trace_context = u8::from(trace_context);
     let task_btf = u8::from(task_btf);
     let local_option = u8::from(trace_context != 0 && local_tcp_option());
+    let cpus = possible_cpus()?;
     let mut ebpf = EbpfLoader::new()
         .override_global("AGENT_TGID", &agent, true)
         .override_global("WAKEUP_BYTES", &wakeup_bytes(opts.ring_buffer_bytes), true)
@@ -439,8 +489,10 @@ fn load_object(
         .override_global("LOCAL_OPTION", &local_option, true)
         .override_global("TASK_BTF", &task_btf, true)
         .override_global("OFFSETS", &offsets, true)
+        .override_global("NR_CPUS", &cpus, true)
         .map_max_entries("EVENTS", opts.ring_buffer_bytes)
-        .map_max_entries("SCRATCH", possible_cpus()?)
+        // Two slots per CPU: see `scratch_interrupting` in the kernel programs.
+        .map_max_entries("SCRATCH", 2 * cpus)
         .load(EBPF_OBJECT)
         .map_err(CaptureError::Load)?;
     fill_set(&mut ebpf, "PIDS", &opts.pids)?;
@@ -569,6 +621,24 @@ impl Capture {
             writes = taken_at[1],
             "socket reads and writes are taken at"
         );
+        // With reads and whole writes at the socket layer, the syscall programs left are those
+        // of connect, accept, close, sendfile and the mmsg calls; their tracepoints alone would
+        // cost every syscall of the host the slow path.
+        let mut opened_at = "syscalls";
+        if taken_at == ["socket layer"; 2] && offsets.sk_shutdown != 0 && socket_states_wanted() {
+            match attach_socket_states(&mut ebpf) {
+                Ok(()) => {
+                    replaced.extend(SOCKET_STATE_REPLACES);
+                    attached += 2;
+                    opened_at = "TCP state changes";
+                }
+                Err(reason) => tracing::warn!(
+                    %reason,
+                    "connections open and close at their syscalls, whose tracepoints slow every syscall of the host"
+                ),
+            }
+        }
+        tracing::info!(at = opened_at, "where connections open and close");
 
         let tracepoints = SYSCALL_TRACEPOINTS
             .iter()
