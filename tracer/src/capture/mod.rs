@@ -324,25 +324,32 @@ fn socket_states_wanted() -> bool {
 }
 
 /// Loads and attaches `inet_sock_set_state` and `tcp_destroy_sock` in place of
-/// [`SOCKET_STATE_REPLACES`], then tells
-/// the socket-layer programs that they take sendfile and the mmsg calls too.
+/// [`SOCKET_STATE_REPLACES`], then tells the socket-layer programs that they take sendfile and
+/// the mmsg calls too. On failure nothing of it stays attached.
 fn attach_socket_states(ebpf: &mut Ebpf) -> Result<(), String> {
     let names = ["inet_sock_set_state", "tcp_destroy_sock"];
+    let unload = |ebpf: &mut Ebpf, done: &[&str]| {
+        for name in done {
+            if let Ok(prog) = raw_tracepoint_program(ebpf, name) {
+                let _ = prog.unload();
+            }
+        }
+    };
     for (i, name) in names.into_iter().enumerate() {
         let attached = load_once(ebpf, name)
             .and_then(|()| raw_tracepoint_program(ebpf, name)?.attach(name).map(drop));
         if let Err(e) = attached {
-            for done in &names[..i] {
-                if let Ok(prog) = raw_tracepoint_program(ebpf, done) {
-                    let _ = prog.unload();
-                }
-            }
+            unload(ebpf, &names[..i]);
             return Err(format!("{name}: {e}"));
         }
     }
-    let mut on: Array<&mut MapData, u32> =
-        typed_map(ebpf, "SOCKET_STATES").map_err(|e| e.to_string())?;
-    on.set(0, 1, 0).map_err(|e| format!("SOCKET_STATES: {e}"))
+    let set = typed_map::<Array<&mut MapData, u32>>(ebpf, "SOCKET_STATES")
+        .map_err(|e| e.to_string())
+        .and_then(|mut on| on.set(0, 1, 0).map_err(|e| format!("SOCKET_STATES: {e}")));
+    if set.is_err() {
+        unload(ebpf, &names);
+    }
+    set
 }
 
 /// Whether connections within the host carry the trace-context TCP option too
