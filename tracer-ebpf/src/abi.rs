@@ -2,7 +2,7 @@
 //! `#[repr(C)]`, 8-byte aligned, and read by userspace with an unaligned copy of the ring-buffer record.
 
 /// Bumped on any layout change of the types in this module.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Compile-time ceiling of payload bytes copied per syscall. The runtime limit (`CAPTURE_LIMIT`) is
 /// at most this.
