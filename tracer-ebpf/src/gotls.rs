@@ -137,7 +137,7 @@ fn emit(pid_tgid: u64, direction: u8, call: &GoCall, bytes: u64) {
     let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (conn, _) = conn_advance(call.sock, now, direction, 0);
+    let (conn, _) = conn_advance(call.sock, tgid, now, direction, 0);
     let offset = tls_advance(call.sock, conn.conn_id, direction, bytes);
 
     let Some(scratch) = scratch() else { return };

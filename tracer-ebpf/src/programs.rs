@@ -527,15 +527,14 @@ fn tcp_stream(sk: u64, file: u64, by_fops: bool) -> bool {
 }
 
 /// The connection state of `sk` (created, role unknown, on first sight) with the stream offset of
-/// this event; advances that direction's byte count by `bytes`.
+/// this event; advances that direction's byte count by `bytes`, and makes process `tgid` (the
+/// current one) the connection's owner.
 #[inline(always)]
-fn conn_advance(sk: u64, now: u64, direction: u8, bytes: u64) -> (ConnState, u64) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+fn conn_advance(sk: u64, tgid: u32, now: u64, direction: u8, bytes: u64) -> (ConnState, u64) {
     conn_advance_at(None, sk, tgid, now, direction, bytes)
 }
 
-/// [`conn_advance`] with the state of `sk` when the caller looked it up already (`found`), for
-/// process `tgid` (the current one), which becomes the connection's owner.
+/// [`conn_advance`] with the state of `sk` when the caller looked it up already (`found`).
 #[inline(always)]
 fn conn_advance_at(
     found: Option<*mut ConnState>,
@@ -1771,21 +1770,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 /// Emits a header-only event (close, end of stream, exit).
 #[inline(always)]
 fn emit_control(kind: u8, source: u8, pid_tgid: u64, fd: i32, sk: u64, conn: ConnState) {
-    emit_control_at(scratch(), kind, source, pid_tgid, fd, sk, conn);
-}
-
-/// [`emit_control`] staged in `scratch`.
-#[inline(always)]
-fn emit_control_at(
-    scratch: Option<*mut Scratch>,
-    kind: u8,
-    source: u8,
-    pid_tgid: u64,
-    fd: i32,
-    sk: u64,
-    conn: ConnState,
-) {
-    let Some(scratch) = scratch else { return };
+    let Some(scratch) = scratch() else { return };
     // SAFETY: the per-CPU scratch slot belongs to this program invocation until it returns.
     emit_header(
         unsafe { &mut *scratch },

@@ -43,7 +43,7 @@ use tracer_ebpf::abi::*;
 use super::{
     BUF_IOVEC, BUF_KERNEL, BUF_MSGHDR, BUF_PLAIN, CONNS, Inflight, OFFSETS, PT_REGS_DI, PT_REGS_DX,
     PT_REGS_ORIG_AX, PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, Scratch, THREADS, call_of,
-    choose_read_context, client_write, conn_open, count, emit_control_at, emit_io, hand_over,
+    choose_read_context, client_write, conn_open, count, emit_header, emit_io, hand_over,
     inflight_take, kread, offset_at, port_wanted, scratch, scratch_interrupting, serve_write,
     socket_states, tcp_sock, thread_of, tls, trace_context, traced, wants_trace,
 };
@@ -435,13 +435,16 @@ fn conn_closed(sk: u64, slot: Option<*mut Scratch>) {
     // SAFETY: as above. The socket's destruction after a close taken here finds no owner.
     unsafe { (*c).owner = 0 };
     let owner = conn.owner as u64;
-    emit_control_at(
-        slot,
+    let Some(slot) = slot else { return };
+    // SAFETY: the caller's per-CPU slot belongs to this program invocation until it returns.
+    emit_header(
+        unsafe { &mut *slot },
         KIND_CLOSE,
         SRC_CLOSE,
         owner << 32 | owner,
         -1,
         sk,
         conn,
+        0,
     );
 }

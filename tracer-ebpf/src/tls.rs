@@ -295,7 +295,7 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
     };
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (conn, _) = conn_advance(sock, now, call.direction, 0);
+    let (conn, _) = conn_advance(sock, tgid, now, call.direction, 0);
     if pin {
         remember_socket(key, sock, conn.conn_id, fd);
     }

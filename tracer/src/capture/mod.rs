@@ -129,23 +129,6 @@ const SOCKET_HOOKS: [&[SocketHooks]; 2] = [
     ],
 ];
 
-/// The syscall programs left once reads and whole writes are taken at the socket layer, which
-/// `inet_sock_set_state` replaces (see `sock_hooks.rs`): with none of them attached, no syscall
-/// of the host takes the kernel's slow syscall path for tracepoints.
-const SOCKET_STATE_REPLACES: &[&str] = &[
-    "sys_enter_recvmmsg",
-    "sys_exit_recvmmsg",
-    "sys_enter_sendmmsg",
-    "sys_exit_sendmmsg",
-    "sys_enter_sendfile64",
-    "sys_exit_sendfile64",
-    "sys_enter_connect",
-    "sys_exit_connect",
-    "sys_exit_accept",
-    "sys_exit_accept4",
-    "sys_enter_close",
-];
-
 /// Exit programs that have a `<name>_small` variant with a shorter iovec loop.
 const SMALL_VARIANTS: &[&str] = &[
     "sys_exit_readv",
@@ -323,9 +306,10 @@ fn socket_states_wanted() -> bool {
     !off
 }
 
-/// Loads and attaches `inet_sock_set_state` and `tcp_destroy_sock` in place of
-/// [`SOCKET_STATE_REPLACES`], then tells the socket-layer programs that they take sendfile and
-/// the mmsg calls too. On failure nothing of it stays attached.
+/// Loads and attaches `inet_sock_set_state` and `tcp_destroy_sock` in place of the syscall
+/// programs left once reads and whole writes are taken at the socket layer (connect, accept,
+/// close, sendfile, the mmsg calls; see `sock_hooks.rs`), then tells the socket-layer programs
+/// that they take sendfile and the mmsg calls too. On failure nothing of it stays attached.
 fn attach_socket_states(ebpf: &mut Ebpf) -> Result<(), String> {
     let names = ["inet_sock_set_state", "tcp_destroy_sock"];
     let unload = |ebpf: &mut Ebpf, done: &[&str]| {
@@ -635,7 +619,8 @@ impl Capture {
         if taken_at == ["socket layer"; 2] && offsets.sk_shutdown != 0 && socket_states_wanted() {
             match attach_socket_states(&mut ebpf) {
                 Ok(()) => {
-                    replaced.extend(SOCKET_STATE_REPLACES);
+                    // Every syscall program: reads and writes were replaced above already.
+                    replaced.extend(SYSCALL_TRACEPOINTS);
                     attached += 2;
                     opened_at = "TCP state changes";
                 }
