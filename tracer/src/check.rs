@@ -221,8 +221,9 @@ pub struct Report {
     pub socket_tracepoints: Feature,
     /// Whole socket writes can be taken there (`tcp_sendmsg_locked` too).
     pub socket_writes: bool,
-    /// With `socket_writes`, connections can open and close at `inet_sock_set_state`: the
-    /// tracepoint is there and BTF gives `sock.sk_shutdown` as a byte.
+    /// With `socket_writes`, connections can open and close at their state changes: the
+    /// `inet_sock_set_state` and `tcp_destroy_sock` tracepoints are there and BTF gives
+    /// `sock.sk_shutdown` as a byte.
     pub socket_states: bool,
     /// A tracepoint program loads.
     pub tracepoint_prog: Feature,
@@ -284,13 +285,14 @@ impl Report {
 
 /// Which socket calls the socket layer's tracepoints can take (see [`Report::socket_tracepoints`]):
 /// reads and the ends of writes when `sock_recv_length` and `sock_send_length` are there, whole
-/// writes with `tcp_sendmsg_locked` too.
-fn socket_tracepoints() -> (Feature, bool) {
+/// writes with `tcp_sendmsg_locked` too; last, whether the state-change tracepoints
+/// (`inet_sock_set_state`, `tcp_destroy_sock`) are there.
+fn socket_tracepoints() -> (Feature, bool, bool) {
     let tracefs = match ensure_tracefs() {
         Ok(t) => t,
-        Err(e) => return (Feature::no(e.to_string()), false),
+        Err(e) => return (Feature::no(e.to_string()), false, false),
     };
-    let has = |event: &str| has_event(&tracefs, event);
+    let has = |event: &str| tracefs.join("events").join(event).join("id").is_file();
     // Both `sock` tracepoints came in 6.3.
     let socket = has("sock/sock_recv_length") && has("sock/sock_send_length");
     let writes = socket && has("tcp/tcp_sendmsg_locked");
@@ -301,18 +303,8 @@ fn socket_tracepoints() -> (Feature, bool) {
         ),
         _ => Feature::no("no sock:sock_recv_length (Linux 6.3)"),
     };
-    (feature, writes)
-}
-
-/// Whether tracefs at `tracefs` has tracepoint `event` (`category/name`).
-fn has_event(tracefs: &Path, event: &str) -> bool {
-    tracefs.join("events").join(event).join("id").is_file()
-}
-
-/// Whether the kernel has tracepoint `event` (`category/name`); false when tracefs cannot be
-/// mounted.
-fn has_tracepoint(event: &str) -> bool {
-    ensure_tracefs().is_ok_and(|t| has_event(&t, event))
+    let states = has("sock/inet_sock_set_state") && has("tcp/tcp_destroy_sock");
+    (feature, writes, states)
 }
 
 impl fmt::Display for Report {
@@ -352,11 +344,11 @@ pub fn probe() -> Report {
         },
         Err(_) => Err("needs kernel BTF".to_owned()),
     };
-    let (socket_tracepoints, socket_writes) = socket_tracepoints();
+    let (socket_tracepoints, socket_writes, state_tracepoints) = socket_tracepoints();
     let shutdown_byte = parsed
         .as_ref()
         .is_ok_and(|b| resolve_offsets(b).is_ok_and(|o| o.sk_shutdown != 0));
-    let socket_states = shutdown_byte && has_tracepoint("sock/inet_sock_set_state");
+    let socket_states = shutdown_byte && state_tracepoints;
     Report {
         kernel: kernel_release().unwrap_or_else(|| "unknown".to_owned()),
         privileges,
