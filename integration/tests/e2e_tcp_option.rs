@@ -447,17 +447,22 @@ fn trace_ids_cross_hosts_in_tcp_options() {
         MIDDLE_PORT.to_string(),
         REQUESTS.to_string(),
     ];
+    // The client in namespace A, once it waits for its go.
+    let spawn_client = || {
+        let (client, out) = spawn_python(
+            &dir,
+            Some(&ns.a),
+            "client.py",
+            CLIENT_PY,
+            &client_args,
+            true,
+        );
+        assert_eq!(out.next("client"), "waiting");
+        (client, out)
+    };
 
     // Phase 1: both agents carry trace ids.
-    let (mut client, client_out) = spawn_python(
-        &dir,
-        Some(&ns.a),
-        "client.py",
-        CLIENT_PY,
-        &client_args,
-        true,
-    );
-    assert_eq!(client_out.next("client"), "waiting");
+    let (mut client, client_out) = spawn_client();
     let (dir_a, dir_b) = (
         TempDir::new("tcpopt-agent-a"),
         TempDir::new("tcpopt-agent-b"),
@@ -536,15 +541,7 @@ fn trace_ids_cross_hosts_in_tcp_options() {
     assert_eq!(traces.len(), REQUESTS, "each request has its own trace");
 
     // Phase 2: the sender's option is off: nothing arrives in band at the middle.
-    let (mut client, client_out) = spawn_python(
-        &dir,
-        Some(&ns.a),
-        "client.py",
-        CLIENT_PY,
-        &client_args,
-        true,
-    );
-    assert_eq!(client_out.next("client"), "waiting");
+    let (mut client, client_out) = spawn_client();
     let (dir_a, dir_b) = (
         TempDir::new("tcpopt-agent-a"),
         TempDir::new("tcpopt-agent-b"),
