@@ -553,16 +553,27 @@ async fn connection_opened_before_the_agent_started() {
     }
 }
 
+/// Connections one after another, so the kernel gives each new socket the memory, and with it the
+/// address, of one closed before: each connection's spans must still carry its own ports (the
+/// kernel programs keep a connection's tuple with its state, keyed by that address). Also with
+/// the syscall programs, where a closed socket's state outlives it until the address opens anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_lived_connections_report_both_ends() {
     require_root();
+    short_lived_connections(&[]).await;
+    short_lived_connections(&[("TRACER_SOCKET_STATES", "0")]).await;
+}
+
+async fn short_lived_connections(env: &[(&str, &str)]) {
     let dir = TempDir::new("short-lived");
     let receiver = receiver(Protocol::HttpProtobuf).await;
     let port = free_port();
     let server = start_script_server(&dir, port);
-    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+    let mut args = Agent::otlp_args(&receiver);
+    args.extend(["--port".to_owned(), port.to_string()]);
+    let mut agent = Agent::start_with_env(&dir, &args, env);
 
-    let runs: Vec<(String, CurlRun)> = (0..3)
+    let runs: Vec<(String, CurlRun)> = (0..20)
         .map(|i| {
             let path = format!("/short/{i}");
             let run = curl(&[

@@ -2,7 +2,7 @@
 //! `#[repr(C)]`, 8-byte aligned, and read by userspace with an unaligned copy of the ring-buffer record.
 
 /// Bumped on any layout change of the types in this module.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Compile-time ceiling of payload bytes copied per syscall. The runtime limit (`CAPTURE_LIMIT`) is
 /// at most this.
@@ -298,8 +298,11 @@ pub struct ConnState {
     pub role: u8,
     /// `CONN_F_*` flags; userspace may set them.
     pub flags: u8,
+    /// Address family of the tuple below (2 or 10), kept by the kernel programs from the first
+    /// event that saw the connection's whole tuple; 0 until then.
+    pub family: u8,
     /// Reserved, zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// Process id (tgid) of the last process that read or wrote the connection, 0 before that:
     /// where the kernel programs take a connection's close from its TCP state changes rather than
     /// from close(2), the close event goes to this process's connection.
@@ -308,6 +311,21 @@ pub struct ConnState {
     pub sent: u64,
     /// Bytes the kernel saw received on this connection.
     pub received: u64,
+    /// With `family`: the connection's tuple, so that its events copy it from here rather than
+    /// read the socket each time.
+    pub tuple: ConnTuple,
+}
+
+/// A connection's addresses and ports, as [`EventHeader`] carries them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnTuple {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// Reserved, zero.
+    pub _pad: u32,
 }
 
 /// [`ConnState::flags`]: userspace decided the connection's bytes on the wire carry nothing it

@@ -193,6 +193,10 @@ struct Scratch {
     data: [u8; 2 * MAX_CAPTURE],
     /// Where [`fill_tuple`] reads the start of a `struct sock`.
     tuple: [u8; TUPLE_AREA],
+    /// Records this slot has output (see [`output`]).
+    records: u64,
+    /// Non-zero when the ring held less than `WAKEUP_BYTES` at this slot's last look.
+    below_mark: u64,
 }
 
 /// This CPU's staging area. Programs run with migration disabled, so the slot stays this CPU's.
@@ -526,15 +530,44 @@ fn tcp_stream(sk: u64, file: u64, by_fops: bool) -> bool {
     true
 }
 
+/// What the programs use of a connection's state after advancing it: a copy small enough for
+/// the exit programs' stack, which holds no room for the whole [`ConnState`].
+#[derive(Clone, Copy, Default)]
+struct Conn {
+    conn_id: u64,
+    role: u8,
+    flags: u8,
+}
+
+impl Conn {
+    /// The fields of the state at `c`.
+    ///
+    /// # Safety
+    /// `c` comes from a successful lookup in `CONNS`.
+    #[inline(always)]
+    unsafe fn at(c: *const ConnState) -> Conn {
+        // SAFETY: the caller's pointer is into a live map value.
+        unsafe {
+            Conn {
+                conn_id: (*c).conn_id,
+                role: (*c).role,
+                flags: (*c).flags,
+            }
+        }
+    }
+}
+
 /// The connection state of `sk` (created, role unknown, on first sight) with the stream offset of
 /// this event; advances that direction's byte count by `bytes`, and makes process `tgid` (the
 /// current one) the connection's owner.
 #[inline(always)]
-fn conn_advance(sk: u64, tgid: u32, now: u64, direction: u8, bytes: u64) -> (ConnState, u64) {
-    conn_advance_at(None, sk, tgid, now, direction, bytes)
+fn conn_advance(sk: u64, tgid: u32, now: u64, direction: u8, bytes: u64) -> (Conn, u64) {
+    let (conn, offset, _) = conn_advance_at(None, sk, tgid, now, direction, bytes);
+    (conn, offset)
 }
 
-/// [`conn_advance`] with the state of `sk` when the caller looked it up already (`found`).
+/// [`conn_advance`] with the state of `sk` when the caller looked it up already (`found`); also
+/// returns where the state lives in the map, when it does.
 #[inline(always)]
 fn conn_advance_at(
     found: Option<*mut ConnState>,
@@ -543,7 +576,7 @@ fn conn_advance_at(
     now: u64,
     direction: u8,
     bytes: u64,
-) -> (ConnState, u64) {
+) -> (Conn, u64, Option<*mut ConnState>) {
     // One lookup for a known connection: every captured syscall comes here.
     let c = match found.or_else(|| CONNS.get_ptr_mut(sk)) {
         Some(c) => c,
@@ -554,10 +587,17 @@ fn conn_advance_at(
             };
             if CONNS.insert(sk, fresh, BPF_NOEXIST).is_err() && CONNS.get_ptr(sk).is_none() {
                 count(CNT_CONN_FULL);
-                return (fresh, 0);
+                return (
+                    Conn {
+                        conn_id: now,
+                        ..Conn::default()
+                    },
+                    0,
+                    None,
+                );
             }
             let Some(c) = CONNS.get_ptr_mut(sk) else {
-                return (ConnState::default(), 0);
+                return (Conn::default(), 0, None);
             };
             c
         }
@@ -573,7 +613,7 @@ fn conn_advance_at(
         let offset = *counter;
         *counter = offset + bytes;
         (*c).owner = tgid;
-        (*c, offset)
+        (Conn::at(c), offset, Some(c))
     }
 }
 
@@ -608,6 +648,30 @@ fn tuple_of(sk: u64) -> TupleKey {
     let scratch = unsafe { &mut *scratch };
     fill_tuple(&mut scratch.header, &mut scratch.tuple, sk);
     tuple_key(&scratch.header)
+}
+
+/// [`tuple_of`], from the tuple the connection's state keeps (at `slot`) once an event has stored
+/// it there (see [`conn_tuple`]).
+#[inline(always)]
+fn conn_tuple_key(sk: u64, slot: Option<*const ConnState>) -> TupleKey {
+    // SAFETY: pointer from a successful lookup; the family, which writers store last, says
+    // whether the tuple is whole.
+    if let Some(c) = slot
+        && let family = unsafe { read_volatile(addr_of!((*c).family)) }
+        && family != 0
+    {
+        // SAFETY: as above.
+        let t = unsafe { &(*c).tuple };
+        return canonical(TupleKey {
+            family: family as u16,
+            local_port: t.local_port,
+            remote_port: t.remote_port,
+            _pad: 0,
+            local_addr: t.local_addr,
+            remote_addr: t.remote_addr,
+        });
+    }
+    tuple_of(sk)
 }
 
 /// The `IN_CTX` key of the tuple [`fill_tuple`] wrote into `h`.
@@ -738,6 +802,50 @@ fn fill_tuple(h: &mut EventHeader, area: &mut [u8; TUPLE_AREA], sk: u64) {
     }
 }
 
+/// Writes the tuple of `sk` into the header from its connection's state (at `slot`), else as
+/// [`fill_tuple`] does, keeping it there once it is whole (a client's local port comes after its
+/// first state change): a connection's tuple never changes, and reading it from the socket cost
+/// every event a helper call.
+#[inline(always)]
+fn conn_tuple(
+    h: &mut EventHeader,
+    area: &mut [u8; TUPLE_AREA],
+    sk: u64,
+    slot: Option<*mut ConnState>,
+) {
+    // SAFETY: pointer from a successful lookup; the family, which writers store last, says
+    // whether the tuple is whole.
+    if let Some(c) = slot
+        && let family = unsafe { read_volatile(core::ptr::addr_of!((*c).family)) }
+        && family != 0
+    {
+        // SAFETY: as above.
+        let t = unsafe { &(*c).tuple };
+        h.family = family;
+        h.local_addr = t.local_addr;
+        h.remote_addr = t.remote_addr;
+        h.local_port = t.local_port;
+        h.remote_port = t.remote_port;
+        return;
+    }
+    fill_tuple(h, area, sk);
+    if h.family != 0
+        && h.local_port != 0
+        && h.remote_port != 0
+        && let Some(c) = slot
+    {
+        // SAFETY: as above. Racing writers store the same tuple.
+        unsafe {
+            let t = &mut (*c).tuple;
+            t.local_addr = h.local_addr;
+            t.remote_addr = h.remote_addr;
+            t.local_port = h.local_port;
+            t.remote_port = h.remote_port;
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*c).family), h.family);
+        }
+    }
+}
+
 /// [`fill_tuple`] with one read per field.
 #[inline(always)]
 fn fill_tuple_by_field(h: &mut EventHeader, sk: u64) {
@@ -856,7 +964,7 @@ const OPEN_RANGE: u32 = 1 << 30;
 /// segment the sock_ops program's runs and the receiver TCP's slow path; the agent sees both
 /// ends here, so nothing needs to travel on the wire.
 #[inline(always)]
-fn hand_over(sock: u64, id: TraceId, len: u64) {
+fn hand_over(sock: u64, conn: Option<*const ConnState>, id: TraceId, len: u64) {
     let member = off!(tcp_write_seq);
     if member == 0 {
         return;
@@ -865,7 +973,7 @@ fn hand_over(sock: u64, id: TraceId, len: u64) {
     let Some(first) = kread::<u32>(sock + member as u64) else {
         return;
     };
-    let t = tuple_of(sock);
+    let t = conn_tuple_key(sock, conn);
     let key = TupleKey {
         family: t.family,
         local_port: t.remote_port,
@@ -1002,7 +1110,7 @@ fn wants_trace(flags: u8) -> bool {
 /// programs chose it for the ciphertext underneath: for a read on a server socket, the request the
 /// thread serves on it; for a write on a client socket, the id its TCP option carries.
 #[inline(always)]
-fn tls_trace(pid_tgid: u64, sock: u64, conn: &ConnState, direction: u8) -> Option<(TraceId, u8)> {
+fn tls_trace(pid_tgid: u64, sock: u64, conn: &Conn, direction: u8) -> Option<(TraceId, u8)> {
     if !trace_context() {
         return None;
     }
@@ -1042,8 +1150,9 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
     let Some((sock, file, by_fops)) = socket_of_fd(args[0] as i64) else {
         return 0;
     };
-    // SAFETY: copied out of the map.
-    let conn = unsafe { CONNS.get(sock) }.copied();
+    let found = CONNS.get_ptr(sock);
+    // SAFETY: copied out of the map, from a successful lookup.
+    let conn = found.map(|c| unsafe { Conn::at(c) });
     // A socket the programs know is a TCP one: its family and type need no reads. An entry can
     // outlive its socket, whose memory TCP's own slab cache then gives to the next TCP socket;
     // only a slab page returned to the page allocator could come back as another kind of socket
@@ -1093,7 +1202,12 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
                     };
                     // An id travels as its value, none as zero: an `Option`'s `None` leaves
                     // the id's registers undefined, which the verifier refuses to see stored.
-                    hand_over(inflight.sock, chosen.map_or([0, 0], |(id, _)| id), len);
+                    hand_over(
+                        inflight.sock,
+                        found,
+                        chosen.map_or([0, 0], |(id, _)| id),
+                        len,
+                    );
                 }
                 if let Some((id, origin)) = chosen {
                     inflight.trace_id = id;
@@ -1342,7 +1456,7 @@ fn emit_io<const IOVECS: usize>(
         // A read of zero bytes is the peer's end of stream: responses read until close end here.
         if rc == 0 && inf.direction == DIR_RECV && inf.len > 0 {
             // SAFETY: copied out of the map.
-            if let Some(conn) = unsafe { CONNS.get(inf.sock) }.copied() {
+            if let Some(conn) = CONNS.get_ptr(inf.sock).map(|c| unsafe { Conn::at(c) }) {
                 emit_control(KIND_CLOSE, inf.source, pid_tgid, inf.fd, inf.sock, conn);
             }
         }
@@ -1364,7 +1478,7 @@ fn emit_io<const IOVECS: usize>(
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let tgid = (pid_tgid >> 32) as u32;
-    let (conn, offset) = conn_advance_at(conn, inf.sock, tgid, now, inf.direction, bytes);
+    let (conn, offset, slot) = conn_advance_at(conn, inf.sock, tgid, now, inf.direction, bytes);
     // SAFETY: the thread's own record, from a successful lookup.
     if thread.is_none_or(|t| unsafe { (*t).ssl } != 0) {
         tls::socket_io(pid_tgid, inf.sock, || inf.fd, conn.conn_id);
@@ -1421,7 +1535,13 @@ fn emit_io<const IOVECS: usize>(
     // their own.
     h.trace_id = trace_bytes(inf.trace_id);
     h.flags |= inf.trace_flags;
-    fill_tuple(h, &mut scratch.tuple, inf.sock);
+    if IOVECS == 0 {
+        conn_tuple(h, &mut scratch.tuple, inf.sock, slot);
+    } else {
+        // Not before a copy loop: its branches would multiply the verifier's work on the loop,
+        // past its limit on some programs.
+        fill_tuple(h, &mut scratch.tuple, inf.sock);
+    }
     if read_context {
         if conn.role == ROLE_SERVER
             && let Some(thread) = thread.or_else(|| thread_of(pid_tgid))
@@ -1489,6 +1609,12 @@ fn emit_io<const IOVECS: usize>(
     0
 }
 
+/// A CPU looks at how much waits in the ring buffer once per this many records it outputs: the
+/// look reads the reader's position, a cache line the reader's CPU keeps writing, which cost
+/// every record ~30 ns. Between two looks a CPU adds at most this many records (each at most
+/// `HEADER_SIZE + MAX_CAPTURE` bytes, ~68 KiB in all) beyond the mark of an eighth of the ring.
+const WAKEUP_LOOK_EVERY: u64 = 16;
+
 /// Sends the first `size` bytes of `scratch` (at most its size) to userspace, waking the reader
 /// only when enough has piled up (see `WAKEUP_BYTES`); counts the outcome.
 #[inline(always)]
@@ -1499,14 +1625,22 @@ fn output(scratch: &mut Scratch, size: usize) {
     let flags = if watermark == 0 {
         0
     } else {
-        // SAFETY: `ring` is the ring buffer map.
-        let waiting = unsafe { bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA as u64) };
-        // One wake-up when this record crosses the mark; above it the reader is already busy or
-        // its timer will come, and a wake-up per record would cost every traced syscall.
-        if waiting < watermark && waiting + size as u64 >= watermark {
-            BPF_RB_FORCE_WAKEUP as u64
-        } else {
+        scratch.records = scratch.records.wrapping_add(1);
+        if scratch.records % WAKEUP_LOOK_EVERY != 0 {
             BPF_RB_NO_WAKEUP as u64
+        } else {
+            // SAFETY: `ring` is the ring buffer map.
+            let waiting = unsafe { bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA as u64) };
+            let was_below = scratch.below_mark != 0;
+            scratch.below_mark = (waiting + (size as u64) < watermark) as u64;
+            // One wake-up per CPU when the ring crosses the mark between two of its looks; above
+            // it the reader is already busy or its timer will come, and a wake-up per record
+            // would cost every traced syscall.
+            if was_below && scratch.below_mark == 0 {
+                BPF_RB_FORCE_WAKEUP as u64
+            } else {
+                BPF_RB_NO_WAKEUP as u64
+            }
         }
     };
     // SAFETY: the caller keeps `size` within `Scratch`, which lives in a map value.
@@ -1572,7 +1706,7 @@ fn choose_read_context(thread: *mut Thread, inf: *mut Inflight, rc: i64) {
     // SAFETY: the thread's own record, from a successful lookup; only this thread writes it.
     let (sock, mmsg) = unsafe { ((*inf).sock, (*inf).mmsg) };
     // SAFETY: copied out of the map.
-    let Some(conn) = (unsafe { CONNS.get(sock) }).copied() else {
+    let Some(conn) = CONNS.get_ptr(sock).map(|c| unsafe { Conn::at(c) }) else {
         return;
     };
     // Requests on a connection userspace ignores make no span for anything to link to: the
@@ -1740,7 +1874,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let fd = arg(&ctx, 0) as i64;
     let Some(sk) = sock_of_fd(fd) else { return 0 };
     // SAFETY: copied out of the map.
-    let Some(conn) = (unsafe { CONNS.get(sk) }).copied() else {
+    let Some(conn) = CONNS.get_ptr(sk).map(|c| unsafe { Conn::at(c) }) else {
         return 0;
     };
     // The entry stays: after fork another process may still hold the socket (PostgreSQL's
@@ -1763,13 +1897,13 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if tgid != pid_tgid as u32 || !traced(tgid) {
         return 0;
     }
-    emit_control(KIND_EXIT, SRC_EXIT, pid_tgid, -1, 0, ConnState::default());
+    emit_control(KIND_EXIT, SRC_EXIT, pid_tgid, -1, 0, Conn::default());
     0
 }
 
 /// Emits a header-only event (close, end of stream, exit).
 #[inline(always)]
-fn emit_control(kind: u8, source: u8, pid_tgid: u64, fd: i32, sk: u64, conn: ConnState) {
+fn emit_control(kind: u8, source: u8, pid_tgid: u64, fd: i32, sk: u64, conn: Conn) {
     let Some(scratch) = scratch() else { return };
     // SAFETY: the per-CPU scratch slot belongs to this program invocation until it returns.
     emit_header(
@@ -1795,7 +1929,7 @@ fn emit_header(
     pid_tgid: u64,
     fd: i32,
     sk: u64,
-    conn: ConnState,
+    conn: Conn,
     captured: usize,
 ) {
     // SAFETY: reads the monotonic clock.
@@ -1865,7 +1999,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         pid_tgid,
         -1,
         0,
-        ConnState::default(),
+        Conn::default(),
         len,
     );
     0

@@ -41,8 +41,8 @@ use aya_ebpf::programs::RawTracePointContext;
 use tracer_ebpf::abi::*;
 
 use super::{
-    BUF_IOVEC, BUF_KERNEL, BUF_MSGHDR, BUF_PLAIN, CONNS, Inflight, OFFSETS, PT_REGS_DI, PT_REGS_DX,
-    PT_REGS_ORIG_AX, PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, Scratch, THREADS, call_of,
+    BUF_IOVEC, BUF_KERNEL, BUF_MSGHDR, BUF_PLAIN, CONNS, Conn, Inflight, OFFSETS, PT_REGS_DI,
+    PT_REGS_DX, PT_REGS_ORIG_AX, PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, Scratch, THREADS, call_of,
     choose_read_context, client_write, conn_open, count, emit_header, emit_io, hand_over,
     inflight_take, kread, offset_at, port_wanted, scratch, scratch_interrupting, serve_write,
     socket_states, tcp_sock, thread_of, tls, trace_context, traced, wants_trace,
@@ -216,8 +216,9 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> u32 {
         // sendfile).
         return 0;
     }
-    // SAFETY: copied out of the map.
-    let conn = unsafe { CONNS.get(sk) }.copied();
+    let found = CONNS.get_ptr(sk);
+    // SAFETY: copied out of the map, from a successful lookup.
+    let conn = found.map(|c| unsafe { Conn::at(c) });
     if conn.is_some_and(|c| !wants_trace(c.flags)) || !port_wanted(sk) {
         return 0;
     }
@@ -239,7 +240,12 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> u32 {
         } else if conn.role == ROLE_CLIENT {
             let chosen = client_write(thread, sk, conn.conn_id);
             if conn.flags & CONN_F_LOCAL != 0 {
-                hand_over(sk, chosen.map_or([0, 0], |(id, _)| id), send_len(&ctx));
+                hand_over(
+                    sk,
+                    found,
+                    chosen.map_or([0, 0], |(id, _)| id),
+                    send_len(&ctx),
+                );
             }
             if let Some((id, origin)) = chosen {
                 call.trace_id = id;
@@ -427,14 +433,14 @@ fn conn_closed(sk: u64, slot: Option<*mut Scratch>) {
         return;
     };
     // SAFETY: copied out of the map, from a successful lookup.
-    let conn: ConnState = unsafe { *c };
+    let (conn, owner) = unsafe { (Conn::at(c), (*c).owner) };
     // Never read nor written by a traced process (or closed already): nothing to flush.
-    if conn.owner == 0 {
+    if owner == 0 {
         return;
     }
     // SAFETY: as above. The socket's destruction after a close taken here finds no owner.
     unsafe { (*c).owner = 0 };
-    let owner = conn.owner as u64;
+    let owner = owner as u64;
     let Some(slot) = slot else { return };
     // SAFETY: the caller's per-CPU slot belongs to this program invocation until it returns.
     emit_header(

@@ -21,8 +21,8 @@ use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 use tracer_ebpf::abi::*;
 
 use super::{
-    CAPTURE_LIMIT, CONNS, conn_advance, copy_user, count, fill_tuple, opaque, output, scratch,
-    thread_of, tls_trace, trace_bytes, traced,
+    CAPTURE_LIMIT, CONNS, Conn, conn_advance, copy_user, count, fill_tuple, opaque, output,
+    scratch, thread_of, tls_trace, trace_bytes, traced,
 };
 
 /// Per thread (pid_tgid): its SSL call in progress and the socket it last did I/O on.
@@ -268,7 +268,10 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
         // Remember the socket the handshake used as the SSL object's.
         if call.during_sock != 0 {
             // SAFETY: copied out of the map.
-            if let Some(conn) = unsafe { CONNS.get(call.during_sock) }.copied() {
+            if let Some(conn) = CONNS
+                .get_ptr(call.during_sock)
+                .map(|c| unsafe { Conn::at(c) })
+            {
                 remember_socket(key, call.during_sock, conn.conn_id, call.during_fd);
             }
         }
