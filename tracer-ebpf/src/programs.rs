@@ -1437,12 +1437,13 @@ fn exit_io<const IOVECS: usize>(
             None => return 0,
         },
     };
-    emit_io::<IOVECS>(pid_tgid, inf, thread, None, ret(ctx), direction)
+    emit_io::<IOVECS>(pid_tgid, inf, thread, None, ret(ctx), direction, false)
 }
 
 /// Emits a data event for call `inf` of the current thread (`thread`, its record when the caller
 /// has it; `conn`, its socket's state, likewise), which returned `rc`; `direction` is the
-/// call's, a constant of each program.
+/// call's, a constant of each program, and so is `socket_layer`: whether a socket-layer program
+/// (not a syscall exit) emits it.
 #[inline(always)]
 fn emit_io<const IOVECS: usize>(
     pid_tgid: u64,
@@ -1451,6 +1452,7 @@ fn emit_io<const IOVECS: usize>(
     conn: Option<*mut ConnState>,
     rc: i64,
     direction: u8,
+    socket_layer: bool,
 ) -> u32 {
     if rc <= 0 {
         // A read of zero bytes is the peer's end of stream: responses read until close end here.
@@ -1535,11 +1537,11 @@ fn emit_io<const IOVECS: usize>(
     // their own.
     h.trace_id = trace_bytes(inf.trace_id);
     h.flags |= inf.trace_flags;
-    if IOVECS == 0 {
+    if IOVECS == 0 || socket_layer {
         conn_tuple(h, &mut scratch.tuple, inf.sock, slot);
     } else {
-        // Not before a copy loop: its branches would multiply the verifier's work on the loop,
-        // past its limit on some programs.
+        // Not before a syscall exit's copy loop: its branches multiplied the verifier's work on
+        // the loop past its limit (`sys_exit_recvmmsg`).
         fill_tuple(h, &mut scratch.tuple, inf.sock);
     }
     if read_context {

@@ -160,7 +160,7 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> u32 {
     call.enter_ns = 1;
     let thread = THREADS.get_ptr_mut(pid_tgid);
     if call.buf_kind == BUF_PLAIN || call.buf_kind == BUF_KERNEL {
-        return emit_io::<0>(pid_tgid, call, thread, found, rc, DIR_RECV);
+        return emit_io::<0>(pid_tgid, call, thread, found, rc, DIR_RECV, true);
     }
     // Through iovecs: the trace context here, the copy in the tail-called program, which finds
     // the call in the thread's record.
@@ -194,6 +194,7 @@ fn copy_iov<const IOVECS: usize>(ctx: &RawTracePointContext, direction: u8) -> u
         None,
         length_ret(ctx),
         direction,
+        true,
     )
 }
 
@@ -332,7 +333,7 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
     if call.buf_kind == BUF_PLAIN || call.buf_kind == BUF_KERNEL {
         // SAFETY: as above.
         unsafe { (*thread).call.enter_ns = 0 };
-        return emit_io::<0>(pid_tgid, call, Some(thread), None, rc, DIR_SEND);
+        return emit_io::<0>(pid_tgid, call, Some(thread), None, rc, DIR_SEND, true);
     }
     // SAFETY: as above; the tail-called program takes the record.
     unsafe {
