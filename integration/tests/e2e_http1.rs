@@ -369,13 +369,23 @@ async fn a_client_on_the_port_of_a_closed_export_connection_is_traced() {
 
     // A client of the server that connects from that port: the kernel picks it as connect(2)
     // picks any port, narrowed to that one by IP_LOCAL_PORT_RANGE (Linux 6.3; 51 in
-    // <linux/in.h>). As the proxy's connection did, it may share the port with the export
-    // connection's TIME_WAIT, whose peer is another (a bind(2) could not).
+    // <linux/in.h>). The agent's connector binds its ports, so no connection shares one with an
+    // export connection, not even with its TIME_WAIT: the client gets the port once that has
+    // ended (within a minute), as a later connection of any process would.
     let script = format!(
-        "import socket, struct\n\
-         s = socket.socket()\n\
-         s.setsockopt(socket.IPPROTO_IP, 51, struct.pack('I', {export_port} | {export_port} << 16))\n\
-         s.connect(('127.0.0.1', {port}))\n\
+        "import errno, socket, struct, time\n\
+         deadline = time.time() + 90\n\
+         while True:\n\
+         \x20   s = socket.socket()\n\
+         \x20   s.setsockopt(socket.IPPROTO_IP, 51, struct.pack('I', {export_port} | {export_port} << 16))\n\
+         \x20   try:\n\
+         \x20       s.connect(('127.0.0.1', {port}))\n\
+         \x20       break\n\
+         \x20   except OSError as e:\n\
+         \x20       s.close()\n\
+         \x20       if e.errno != errno.EADDRNOTAVAIL or time.time() > deadline:\n\
+         \x20           raise\n\
+         \x20       time.sleep(0.5)\n\
          assert s.getsockname()[1] == {export_port}, s.getsockname()\n\
          s.sendall(b'GET /index.html HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n\
          while s.recv(65536): pass\n"

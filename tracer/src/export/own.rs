@@ -6,12 +6,13 @@
 //! one of those addresses, like a filtered-out one, unless the kernel first saw it after that
 //! export connection closed: the kernel hands a closed connection's port to later connections of
 //! other processes, which are not the agent's (a proxy's upstream connection that reused one was
-//! ignored, with the spans of its requests).
+//! ignored, with the spans of its requests). While an export connection is open its port is its
+//! own: the connector binds it before connecting (see [`Recording::new`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -148,7 +149,19 @@ impl Connection for Tracked {
 /// The TCP connector of both exporters (OTLP/HTTP and OTLP/gRPC), which notes each connection's
 /// local address before the client sends a byte on it.
 #[derive(Clone)]
-pub(crate) struct Recording(pub(crate) HttpConnector);
+pub(crate) struct Recording(HttpConnector);
+
+impl Recording {
+    /// `connector`, binding each socket to a port of its own before it connects. A port that
+    /// connect(2) chooses the kernel also gives to other sockets connecting elsewhere while this
+    /// one is open, and the receiving end of such a connection has the export connection's
+    /// address as its remote end: a proxy's upstream connection was ignored as the agent's, with
+    /// its requests' spans. A port bound first is never shared that way.
+    pub(crate) fn new(mut connector: HttpConnector) -> Self {
+        connector.set_local_addresses(Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED);
+        Recording(connector)
+    }
+}
 
 type ConnectError = <HttpConnector as Service<Uri>>::Error;
 
@@ -216,6 +229,56 @@ mod tests {
         assert!(is_own(a, 5_000));
     }
 
+    /// In a network namespace of its own with one local port: while the export connection holds
+    /// it, another connection to another destination cannot have it.
+    #[test]
+    fn an_export_connections_port_is_not_shared_while_it_is_open() {
+        // SAFETY: plain syscall.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "needs root (a network namespace)"
+        );
+        std::thread::spawn(|| {
+            // SAFETY: moves this thread alone into a new network namespace; the sockets and the
+            // processes it makes from here on are in it.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("run ip");
+            assert!(up.success(), "ip link set lo up: {up}");
+            std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 40000")
+                .expect("set the local port range");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let collector = tokio::net::TcpListener::bind("127.0.0.1:41000")
+                    .await
+                    .expect("bind");
+                let other = std::net::TcpListener::bind("127.0.0.1:41001").expect("bind");
+                let io = Recording::new(HttpConnector::new())
+                    .call("http://127.0.0.1:41000".parse().expect("uri"))
+                    .await
+                    .expect("connect");
+                let local = io.stream().local_addr().expect("local");
+                assert_eq!(local.port(), 40000);
+                match std::net::TcpStream::connect(other.local_addr().expect("addr")) {
+                    Err(e) => assert_eq!(e.kind(), io::ErrorKind::AddrNotAvailable, "{e}"),
+                    Ok(s) => panic!(
+                        "another connection got the export connection's port: {:?}",
+                        s.local_addr()
+                    ),
+                }
+                drop(collector);
+            });
+        })
+        .join()
+        .expect("the namespace's thread");
+    }
+
     #[test]
     fn the_connector_notes_the_local_end_of_what_it_opens_and_when_it_closes() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -230,7 +293,7 @@ mod tests {
             let uri: Uri = format!("http://{}", listener.local_addr().expect("addr"))
                 .parse()
                 .expect("uri");
-            let io = Recording(HttpConnector::new())
+            let io = Recording::new(HttpConnector::new())
                 .call(uri)
                 .await
                 .expect("connect");

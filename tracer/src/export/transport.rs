@@ -147,7 +147,7 @@ impl Transport {
         connector.enforce_http(false);
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
-        let channel = endpoint.connect_with_connector_lazy(super::own::Recording(connector));
+        let channel = endpoint.connect_with_connector_lazy(super::own::Recording::new(connector));
         let client = tonic::client::Grpc::new(channel);
         Ok(Transport::Grpc(Box::new(GrpcClient {
             client,
@@ -171,7 +171,8 @@ impl Transport {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).build(super::own::Recording(connector));
+        let client =
+            Client::builder(TokioExecutor::new()).build(super::own::Recording::new(connector));
         Ok(Transport::Http(Box::new(HttpClient {
             client,
             uri,
