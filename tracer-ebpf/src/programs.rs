@@ -650,18 +650,22 @@ fn tuple_of(sk: u64) -> TupleKey {
     tuple_key(&scratch.header)
 }
 
-/// [`tuple_of`], from the tuple the connection's state keeps (at `slot`) once an event has stored
-/// it there (see [`conn_tuple`]).
+/// The family and tuple the connection's state (at `slot`) keeps, once an event has stored them
+/// there (see [`conn_tuple`]).
+#[inline(always)]
+fn kept_tuple(slot: Option<*const ConnState>) -> Option<(u8, &'static ConnTuple)> {
+    let c = slot?;
+    // SAFETY: pointer from a successful lookup into a map value; the family, which writers
+    // store last, says whether the tuple is whole.
+    let family = unsafe { read_volatile(addr_of!((*c).family)) };
+    // SAFETY: as above.
+    (family != 0).then(|| (family, unsafe { &(*c).tuple }))
+}
+
+/// [`tuple_of`], from the tuple the connection's state keeps (at `slot`), when it does.
 #[inline(always)]
 fn conn_tuple_key(sk: u64, slot: Option<*const ConnState>) -> TupleKey {
-    // SAFETY: pointer from a successful lookup; the family, which writers store last, says
-    // whether the tuple is whole.
-    if let Some(c) = slot
-        && let family = unsafe { read_volatile(addr_of!((*c).family)) }
-        && family != 0
-    {
-        // SAFETY: as above.
-        let t = unsafe { &(*c).tuple };
+    if let Some((family, t)) = kept_tuple(slot) {
         return canonical(TupleKey {
             family: family as u16,
             local_port: t.local_port,
@@ -813,14 +817,7 @@ fn conn_tuple(
     sk: u64,
     slot: Option<*mut ConnState>,
 ) {
-    // SAFETY: pointer from a successful lookup; the family, which writers store last, says
-    // whether the tuple is whole.
-    if let Some(c) = slot
-        && let family = unsafe { read_volatile(core::ptr::addr_of!((*c).family)) }
-        && family != 0
-    {
-        // SAFETY: as above.
-        let t = unsafe { &(*c).tuple };
+    if let Some((family, t)) = kept_tuple(slot.map(|c| c as *const ConnState)) {
         h.family = family;
         h.local_addr = t.local_addr;
         h.remote_addr = t.remote_addr;

@@ -195,6 +195,15 @@ mod tests {
     /// The tests share the process-wide list: one at a time, so none evicts another's address.
     static SERIAL: Mutex<()> = Mutex::new(());
 
+    /// Runs `f` to completion on a runtime of the calling thread.
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
     #[test]
     fn remote_ends_match_the_newest_noted_local_ends_in_either_family() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -233,6 +242,8 @@ mod tests {
     /// it, another connection to another destination cannot have it.
     #[test]
     fn an_export_connections_port_is_not_shared_while_it_is_open() {
+        // The connector notes the address it opens from.
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: plain syscall.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -250,11 +261,7 @@ mod tests {
             assert!(up.success(), "ip link set lo up: {up}");
             std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 40000")
                 .expect("set the local port range");
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
+            block_on(async {
                 let collector = tokio::net::TcpListener::bind("127.0.0.1:41000")
                     .await
                     .expect("bind");
@@ -282,11 +289,7 @@ mod tests {
     #[test]
     fn the_connector_notes_the_local_end_of_what_it_opens_and_when_it_closes() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
+        block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
