@@ -540,6 +540,13 @@ struct Conn {
 }
 
 impl Conn {
+    /// The state of connection `sk`, when the programs know it.
+    #[inline(always)]
+    fn of(sk: u64) -> Option<Conn> {
+        // SAFETY: from a successful lookup.
+        CONNS.get_ptr(sk).map(|c| unsafe { Conn::at(c) })
+    }
+
     /// The fields of the state at `c`.
     ///
     /// # Safety
@@ -1454,8 +1461,7 @@ fn emit_io<const IOVECS: usize>(
     if rc <= 0 {
         // A read of zero bytes is the peer's end of stream: responses read until close end here.
         if rc == 0 && inf.direction == DIR_RECV && inf.len > 0 {
-            // SAFETY: copied out of the map.
-            if let Some(conn) = CONNS.get_ptr(inf.sock).map(|c| unsafe { Conn::at(c) }) {
+            if let Some(conn) = Conn::of(inf.sock) {
                 emit_control(KIND_CLOSE, inf.source, pid_tgid, inf.fd, inf.sock, conn);
             }
         }
@@ -1704,8 +1710,7 @@ fn choose_read_context(thread: *mut Thread, inf: *mut Inflight, rc: i64) {
     }
     // SAFETY: the thread's own record, from a successful lookup; only this thread writes it.
     let (sock, mmsg) = unsafe { ((*inf).sock, (*inf).mmsg) };
-    // SAFETY: copied out of the map.
-    let Some(conn) = CONNS.get_ptr(sock).map(|c| unsafe { Conn::at(c) }) else {
+    let Some(conn) = Conn::of(sock) else {
         return;
     };
     // Requests on a connection userspace ignores make no span for anything to link to: the
@@ -1872,8 +1877,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     }
     let fd = arg(&ctx, 0) as i64;
     let Some(sk) = sock_of_fd(fd) else { return 0 };
-    // SAFETY: copied out of the map.
-    let Some(conn) = CONNS.get_ptr(sk).map(|c| unsafe { Conn::at(c) }) else {
+    let Some(conn) = Conn::of(sk) else {
         return 0;
     };
     // The entry stays: after fork another process may still hold the socket (PostgreSQL's

@@ -267,11 +267,7 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
     if call.direction == HANDSHAKE {
         // Remember the socket the handshake used as the SSL object's.
         if call.during_sock != 0 {
-            // SAFETY: copied out of the map.
-            if let Some(conn) = CONNS
-                .get_ptr(call.during_sock)
-                .map(|c| unsafe { Conn::at(c) })
-            {
+            if let Some(conn) = Conn::of(call.during_sock) {
                 remember_socket(key, call.during_sock, conn.conn_id, call.during_fd);
             }
         }
