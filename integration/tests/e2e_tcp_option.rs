@@ -608,6 +608,12 @@ fn trace_ids_follow_requests_on_a_kept_alive_connection_with_write_exits() {
     kept_alive_connection(&[("TRACER_SOCKET_HOOKS", "exits")]);
 }
 
+/// The same with the socket-layer programs as raw tracepoints (see `local_ends`).
+#[test]
+fn trace_ids_follow_requests_on_a_kept_alive_connection_with_raw_tracepoints() {
+    kept_alive_connection(&[("TRACER_SOCKET_BTF", "0")]);
+}
+
 /// [`trace_ids_follow_requests_on_a_kept_alive_connection`], the agents run with `env`.
 fn kept_alive_connection(env: &[(&str, &str)]) {
     require_root();
@@ -658,9 +664,12 @@ fn kept_alive_connection(env: &[(&str, &str)]) {
     } else {
         r#"reads="socket layer" writes="socket layer""#
     };
+    let programs = socket_programs(env);
     assert!(
-        log_a.contains(taken_at) && log_b.contains(taken_at),
-        "expected {taken_at}:\n{all}"
+        [taken_at, programs]
+            .iter()
+            .all(|s| log_a.contains(s) && log_b.contains(s)),
+        "expected {taken_at} {programs}:\n{all}"
     );
     let (events_a, events_b) = (trace_events(&log_a), trace_events(&log_b));
     let sent = pick(&events_a, client.pid(), "client", "send");
@@ -928,7 +937,21 @@ fn trace_ids_pass_between_ends_on_one_host() {
     local_ends(&[], false);
     // Writes started at their syscall's entry, as kernels before 6.3 (and 6.12) take them.
     local_ends(&[("TRACER_SOCKET_HOOKS", "0")], false);
+    // The socket-layer programs as raw tracepoints, which read the socket through a helper,
+    // where a kernel refuses the BTF ones.
+    local_ends(&[("TRACER_SOCKET_BTF", "0")], false);
     local_ends(&[("TRACER_TCP_OPTION_LOCAL", "1")], true);
+}
+
+/// The kind of the socket-layer programs an agent run with `env` attaches, as it logs them.
+fn socket_programs(env: &[(&str, &str)]) -> &'static str {
+    if env.contains(&("TRACER_SOCKET_HOOKS", "0")) {
+        r#"read_tracepoints="none" write_tracepoints="none""#
+    } else if env.contains(&("TRACER_SOCKET_BTF", "0")) {
+        r#"read_tracepoints="raw" write_tracepoints="raw""#
+    } else {
+        r#"read_tracepoints="BTF" write_tracepoints="BTF""#
+    }
 }
 
 /// [`trace_ids_pass_between_ends_on_one_host`] with the agent run with `env`; `on_the_wire`:
@@ -958,6 +981,8 @@ fn local_ends(env: &[(&str, &str)], on_the_wire: bool) {
     agent.stop();
 
     let log = agent.stderr();
+    let programs = socket_programs(env);
+    assert!(log.contains(programs), "expected {programs}:\n{log}");
     let events = trace_events(&log);
     let sent = pick(&events, script.pid(), "client", "send");
     let read = pick(&events, script.pid(), "server", "recv");

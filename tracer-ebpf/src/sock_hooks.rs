@@ -33,19 +33,21 @@
 
 use core::ptr::read_volatile;
 
+use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs};
-use aya_ebpf::macros::{map, raw_tracepoint};
+use aya_ebpf::macros::{btf_tracepoint, map, raw_tracepoint};
 use aya_ebpf::maps::ProgramArray;
-use aya_ebpf::programs::RawTracePointContext;
+use aya_ebpf::programs::{BtfTracePointContext, RawTracePointContext};
 use tracer_ebpf::abi::*;
 
 use super::{
     BUF_IOVEC, BUF_KERNEL, BUF_MSGHDR, BUF_PLAIN, CONNS, Conn, Inflight, OFFSETS, PT_REGS_DI,
     PT_REGS_DX, PT_REGS_ORIG_AX, PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, Scratch, THREADS, call_of,
     choose_read_context, client_write, conn_open, count, emit_header, emit_io, hand_over,
-    inflight_take, kread, offset_at, port_wanted, scratch, scratch_interrupting, serve_write,
-    socket_states, tcp_sock, thread_of, tls, trace_context, traced, wants_trace,
+    inflight_take, kload, kread, offset_at, port_wanted_at, scratch, scratch_interrupting,
+    serve_write, socket_states, tcp_sock, tcp_sock_at, thread_of, tls, trace_context, traced,
+    wants_trace,
 };
 
 /// x86-64 syscall numbers of the calls these programs take.
@@ -69,6 +71,52 @@ const MSG_PEEK: u32 = 2;
 /// tail-call them, so the verifier checks their copy loop apart.
 #[map]
 static SOCK_IOV: ProgramArray = ProgramArray::with_max_entries(SOCK_IOV_SLOTS, 0);
+
+/// The same for the BTF tracepoint programs: a program array holds programs of one type.
+#[map]
+static SOCK_IOV_BTF: ProgramArray = ProgramArray::with_max_entries(SOCK_IOV_SLOTS, 0);
+
+/// What the socket-layer programs take from their context, a raw or a BTF tracepoint's.
+trait SockCtx: EbpfContext {
+    /// Whether the tracepoint's pointer arguments are BTF pointers, which the verifier lets the
+    /// program load through.
+    const TYPED: bool;
+
+    /// Argument `n`: both kinds of context are an array of 64-bit arguments.
+    #[inline(always)]
+    fn arg_u64(&self, n: usize) -> u64 {
+        // SAFETY: `n` is below the tracepoint's argument count at every call; the verifier
+        // checks the load against the context's size.
+        unsafe { read_volatile((self.as_ptr() as *const u64).add(n)) }
+    }
+
+    /// The programs that copy through iovecs, of this context's program type.
+    fn iov() -> &'static ProgramArray;
+
+    /// Socket `sk` (an argument of this context) for [`tcp_u32`]: typed only here.
+    #[inline(always)]
+    fn typed(sk: u64) -> Option<u64> {
+        Self::TYPED.then_some(sk)
+    }
+}
+
+impl SockCtx for RawTracePointContext {
+    const TYPED: bool = false;
+
+    #[inline(always)]
+    fn iov() -> &'static ProgramArray {
+        &SOCK_IOV
+    }
+}
+
+impl SockCtx for BtfTracePointContext {
+    const TYPED: bool = true;
+
+    #[inline(always)]
+    fn iov() -> &'static ProgramArray {
+        &SOCK_IOV_BTF
+    }
+}
 
 /// The current syscall's number and first three arguments, from the user registers it saved.
 #[inline(always)]
@@ -112,32 +160,32 @@ fn send_call(nr: u64) -> Option<(u8, u8)> {
 
 /// The return value of `sock_recv_length`/`sock_send_length` (an `int`, zero-extended).
 #[inline(always)]
-fn length_ret(ctx: &RawTracePointContext) -> i64 {
-    ctx.arg::<u64>(1) as u32 as i32 as i64
+fn length_ret<C: SockCtx>(ctx: &C) -> i64 {
+    ctx.arg_u64(1) as u32 as i32 as i64
 }
 
 /// A read on a socket returned: emits its bytes, as the syscall exit programs do.
-#[raw_tracepoint(tracepoint = "sock_recv_length")]
-pub fn sock_recv_length(ctx: RawTracePointContext) -> u32 {
-    let rc = length_ret(&ctx);
+#[inline(always)]
+fn recv_length<C: SockCtx>(ctx: &C) -> u32 {
+    let rc = length_ret(ctx);
     // Most failed reads are EAGAIN on a non-blocking socket: nothing to do. A read of zero
     // bytes is the peer's end of stream, which the event path reports.
-    if rc < 0 || ctx.arg::<u64>(2) as u32 & MSG_PEEK != 0 {
+    if rc < 0 || ctx.arg_u64(2) as u32 & MSG_PEEK != 0 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     if !traced((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let sk: u64 = ctx.arg(0);
+    let sk = ctx.arg_u64(0);
     let found = CONNS.get_ptr_mut(sk);
     // SAFETY: copied out of the map, from a successful lookup.
     let conn = found.map(|c| unsafe { *c });
     // These tracepoints fire for sockets of every kind.
-    if conn.is_none() && !tcp_sock(sk) {
+    if conn.is_none() && !tcp_sock_at(sk, C::TYPED) {
         return 0;
     }
-    if !port_wanted(sk) {
+    if !port_wanted_at(sk, C::TYPED) {
         return 0;
     }
     if let Some(conn) = conn
@@ -160,7 +208,16 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> u32 {
     call.enter_ns = 1;
     let thread = THREADS.get_ptr_mut(pid_tgid);
     if call.buf_kind == BUF_PLAIN || call.buf_kind == BUF_KERNEL {
-        return emit_io::<0>(pid_tgid, call, thread, found, rc, DIR_RECV, true);
+        return emit_io::<0>(
+            pid_tgid,
+            call,
+            thread,
+            found,
+            C::typed(sk),
+            rc,
+            DIR_RECV,
+            true,
+        );
     }
     // Through iovecs: the trace context here, the copy in the tail-called program, which finds
     // the call in the thread's record.
@@ -173,16 +230,16 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> u32 {
         if trace_context() {
             choose_read_context(thread, core::ptr::addr_of_mut!((*thread).call), rc);
         }
-        SOCK_IOV.tail_call(&ctx, SOCK_IOV_RECV);
+        C::iov().tail_call(ctx, SOCK_IOV_RECV);
     }
     count(CNT_TAIL_CALL_FAILED);
     0
 }
 
-/// The copy of a socket read or write (`direction`) through iovecs, tail-called by
+/// The copy of a socket read or write (`DIRECTION`) through iovecs, tail-called by
 /// `sock_recv_length` or `sock_send_length`, which left the call in the thread's record.
 #[inline(always)]
-fn copy_iov<const IOVECS: usize>(ctx: &RawTracePointContext, direction: u8) -> u32 {
+fn copy_iov<const IOVECS: usize, C: SockCtx, const DIRECTION: u8>(ctx: &C) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some((call, thread)) = inflight_take(pid_tgid) else {
         return 0;
@@ -192,8 +249,9 @@ fn copy_iov<const IOVECS: usize>(ctx: &RawTracePointContext, direction: u8) -> u
         call,
         Some(thread),
         None,
+        C::typed(ctx.arg_u64(0)),
         length_ret(ctx),
-        direction,
+        DIRECTION,
         true,
     )
 }
@@ -201,13 +259,13 @@ fn copy_iov<const IOVECS: usize>(ctx: &RawTracePointContext, direction: u8) -> u
 /// The first firing in a TCP send call (it fires before each buffer the call queues): what the
 /// syscall entry does for a write, before the kernel sends a byte, so that a client's TCP option
 /// carries the trace id of the request it sends.
-#[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
-pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> u32 {
+#[inline(always)]
+fn sendmsg_locked<C: SockCtx>(ctx: &C) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !traced((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let sk: u64 = ctx.arg(0);
+    let sk = ctx.arg_u64(0);
     let thread = THREADS.get_ptr_mut(pid_tgid);
     // SAFETY: the thread's own record, from a successful lookup.
     if let Some(t) = thread
@@ -220,7 +278,7 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> u32 {
     let found = CONNS.get_ptr(sk);
     // SAFETY: copied out of the map, from a successful lookup.
     let conn = found.map(|c| unsafe { Conn::at(c) });
-    if conn.is_some_and(|c| !wants_trace(c.flags)) || !port_wanted(sk) {
+    if conn.is_some_and(|c| !wants_trace(c.flags)) || !port_wanted_at(sk, C::TYPED) {
         return 0;
     }
     let Some(thread) = thread.or_else(|| thread_of(pid_tgid)) else {
@@ -243,9 +301,10 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> u32 {
             if conn.flags & CONN_F_LOCAL != 0 {
                 hand_over(
                     sk,
+                    C::typed(sk),
                     found,
                     chosen.map_or([0, 0], |(id, _)| id),
-                    send_len(&ctx),
+                    send_len(ctx),
                 );
             }
             if let Some((id, origin)) = chosen {
@@ -262,26 +321,26 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> u32 {
 /// The bytes the send of this `tcp_sendmsg_locked` firing has left to queue (at its first firing,
 /// the call's length); 0 when not known.
 #[inline(always)]
-fn send_len(ctx: &RawTracePointContext) -> u64 {
+fn send_len<C: SockCtx>(ctx: &C) -> u64 {
     let member = off!(msg_iter_count);
     if member == 0 {
         return 0;
     }
-    let msg: u64 = ctx.arg(1);
-    kread::<u64>(msg + member as u64).unwrap_or(0)
+    // A BTF pointer to a `struct msghdr` where the context types it (null reads as 0).
+    kload::<u64>(C::TYPED, ctx.arg_u64(1), member).unwrap_or(0)
 }
 
 /// A write on a socket returned: emits its bytes, with the time and trace context that
 /// `tcp_sendmsg_locked`, or the syscall entry where that is not attached, recorded at the call's
 /// start.
-#[raw_tracepoint(tracepoint = "sock_send_length")]
-pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
+#[inline(always)]
+fn send_length<C: SockCtx>(ctx: &C) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // A thread without a record never sent on a traced TCP socket nor called the SSL library.
     let Some(thread) = THREADS.get_ptr_mut(pid_tgid) else {
         return 0;
     };
-    let sk: u64 = ctx.arg(0);
+    let sk = ctx.arg_u64(0);
     // SAFETY: the thread's own record, from a successful lookup; only this thread writes it.
     let started: Inflight = unsafe { (*thread).call };
     if started.enter_ns == 0 || started.sock != sk {
@@ -329,42 +388,60 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
     call.enter_ns = started.enter_ns;
     call.trace_id = started.trace_id;
     call.trace_flags = started.trace_flags;
-    let rc = length_ret(&ctx);
+    let rc = length_ret(ctx);
     if call.buf_kind == BUF_PLAIN || call.buf_kind == BUF_KERNEL {
         // SAFETY: as above.
         unsafe { (*thread).call.enter_ns = 0 };
-        return emit_io::<0>(pid_tgid, call, Some(thread), None, rc, DIR_SEND, true);
+        let typed = C::typed(sk);
+        return emit_io::<0>(
+            pid_tgid,
+            call,
+            Some(thread),
+            None,
+            typed,
+            rc,
+            DIR_SEND,
+            true,
+        );
     }
     // SAFETY: as above; the tail-called program takes the record.
     unsafe {
         (*thread).call = call;
-        SOCK_IOV.tail_call(&ctx, SOCK_IOV_SEND);
+        C::iov().tail_call(ctx, SOCK_IOV_SEND);
         (*thread).call.enter_ns = 0;
     }
     count(CNT_TAIL_CALL_FAILED);
     0
 }
 
-// Never attached: userspace puts one of each pair in `SOCK_IOV` (the long loop where the
-// verifier takes it, from 6.8 on).
-#[raw_tracepoint(tracepoint = "sock_recv_length")]
-pub fn sock_recv_iov(ctx: RawTracePointContext) -> u32 {
-    copy_iov::<MAX_IOVECS>(&ctx, DIR_RECV)
+/// The socket-layer programs, each twice: as a BTF tracepoint (the default; its pointer
+/// arguments are typed, so the TCP socket's fields it reads are plain loads) and as a raw
+/// tracepoint (`_raw`, where the kernel refuses the first). Userspace attaches one set.
+macro_rules! socket_programs {
+    ($($tracepoint:literal: $btf:ident, $raw:ident => $body:path;)*) => {$(
+        #[btf_tracepoint(function = $tracepoint)]
+        pub fn $btf(ctx: BtfTracePointContext) -> u32 {
+            $body(&ctx)
+        }
+        #[raw_tracepoint(tracepoint = $tracepoint)]
+        pub fn $raw(ctx: RawTracePointContext) -> u32 {
+            $body(&ctx)
+        }
+    )*};
 }
 
-#[raw_tracepoint(tracepoint = "sock_recv_length")]
-pub fn sock_recv_iov_small(ctx: RawTracePointContext) -> u32 {
-    copy_iov::<SMALL_IOVECS>(&ctx, DIR_RECV)
-}
-
-#[raw_tracepoint(tracepoint = "sock_send_length")]
-pub fn sock_send_iov(ctx: RawTracePointContext) -> u32 {
-    copy_iov::<MAX_IOVECS>(&ctx, DIR_SEND)
-}
-
-#[raw_tracepoint(tracepoint = "sock_send_length")]
-pub fn sock_send_iov_small(ctx: RawTracePointContext) -> u32 {
-    copy_iov::<SMALL_IOVECS>(&ctx, DIR_SEND)
+// The `_iov` programs are never attached: userspace puts one of each pair in `SOCK_IOV` (or
+// `SOCK_IOV_BTF`), the long loop where the verifier takes it (from 6.8 on).
+socket_programs! {
+    "sock_recv_length": sock_recv_length, sock_recv_length_raw => recv_length;
+    "tcp_sendmsg_locked": tcp_sendmsg_locked, tcp_sendmsg_locked_raw => sendmsg_locked;
+    "sock_send_length": sock_send_length, sock_send_length_raw => send_length;
+    "sock_recv_length": sock_recv_iov, sock_recv_iov_raw => copy_iov::<MAX_IOVECS, _, DIR_RECV>;
+    "sock_recv_length": sock_recv_iov_small, sock_recv_iov_small_raw =>
+        copy_iov::<SMALL_IOVECS, _, DIR_RECV>;
+    "sock_send_length": sock_send_iov, sock_send_iov_raw => copy_iov::<MAX_IOVECS, _, DIR_SEND>;
+    "sock_send_length": sock_send_iov_small, sock_send_iov_small_raw =>
+        copy_iov::<SMALL_IOVECS, _, DIR_SEND>;
 }
 
 /// TCP states (`include/net/tcp_states.h`).

@@ -7,8 +7,8 @@ pub mod tcp_option;
 pub mod tls;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
-use aya::programs::{ProgramError, RawTracePoint, TracePoint};
-use aya::{Ebpf, EbpfLoader, Pod};
+use aya::programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint};
+use aya::{Btf, Ebpf, EbpfLoader, Pod};
 use thiserror::Error;
 use tracer_ebpf::abi::{self, ConnState, KernelOffsets};
 
@@ -90,44 +90,76 @@ const SOCKET_WRITE_EXITS: &[&str] = &[
     "sys_exit_sendmsg",
 ];
 
-/// A group of socket-layer programs: the calls it takes, where (as logged), the raw tracepoints
-/// it attaches (program name = tracepoint name, in attach order), the program that copies
-/// through iovecs with its `SOCK_IOV` slot, and the syscall programs it replaces.
+/// A group of socket-layer programs: the calls it takes, where (as logged), whether its programs
+/// are BTF tracepoints (else raw ones, named `<program>_raw`), the tracepoints it attaches (in
+/// attach order; the program of a tracepoint is named after it), the program that copies through
+/// iovecs with its slot in the program array of its kind, and the syscall programs it replaces.
 struct SocketHooks {
     calls: &'static str,
     at: &'static str,
+    btf: bool,
     tracepoints: &'static [&'static str],
     iov: (&'static str, u32),
     replaces: &'static [&'static str],
 }
 
-/// Reads, then writes: each a list of groups, the first one that attaches wins.
-const SOCKET_HOOKS: [&[SocketHooks]; 2] = [
-    &[SocketHooks {
+impl SocketHooks {
+    /// The name of the program of this group that `name` (a tracepoint, or the iovec copy) stands
+    /// for.
+    fn program(&self, name: &str) -> String {
+        if self.btf {
+            name.to_owned()
+        } else {
+            format!("{name}_raw")
+        }
+    }
+
+    /// The program array the group's readers and writers tail-call its iovec copy through.
+    fn iov_map(&self) -> &'static str {
+        if self.btf { "SOCK_IOV_BTF" } else { "SOCK_IOV" }
+    }
+}
+
+/// Reads, then writes: each a list of groups, the first one that attaches wins. The BTF
+/// tracepoints come first: their socket pointers are typed, so the fields they read (sequence
+/// numbers, a send's length) are plain loads instead of `bpf_probe_read_kernel` calls.
+const SOCKET_HOOKS: [&[SocketHooks]; 2] = {
+    const READS: SocketHooks = SocketHooks {
         calls: "reads",
         at: "socket layer",
+        btf: true,
         tracepoints: &["sock_recv_length"],
         iov: ("sock_recv_iov", abi::SOCK_IOV_RECV),
         replaces: SOCKET_READS,
-    }],
-    &[
+    };
+    const WRITES: SocketHooks = SocketHooks {
+        calls: "writes",
+        at: "socket layer",
+        btf: true,
+        // The call's start before its end: a send that finds no start is not taken.
+        tracepoints: &["tcp_sendmsg_locked", "sock_send_length"],
+        iov: ("sock_send_iov", abi::SOCK_IOV_SEND),
+        replaces: SOCKET_WRITES,
+    };
+    const WRITE_EXITS: SocketHooks = SocketHooks {
+        calls: "writes",
+        at: "syscall entries, socket-layer exits",
+        btf: true,
+        tracepoints: &["sock_send_length"],
+        iov: ("sock_send_iov", abi::SOCK_IOV_SEND),
+        replaces: SOCKET_WRITE_EXITS,
+    };
+    const fn raw(hooks: SocketHooks) -> SocketHooks {
         SocketHooks {
-            calls: "writes",
-            at: "socket layer",
-            // The call's start before its end: a send that finds no start is not taken.
-            tracepoints: &["tcp_sendmsg_locked", "sock_send_length"],
-            iov: ("sock_send_iov", abi::SOCK_IOV_SEND),
-            replaces: SOCKET_WRITES,
-        },
-        SocketHooks {
-            calls: "writes",
-            at: "syscall entries, socket-layer exits",
-            tracepoints: &["sock_send_length"],
-            iov: ("sock_send_iov", abi::SOCK_IOV_SEND),
-            replaces: SOCKET_WRITE_EXITS,
-        },
-    ],
-];
+            btf: false,
+            ..hooks
+        }
+    }
+    [
+        &[READS, raw(READS)],
+        &[WRITES, raw(WRITES), WRITE_EXITS, raw(WRITE_EXITS)],
+    ]
+};
 
 /// Exit programs that have a `<name>_small` variant with a shorter iovec loop.
 const SMALL_VARIANTS: &[&str] = &[
@@ -287,8 +319,12 @@ fn typed_task_loads(kernel: Option<(u32, u32)>) -> bool {
 
 /// Which socket-layer groups may be tried (see `sock_hooks.rs`): all of them unless
 /// `TRACER_SOCKET_HOOKS=0` keeps socket calls on the syscall programs, or
-/// `TRACER_SOCKET_HOOKS=exits` leaves `tcp_sendmsg_locked` out, as kernels without it do.
+/// `TRACER_SOCKET_HOOKS=exits` leaves `tcp_sendmsg_locked` out, as kernels without it do;
+/// `TRACER_SOCKET_BTF=0` leaves the BTF tracepoints out (the raw ones take their place).
 fn socket_hooks_wanted(hooks: &SocketHooks) -> bool {
+    if hooks.btf && std::env::var_os("TRACER_SOCKET_BTF").is_some_and(|v| v == "0") {
+        return false;
+    }
     match std::env::var("TRACER_SOCKET_HOOKS").as_deref() {
         Ok("0") => false,
         Ok("exits") => !hooks.tracepoints.contains(&"tcp_sendmsg_locked"),
@@ -379,49 +415,106 @@ where
         .try_into()
 }
 
+/// Loads socket-layer program `program` of tracepoint `tracepoint` unless it is loaded already:
+/// as a BTF tracepoint with the kernel's `btf`, else as a raw one.
+fn load_socket_program(
+    ebpf: &mut Ebpf,
+    program: &str,
+    tracepoint: &str,
+    btf: Option<&Btf>,
+) -> Result<(), ProgramError> {
+    let loaded = match btf {
+        Some(btf) => typed_program::<BtfTracePoint>(ebpf, program)?.load(tracepoint, btf),
+        None => raw_tracepoint_program(ebpf, program)?.load(),
+    };
+    match loaded {
+        Err(ProgramError::AlreadyLoaded) => Ok(()),
+        other => other,
+    }
+}
+
+/// Attaches the loaded socket-layer program `program` to `tracepoint`.
+fn attach_socket_program(
+    ebpf: &mut Ebpf,
+    program: &str,
+    tracepoint: &str,
+    btf: bool,
+) -> Result<(), ProgramError> {
+    if btf {
+        typed_program::<BtfTracePoint>(ebpf, program)?.attach()?;
+    } else {
+        raw_tracepoint_program(ebpf, program)?.attach(tracepoint)?;
+    }
+    Ok(())
+}
+
+/// Unloads socket-layer program `program` (detaching it), if it was loaded.
+fn unload_socket_program(ebpf: &mut Ebpf, program: &str, btf: bool) {
+    if btf {
+        if let Ok(prog) = typed_program::<BtfTracePoint>(ebpf, program) {
+            let _ = prog.unload();
+        }
+    } else if let Ok(prog) = raw_tracepoint_program(ebpf, program) {
+        let _ = prog.unload();
+    }
+}
+
 /// Loads and attaches the socket-layer programs of `hooks`, the long iovec loop only where
-/// `long_iovec_loop` says the verifier may take it. On failure nothing of the group stays
-/// attached and the caller uses the syscall programs instead.
+/// `long_iovec_loop` says the verifier may take it; BTF tracepoints need the kernel's `btf`. On
+/// failure nothing of the group stays attached and the caller tries the next group, or uses the
+/// syscall programs.
 fn attach_socket_hooks(
     ebpf: &mut Ebpf,
     hooks: &SocketHooks,
     long_iovec_loop: bool,
+    btf: Option<&Btf>,
 ) -> Result<(), String> {
+    let btf = match (hooks.btf, btf) {
+        (true, None) => return Err("the kernel's BTF could not be read".to_owned()),
+        (true, btf) => btf,
+        (false, _) => None,
+    };
     let (iov, slot) = hooks.iov;
-    let small = format!("{iov}_small");
-    let loaded = if long_iovec_loop && load_once(ebpf, iov).is_ok() {
-        iov.to_owned()
+    // The iovec copies run inside the tracepoint that tail-calls them.
+    let at = if slot == abi::SOCK_IOV_RECV {
+        "sock_recv_length"
     } else {
-        load_once(ebpf, &small).map_err(|e| format!("loading {small}: {e}"))?;
+        "sock_send_length"
+    };
+    let long = hooks.program(iov);
+    let small = hooks.program(&format!("{iov}_small"));
+    let loaded = if long_iovec_loop && load_socket_program(ebpf, &long, at, btf).is_ok() {
+        long
+    } else {
+        load_socket_program(ebpf, &small, at, btf).map_err(|e| format!("loading {small}: {e}"))?;
         small
     };
-    let fd = raw_tracepoint_program(ebpf, &loaded)
+    let fd = ebpf
+        .program(&loaded)
+        .ok_or(ProgramError::UnexpectedProgramType)
         .and_then(|prog| prog.fd())
         .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
         .map_err(|e| format!("{loaded}: {e}"))?;
-    let mut slots: ProgramArray<&mut MapData> =
-        typed_map(ebpf, "SOCK_IOV").map_err(|e| e.to_string())?;
-    slots
-        .set(slot, &fd, 0)
-        .map_err(|e| format!("SOCK_IOV: {e}"))?;
+    let map = hooks.iov_map();
+    let mut slots: ProgramArray<&mut MapData> = typed_map(ebpf, map).map_err(|e| e.to_string())?;
+    slots.set(slot, &fd, 0).map_err(|e| format!("{map}: {e}"))?;
     for (i, &name) in hooks.tracepoints.iter().enumerate() {
-        let attached = load_once(ebpf, name)
-            .and_then(|()| raw_tracepoint_program(ebpf, name)?.attach(name).map(drop));
+        let program = hooks.program(name);
+        let attached = load_socket_program(ebpf, &program, name, btf)
+            .and_then(|()| attach_socket_program(ebpf, &program, name, hooks.btf));
         if let Err(err) = attached {
             let reason = match &err {
                 ProgramError::LoadError { verifier_log, .. } => {
                     let log = verifier_log.to_string();
-                    tracing::debug!(program = name, %log, "verifier log");
+                    tracing::debug!(%program, %log, "verifier log");
                     verifier_reason(&log).to_owned()
                 }
                 other => other.to_string(),
             };
             for &done in &hooks.tracepoints[..i] {
-                if let Ok(prog) = raw_tracepoint_program(ebpf, done) {
-                    let _ = prog.unload();
-                }
+                unload_socket_program(ebpf, &hooks.program(done), hooks.btf);
             }
-            return Err(format!("{name}: {reason}"));
+            return Err(format!("{program}: {reason}"));
         }
     }
     Ok(())
@@ -582,15 +675,20 @@ impl Capture {
         let mut taken_at = ["syscalls"; 2];
         // The socket-layer tracepoints came in 6.3 (`tcp_sendmsg_locked` later); older kernels
         // need not try.
+        let mut kinds = ["none"; 2];
         if task_btf && kernel.is_some_and(|v| v >= (6, 3)) {
-            for (at, groups) in taken_at.iter_mut().zip(SOCKET_HOOKS) {
+            let btf = Btf::from_sys_fs()
+                .inspect_err(|err| tracing::debug!(%err, "reading the kernel's BTF"))
+                .ok();
+            for ((at, kind), groups) in taken_at.iter_mut().zip(&mut kinds).zip(SOCKET_HOOKS) {
                 let mut failed = Vec::new();
                 for hooks in groups.iter().filter(|h| socket_hooks_wanted(h)) {
-                    match attach_socket_hooks(&mut ebpf, hooks, long_iovec_loop) {
+                    match attach_socket_hooks(&mut ebpf, hooks, long_iovec_loop, btf.as_ref()) {
                         Ok(()) => {
                             replaced.extend(hooks.replaces);
                             attached += hooks.tracepoints.len();
                             *at = hooks.at;
+                            *kind = if hooks.btf { "BTF" } else { "raw" };
                             break;
                         }
                         Err(reason) => failed.push(reason),
@@ -610,6 +708,8 @@ impl Capture {
         tracing::info!(
             reads = taken_at[0],
             writes = taken_at[1],
+            read_tracepoints = kinds[0],
+            write_tracepoints = kinds[1],
             "socket reads and writes are taken at"
         );
         // With reads and whole writes at the socket layer, the syscall programs left are those
