@@ -180,7 +180,7 @@ fn debian_6_1_kernel() {
         "linux-image-cloud-amd64",
         "6.1.",
         "syscall tracepoints",
-        "reads=\"syscalls\" writes=\"syscalls\"",
+        "reads=\"syscalls\" writes=\"syscalls\" read_tracepoints=\"none\" write_tracepoints=\"none\"",
     );
 }
 
@@ -193,6 +193,8 @@ fn debian_6_12_kernel() {
         "6.12.",
         "socket tracepoints for socket reads and the ends of socket writes, syscall tracepoints \
          for the rest",
-        "reads=\"socket layer\" writes=\"syscall entries, socket-layer exits\"",
+        // Both as BTF tracepoints: their socket pointers are typed.
+        "reads=\"socket layer\" writes=\"syscall entries, socket-layer exits\" \
+         read_tracepoints=\"BTF\" write_tracepoints=\"BTF\"",
     );
 }
