@@ -93,7 +93,8 @@ trait SockCtx: EbpfContext {
     /// The programs that copy through iovecs, of this context's program type.
     fn iov() -> &'static ProgramArray;
 
-    /// Socket `sk` (an argument of this context) for [`tcp_u32`]: typed only here.
+    /// Socket `sk`, an argument of this context, as `tcp_u32` and `emit_io` take it: `Some`
+    /// where the context types it.
     #[inline(always)]
     fn typed(sk: u64) -> Option<u64> {
         Self::TYPED.then_some(sk)
@@ -392,13 +393,12 @@ fn send_length<C: SockCtx>(ctx: &C) -> u32 {
     if call.buf_kind == BUF_PLAIN || call.buf_kind == BUF_KERNEL {
         // SAFETY: as above.
         unsafe { (*thread).call.enter_ns = 0 };
-        let typed = C::typed(sk);
         return emit_io::<0>(
             pid_tgid,
             call,
             Some(thread),
             None,
-            typed,
+            C::typed(sk),
             rc,
             DIR_SEND,
             true,

@@ -93,13 +93,14 @@ const SOCKET_WRITE_EXITS: &[&str] = &[
 /// A group of socket-layer programs: the calls it takes, where (as logged), whether its programs
 /// are BTF tracepoints (else raw ones, named `<program>_raw`), the tracepoints it attaches (in
 /// attach order; the program of a tracepoint is named after it), the program that copies through
-/// iovecs with its slot in the program array of its kind, and the syscall programs it replaces.
+/// iovecs with the tracepoint it runs in (tail-called there) and its slot in the program array of
+/// its kind, and the syscall programs it replaces.
 struct SocketHooks {
     calls: &'static str,
     at: &'static str,
     btf: bool,
     tracepoints: &'static [&'static str],
-    iov: (&'static str, u32),
+    iov: (&'static str, &'static str, u32),
     replaces: &'static [&'static str],
 }
 
@@ -129,7 +130,7 @@ const SOCKET_HOOKS: [&[SocketHooks]; 2] = {
         at: "socket layer",
         btf: true,
         tracepoints: &["sock_recv_length"],
-        iov: ("sock_recv_iov", abi::SOCK_IOV_RECV),
+        iov: ("sock_recv_iov", "sock_recv_length", abi::SOCK_IOV_RECV),
         replaces: SOCKET_READS,
     };
     const WRITES: SocketHooks = SocketHooks {
@@ -138,7 +139,7 @@ const SOCKET_HOOKS: [&[SocketHooks]; 2] = {
         btf: true,
         // The call's start before its end: a send that finds no start is not taken.
         tracepoints: &["tcp_sendmsg_locked", "sock_send_length"],
-        iov: ("sock_send_iov", abi::SOCK_IOV_SEND),
+        iov: ("sock_send_iov", "sock_send_length", abi::SOCK_IOV_SEND),
         replaces: SOCKET_WRITES,
     };
     const WRITE_EXITS: SocketHooks = SocketHooks {
@@ -146,7 +147,7 @@ const SOCKET_HOOKS: [&[SocketHooks]; 2] = {
         at: "syscall entries, socket-layer exits",
         btf: true,
         tracepoints: &["sock_send_length"],
-        iov: ("sock_send_iov", abi::SOCK_IOV_SEND),
+        iov: ("sock_send_iov", "sock_send_length", abi::SOCK_IOV_SEND),
         replaces: SOCKET_WRITE_EXITS,
     };
     const fn raw(hooks: SocketHooks) -> SocketHooks {
@@ -474,13 +475,7 @@ fn attach_socket_hooks(
         (true, btf) => btf,
         (false, _) => None,
     };
-    let (iov, slot) = hooks.iov;
-    // The iovec copies run inside the tracepoint that tail-calls them.
-    let at = if slot == abi::SOCK_IOV_RECV {
-        "sock_recv_length"
-    } else {
-        "sock_send_length"
-    };
+    let (iov, at, slot) = hooks.iov;
     let long = hooks.program(iov);
     let small = hooks.program(&format!("{iov}_small"));
     let loaded = if long_iovec_loop && load_socket_program(ebpf, &long, at, btf).is_ok() {
@@ -676,6 +671,9 @@ impl Capture {
         // The socket-layer tracepoints came in 6.3 (`tcp_sendmsg_locked` later); older kernels
         // need not try.
         let mut kinds = ["none"; 2];
+        if std::env::var_os("TRACER_SOCKET_BTF").is_some_and(|v| v == "0") {
+            tracing::info!("socket-layer programs as raw tracepoints (TRACER_SOCKET_BTF=0)");
+        }
         if task_btf && kernel.is_some_and(|v| v >= (6, 3)) {
             let btf = Btf::from_sys_fs()
                 .inspect_err(|err| tracing::debug!(%err, "reading the kernel's BTF"))
@@ -698,6 +696,12 @@ impl Capture {
                     tracing::warn!(
                         reason = failed.join("; "),
                         "socket {} stay on the syscall tracepoints, which run on every read and write of the host",
+                        groups[0].calls
+                    );
+                } else if *kind == "raw" && !failed.is_empty() {
+                    tracing::warn!(
+                        reason = failed.join("; "),
+                        "socket {} are taken by raw tracepoints, which read the socket through a helper: the BTF tracepoints did not load or attach",
                         groups[0].calls
                     );
                 } else if !failed.is_empty() {
