@@ -1010,7 +1010,8 @@ const OPEN_RANGE: u32 = 1 << 30;
 /// would bring the receiving socket, written into that socket's `IN_CTX` entry (keyed by the
 /// tuple seen from its side) before the kernel queues a byte. The option itself would cost every
 /// segment the sock_ops program's runs and the receiver TCP's slow path; the agent sees both
-/// ends here, so nothing needs to travel on the wire.
+/// ends here, so nothing needs to travel on the wire. `conn` is the socket's state and `typed`
+/// the socket as a BTF pointer, when the caller has them (see [`tcp_u32`]).
 #[inline(always)]
 fn hand_over(sock: u64, typed: Option<u64>, conn: Option<*const ConnState>, id: TraceId, len: u64) {
     let member = off!(tcp_write_seq);
