@@ -142,13 +142,12 @@ const SOCKET_HOOKS: [&[SocketHooks]; 2] = {
         iov: ("sock_send_iov", "sock_send_length", abi::SOCK_IOV_SEND),
         replaces: SOCKET_WRITES,
     };
+    // Kernels without `tcp_sendmsg_locked`: the same writes' ends, their starts at syscalls.
     const WRITE_EXITS: SocketHooks = SocketHooks {
-        calls: "writes",
         at: "syscall entries, socket-layer exits",
-        btf: true,
         tracepoints: &["sock_send_length"],
-        iov: ("sock_send_iov", "sock_send_length", abi::SOCK_IOV_SEND),
         replaces: SOCKET_WRITE_EXITS,
+        ..WRITES
     };
     const fn raw(hooks: SocketHooks) -> SocketHooks {
         SocketHooks {
@@ -351,14 +350,12 @@ fn attach_socket_states(ebpf: &mut Ebpf) -> Result<(), String> {
     let names = ["inet_sock_set_state", "tcp_destroy_sock"];
     let unload = |ebpf: &mut Ebpf, done: &[&str]| {
         for name in done {
-            if let Ok(prog) = raw_tracepoint_program(ebpf, name) {
-                let _ = prog.unload();
-            }
+            unload_socket_program(ebpf, name, false);
         }
     };
     for (i, name) in names.into_iter().enumerate() {
-        let attached = load_once(ebpf, name)
-            .and_then(|()| raw_tracepoint_program(ebpf, name)?.attach(name).map(drop));
+        let attached = load_socket_program(ebpf, name, name, None)
+            .and_then(|()| attach_socket_program(ebpf, name, name, false));
         if let Err(e) = attached {
             unload(ebpf, &names[..i]);
             return Err(format!("{name}: {e}"));
@@ -387,14 +384,6 @@ fn local_tcp_option() -> bool {
     on
 }
 
-/// Loads program `name` unless it is loaded already (an earlier group may have loaded it).
-fn load_once(ebpf: &mut Ebpf, name: &str) -> Result<(), ProgramError> {
-    match raw_tracepoint_program(ebpf, name)?.load() {
-        Err(ProgramError::AlreadyLoaded) => Ok(()),
-        other => other,
-    }
-}
-
 /// The raw tracepoint program `program` of the object.
 fn raw_tracepoint_program<'a>(
     ebpf: &'a mut Ebpf,
@@ -416,8 +405,9 @@ where
         .try_into()
 }
 
-/// Loads socket-layer program `program` of tracepoint `tracepoint` unless it is loaded already:
-/// as a BTF tracepoint with the kernel's `btf`, else as a raw one.
+/// Loads socket-layer program `program` of tracepoint `tracepoint` unless it is loaded already (an
+/// earlier group may have loaded it): as a BTF tracepoint with the kernel's `btf`, else as a raw
+/// one.
 fn load_socket_program(
     ebpf: &mut Ebpf,
     program: &str,
