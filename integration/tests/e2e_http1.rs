@@ -486,6 +486,53 @@ async fn keep_alive_connection_with_twenty_requests() {
     }
 }
 
+/// A ring buffer of 64 KiB, which the events of these requests fill several times over: the
+/// agent's reader hands the kernel back the space of what it read in batches (every 4 KiB here,
+/// and whenever it has caught up), so the ring wraps and every request still arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_ring_buffer_wraps_without_losing_requests() {
+    require_root();
+    const REQUESTS: u32 = 300;
+    let dir = TempDir::new("small-ring");
+    let receiver = receiver(Protocol::HttpProtobuf).await;
+    let port = free_port();
+    let server = start_script_server(&dir, port);
+    let mut args = Agent::otlp_args(&receiver);
+    args.extend(["--port", &port.to_string(), "--ring-buffer-bytes", "65536"].map(str::to_owned));
+    let mut agent = Agent::start_with_env(&dir, &args, &[]);
+
+    let started_ns = now_unix_ns();
+    let (mut client, lines) = spawn_script_client(&dir, port, "/r", REQUESTS, 0);
+    let client_port = parse_port_line(&lines.next("e2e_client.py"));
+    assert_eq!(lines.next("e2e_client.py"), "done");
+    let status = client.wait(WAIT);
+    let ended_ns = now_unix_ns();
+    assert!(status.success(), "e2e_client.py failed: {status}");
+
+    let n = usize::try_from(REQUESTS).expect("count");
+    let spans = collect_exact(&receiver, &mut agent, n, n).await;
+    let peers = ScriptPeers {
+        port,
+        server_pid: server.pid(),
+        client_pid: client.pid(),
+        client_port,
+        started_ns,
+        ended_ns,
+    };
+    for i in 0..REQUESTS {
+        check_script_request(&spans, &peers, &format!("/r/{i}"));
+    }
+    // Their 144-byte headers alone filled the ring twice over.
+    let log = agent.stderr();
+    let received = logged_metric(&log, "tracer_events_received_total");
+    assert!(
+        received * 144 > 2 * 65536,
+        "only {received} events: the ring did not wrap\n{log}"
+    );
+    let full = r#"tracer_kernel_events_total{what="ringbuf_full"}"#;
+    assert_eq!(logged_metric(&log, full), 0, "{log}");
+}
+
 /// At SIGTERM the linking window's spans go to the exporter even when they outnumber its queue:
 /// a window longer than the test holds all 40 spans, the queue takes 4, and every span must still
 /// reach the receiver, linked.

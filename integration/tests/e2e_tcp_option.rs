@@ -1037,14 +1037,10 @@ print("done", flush=True)
 
 /// The value of `kernel_events_total{what}` in the agent's last metrics line.
 fn kernel_counter(stderr: &str, what: &str) -> u64 {
-    let key = format!("tracer_kernel_events_total{{what=\"{what}\"}}=");
-    let line = stderr
-        .lines()
-        .rfind(|l| l.contains("agent metrics"))
-        .unwrap_or_else(|| panic!("no metrics line in the agent's log:\n{stderr}"));
-    line.split_whitespace()
-        .find_map(|field| field.strip_prefix(key.as_str()))
-        .map_or(0, |v| v.parse().expect("counter value"))
+    logged_metric(
+        stderr,
+        &format!("tracer_kernel_events_total{{what=\"{what}\"}}"),
+    )
 }
 
 /// A client connection the agent ignores (no protocol detected) is given trace ids by its first

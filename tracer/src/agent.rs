@@ -11,7 +11,7 @@ use tracer_ebpf::abi::{self, KernelOffsets};
 use tracing::{info, warn};
 
 use crate::capture::events::Event;
-use crate::capture::{COUNTER_NAMES, Capture, CaptureOptions, btf};
+use crate::capture::{COUNTER_NAMES, Capture, CaptureOptions, EventRing, btf};
 use crate::check;
 use crate::config::{Config, Overrides};
 use crate::connections::{Connections, Filters};
@@ -94,8 +94,8 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
     // Probe the SSL libraries of the processes already running before saying ready.
     let tls_probes = capture.scan_tls();
     let ring = capture.take_ring_buffer()?;
-    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
-    // AsyncFd owns the RingBuf.
+    // SAFETY: the EventRing owns its map fd and keeps it open, unchanged, for as long as the
+    // AsyncFd owns the EventRing.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(std::io::Error::from)
         .context("cannot poll the ring buffer")?;
@@ -208,7 +208,7 @@ async fn serve(cfg: Config, offsets: KernelOffsets) -> anyhow::Result<()> {
 /// Takes everything queued in the ring buffer: events to the connection table, finished spans
 /// to the linking window, payload stops and exec'd processes to the kernel side.
 fn intake(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    ring: &mut EventRing,
     conns: &mut Connections,
     linker: &mut Linker,
     capture: &mut Capture,
@@ -248,7 +248,7 @@ fn offers_cpu(n: u64, exit_ns: u64, now: impl FnOnce() -> u64) -> bool {
 /// Hands every queued event to the connection table; the processes that executed a new program
 /// go to `execs`.
 fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    ring: &mut EventRing,
     conns: &mut Connections,
     execs: &mut Vec<u32>,
     emit: &mut dyn FnMut(Finished),
@@ -256,7 +256,7 @@ fn drain(
     let mut n = 0u64;
     while let Some(item) = ring.next() {
         n += 1;
-        let ev = Event::decode(&item);
+        let ev = Event::decode(item);
         if let Ok(ev) = &ev
             && offers_cpu(n, ev.header.exit_ns, monotonic_ns)
         {

@@ -834,6 +834,19 @@ pub async fn wait_or_fail(
     }
 }
 
+/// The value of counter `series` (name and labels, as `tracer_x_total{what="y"}`) in the agent's
+/// last metrics line; 0 when the line leaves it out (it lists only counters above zero).
+pub fn logged_metric(stderr: &str, series: &str) -> u64 {
+    let key = format!("{series}=");
+    let line = stderr
+        .lines()
+        .rfind(|l| l.contains("agent metrics"))
+        .unwrap_or_else(|| panic!("no metrics line in the agent's log:\n{stderr}"));
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix(key.as_str()))
+        .map_or(0, |v| v.parse().expect("counter value"))
+}
+
 /// Waits for `servers` SERVER and `clients` CLIENT spans, stops the agent (which flushes), and
 /// returns everything received after asserting that nothing more arrived.
 pub async fn collect_exact(

@@ -3,14 +3,17 @@
 pub mod btf;
 pub mod events;
 mod gotls;
+pub mod ring;
 pub mod tcp_option;
 pub mod tls;
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray};
 use aya::programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 use thiserror::Error;
 use tracer_ebpf::abi::{self, ConnState, KernelOffsets};
+
+pub use ring::EventRing;
 
 /// The kernel object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -230,6 +233,9 @@ pub enum CaptureError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// The event ring buffer could not be mapped.
+    #[error("cannot map the event ring buffer: {0}")]
+    Ring(#[source] std::io::Error),
 }
 
 /// The kernel map `name`, as the typed map `M` (a hash map, an array, ...).
@@ -816,15 +822,15 @@ impl Capture {
     }
 
     /// Takes the event ring buffer (once).
-    pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
+    pub fn take_ring_buffer(&mut self) -> Result<EventRing, CaptureError> {
         let map = self
             .ebpf
             .take_map("EVENTS")
             .ok_or(CaptureError::Invalid("no EVENTS map".into()))?;
-        RingBuf::try_from(map).map_err(|source| CaptureError::Map {
-            name: "EVENTS",
-            source,
-        })
+        let aya::maps::Map::RingBuf(data) = map else {
+            return Err(CaptureError::Invalid("EVENTS is not a ring buffer".into()));
+        };
+        EventRing::new(data).map_err(CaptureError::Ring)
     }
 
     /// The kernel's counters summed over CPUs, indexed by `abi::CNT_*`.
