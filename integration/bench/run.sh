@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The overhead benchmark suite, in one command:
 #
-#   sudo integration/bench/run.sh [--soak] [--only syscall,nginx,pinned,chain,latency,python,parsers]
+#   sudo integration/bench/run.sh [--soak] [--only syscall,nginx,pinned,chain,latency,latency-pinned,python,parsers]
 #
 # Installs what it needs (idempotent: wrk, nginx-light, gcc, the eBPF toolchain, a Python venv with
 # Flask, gunicorn and the OpenTelemetry SDK), builds the agent and the helpers, runs every scenario

@@ -570,30 +570,43 @@ def scenario_chain(ctx):
     return {"runs": runs, "ratio": ratio}
 
 
-def loadgen(ctx, port, rate, seconds, warmup=None):
+def loadgen(ctx, port, rate, seconds, warmup=None, cpus=None):
+    """The open-loop load generator (only on `cpus`, a taskset list, when given)."""
     warmup = ctx.warmup if warmup is None else warmup
-    args = [str(ctx.loadgen), "-p", str(port), "-r", str(rate), "-d", str(seconds), "-c",
-            str(ctx.loadgen_conns), "-w", str(warmup), "-u", "/index.html"]
+    pin = ["taskset", "-c", cpus] if cpus else []
+    args = pin + [str(ctx.loadgen), "-p", str(port), "-r", str(rate), "-d", str(seconds), "-c",
+                  str(ctx.loadgen_conns), "-w", str(warmup), "-u", "/index.html"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 90, check=True).stdout
     return json.loads(out)
 
 
-def scenario_latency(ctx):
-    nginx, port = nginx_start(ctx)
+def scenario_latency(ctx, pinned=False):
+    """Fixed-rate latency at each rate; `pinned`: at `COST_RATE` only, nginx and the load
+    generator on CPU 0 and the span receiver on CPU 1 (the agent anywhere), which takes the
+    scheduler's placement of the two and the receiver's work (a stand-in for a collector, which
+    production runs elsewhere) out of the comparison."""
+    tag = "latency-pinned" if pinned else "latency"
+    if pinned and (os.cpu_count() or 1) < 2:
+        raise RuntimeError("pinning nginx and the receiver apart needs 2 CPUs")
+    cpus = "0" if pinned else None
+    nginx, port = nginx_start(ctx, cpus=cpus)
+    receiver_cpus = os.sched_getaffinity(ctx.receiver.proc.pid)
+    if pinned:
+        os.sched_setaffinity(ctx.receiver.proc.pid, {1})
     rows = {}
     try:
-        loadgen(ctx, port, 1000, 2, warmup=0)  # warm-up, not measured
-        for rate in ctx.rates:
+        loadgen(ctx, port, 1000, 2, warmup=0, cpus=cpus)  # warm-up, not measured
+        for rate in [ctx.cost_rate] if pinned else ctx.rates:
             runs = {"off": [], "on": []}
             for r, order in enumerate(orders(["off", "on"], ctx.rounds)):
                 for cfg in order:
-                    res, a = with_agent(ctx, f"latency-{rate}-{r}", cfg == "on",
-                                        lambda: loadgen(ctx, port, rate, ctx.duration))
+                    res, a = with_agent(ctx, f"{tag}-{rate}-{r}", cfg == "on",
+                                        lambda: loadgen(ctx, port, rate, ctx.duration, cpus=cpus))
                     res["agent"] = a
                     if a:
                         res["server_spans"] = Receiver.delta(a["counts_before"], a["counts_after"], "nginx")
                     runs[cfg].append(res)
-                    log(f"latency {rate}/s round {r} {cfg}: p50 {res['p50_us']:.0f} us p99 "
+                    log(f"{tag} {rate}/s round {r} {cfg}: p50 {res['p50_us']:.0f} us p99 "
                         f"{res['p99_us']:.0f} us, {res['achieved_rps']:.0f} req/s, errors {res['errors']}"
                         + (f", agent {a['millicores']:.0f} mcores" if a else ""))
             inc = [on["p99_us"] / off["p99_us"] - 1 for off, on in zip(runs["off"], runs["on"])]
@@ -601,6 +614,7 @@ def scenario_latency(ctx):
             rows[rate] = {"runs": runs, "p99_increase": inc, "p50_increase": inc50}
     finally:
         nginx.stop(signal.SIGQUIT)
+        os.sched_setaffinity(ctx.receiver.proc.pid, receiver_cpus)
     return rows
 
 
@@ -805,6 +819,16 @@ def scenario_profile(ctx):
 # report
 
 
+def latency_line(rate, row):
+    """A fixed-rate latency table's row: percentiles without and with the agent, errors."""
+    off, on = row["runs"]["off"], row["runs"]["on"]
+    errs = sum(x["errors"] + x["timeouts"] + x["unsent"] for x in off + on)
+    return (f"| {rate:,}/s | {fmt([x['p50_us'] for x in off], 0, ' µs')} | "
+            f"{fmt([x['p50_us'] for x in on], 0, ' µs')} | {fmt([x['p99_us'] for x in off], 0, ' µs')} | "
+            f"{fmt([x['p99_us'] for x in on], 0, ' µs')} | {pct(row['p99_increase'])} | "
+            f"{fmt([x['p999_us'] for x in off], 0, ' µs')} | {fmt([x['p999_us'] for x in on], 0, ' µs')} | {errs} |")
+
+
 def report(ctx, res, meta):
     L = []
     L.append(f"Run {meta['date']} · commit `{meta['commit']}` · {meta['machine']}")
@@ -918,17 +942,22 @@ def report(ctx, res, meta):
               "| rate | p50 without | p50 with | p99 without | p99 with | p99 increase | p99.9 without | p99.9 with | errors |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for rate, row in res["latency"].items():
-            off, on = row["runs"]["off"], row["runs"]["on"]
-            errs = sum(x["errors"] + x["timeouts"] + x["unsent"] for x in off + on)
-            L.append(f"| {rate:,}/s | {fmt([x['p50_us'] for x in off], 0, ' µs')} | "
-                     f"{fmt([x['p50_us'] for x in on], 0, ' µs')} | {fmt([x['p99_us'] for x in off], 0, ' µs')} | "
-                     f"{fmt([x['p99_us'] for x in on], 0, ' µs')} | {pct(row['p99_increase'])} | "
-                     f"{fmt([x['p999_us'] for x in off], 0, ' µs')} | {fmt([x['p999_us'] for x in on], 0, ' µs')} | {errs} |")
+            L.append(latency_line(rate, row))
             inc = med(row["p99_increase"])
             targets.append((f"p99 increase at {rate:,} req/s", "≤ 5 %", f"{100 * inc:.1f} %",
                             inc <= TARGETS["p99_increase"]))
         L.append("")
 
+    if "latency-pinned" in res:
+        L += ["### 3c. Fixed-rate latency, nginx and the load generator pinned to CPU 0 and the span "
+              "receiver to CPU 1 (diagnostic: the agent runs anywhere)", "",
+              "| rate | p50 without | p50 with | p99 without | p99 with | p99 increase | p99.9 without | p99.9 with | errors |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for rate, row in res["latency-pinned"].items():
+            L.append(latency_line(rate, row))
+        L.append("")
+
+    if "latency" in res:
         L += ["### 4. Agent cost under fixed-rate load (agent process only: CPU from /proc/<pid>/stat, "
               "memory from /proc/<pid>/status)", "",
               "| rate | agent CPU | CPU s per 100k requests | agent context switches/s | spans per request | peak RSS (VmHWM) | RSS growth, ¼ run → end |",
@@ -1032,7 +1061,7 @@ def main():
     ap.add_argument("--venv", required=True, type=Path)
     ap.add_argument("--results", required=True, type=Path)
     ap.add_argument("--command", default="sudo integration/bench/run.sh")
-    ap.add_argument("--only", default="syscall,nginx,pinned,chain,latency,python,parsers")
+    ap.add_argument("--only", default="syscall,nginx,pinned,chain,latency,latency-pinned,python,parsers")
     ap.add_argument("--soak", action="store_true")
     args = ap.parse_args()
 
@@ -1076,6 +1105,7 @@ def main():
     scenarios = {"syscall": scenario_syscall, "nginx": scenario_nginx,
                  "pinned": lambda c: scenario_nginx(c, pinned=True), "chain": scenario_chain,
                  "latency": scenario_latency,
+                 "latency-pinned": lambda c: scenario_latency(c, pinned=True),
                  "python": scenario_python, "parsers": scenario_parsers}
     scenarios["profile"] = scenario_profile
     if args.soak:
