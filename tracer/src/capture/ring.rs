@@ -175,7 +175,7 @@ impl EventRing {
             }
             let off = self.pos & (self.size - 1);
             // SAFETY: `off + HEADER <= size` (records are 8-aligned in a ring of whole pages);
-            // the kernel writes the header's length word with a release store at commit.
+            // the kernel commits a record by an atomic exchange of this word.
             let len_word = unsafe {
                 (*self.data().as_ptr().add(off).cast::<AtomicU32>()).load(Ordering::Acquire)
             };
