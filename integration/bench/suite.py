@@ -819,6 +819,11 @@ def scenario_profile(ctx):
 # report
 
 
+LATENCY_HEAD = ["| rate | p50 without | p50 with | p99 without | p99 with | p99 increase | p99.9 without | "
+                "p99.9 with | errors |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+
 def latency_line(rate, row):
     """A fixed-rate latency table's row: percentiles without and with the agent, errors."""
     off, on = row["runs"]["off"], row["runs"]["on"]
@@ -938,9 +943,7 @@ def report(ctx, res, meta):
 
     if "latency" in res:
         L += [f"### 3. Fixed-rate latency (open loop, {ctx.loadgen_conns} keep-alive connections, latency from "
-              "the scheduled send time)", "",
-              "| rate | p50 without | p50 with | p99 without | p99 with | p99 increase | p99.9 without | p99.9 with | errors |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "the scheduled send time)", "", *LATENCY_HEAD]
         for rate, row in res["latency"].items():
             L.append(latency_line(rate, row))
             inc = med(row["p99_increase"])
@@ -950,9 +953,7 @@ def report(ctx, res, meta):
 
     if "latency-pinned" in res:
         L += ["### 3c. Fixed-rate latency, nginx and the load generator pinned to CPU 0 and the span "
-              "receiver to CPU 1 (diagnostic: the agent runs anywhere)", "",
-              "| rate | p50 without | p50 with | p99 without | p99 with | p99 increase | p99.9 without | p99.9 with | errors |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "receiver to CPU 1 (diagnostic: the agent runs anywhere)", "", *LATENCY_HEAD]
         for rate, row in res["latency-pinned"].items():
             L.append(latency_line(rate, row))
         L.append("")

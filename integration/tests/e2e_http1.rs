@@ -453,25 +453,31 @@ fn parse_port_line(line: &str) -> u16 {
         .unwrap_or_else(|| panic!("expected `port N` from the client, got {line:?}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keep_alive_connection_with_twenty_requests() {
-    require_root();
-    const REQUESTS: u32 = 20;
-    let dir = TempDir::new("keep-alive");
+/// Sends `requests` requests (paths `{prefix}/0`, `{prefix}/1`, ...) from the script client to the
+/// script server on one kept-alive connection, traced by an agent run with `extra` flags besides
+/// the OTLP ones and `--port`; checks each request's server and client span, and returns the
+/// stopped agent's log.
+async fn script_requests_on_one_connection(
+    tag: &str,
+    prefix: &str,
+    requests: u32,
+    extra: &[&str],
+) -> String {
+    let dir = TempDir::new(tag);
     let receiver = receiver(Protocol::HttpProtobuf).await;
     let port = free_port();
     let server = start_script_server(&dir, port);
-    let mut agent = Agent::start_otlp(&dir, &receiver, port);
+    let mut agent = Agent::start_otlp_with(&dir, &receiver, port, extra);
 
     let started_ns = now_unix_ns();
-    let (mut client, lines) = spawn_script_client(&dir, port, "/k", REQUESTS, 0);
+    let (mut client, lines) = spawn_script_client(&dir, port, prefix, requests, 0);
     let client_port = parse_port_line(&lines.next("e2e_client.py"));
     assert_eq!(lines.next("e2e_client.py"), "done");
     let status = client.wait(WAIT);
     let ended_ns = now_unix_ns();
     assert!(status.success(), "e2e_client.py failed: {status}");
 
-    let n = usize::try_from(REQUESTS).expect("count");
+    let n = usize::try_from(requests).expect("count");
     let spans = collect_exact(&receiver, &mut agent, n, n).await;
     let peers = ScriptPeers {
         port,
@@ -481,9 +487,16 @@ async fn keep_alive_connection_with_twenty_requests() {
         started_ns,
         ended_ns,
     };
-    for i in 0..REQUESTS {
-        check_script_request(&spans, &peers, &format!("/k/{i}"));
+    for i in 0..requests {
+        check_script_request(&spans, &peers, &format!("{prefix}/{i}"));
     }
+    agent.stderr()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connection_with_twenty_requests() {
+    require_root();
+    script_requests_on_one_connection("keep-alive", "/k", 20, &[]).await;
 }
 
 /// A ring buffer of 64 KiB, which the events of these requests fill several times over: the
@@ -492,38 +505,9 @@ async fn keep_alive_connection_with_twenty_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_ring_buffer_wraps_without_losing_requests() {
     require_root();
-    const REQUESTS: u32 = 300;
-    let dir = TempDir::new("small-ring");
-    let receiver = receiver(Protocol::HttpProtobuf).await;
-    let port = free_port();
-    let server = start_script_server(&dir, port);
-    let mut args = Agent::otlp_args(&receiver);
-    args.extend(["--port", &port.to_string(), "--ring-buffer-bytes", "65536"].map(str::to_owned));
-    let mut agent = Agent::start_with_env(&dir, &args, &[]);
-
-    let started_ns = now_unix_ns();
-    let (mut client, lines) = spawn_script_client(&dir, port, "/r", REQUESTS, 0);
-    let client_port = parse_port_line(&lines.next("e2e_client.py"));
-    assert_eq!(lines.next("e2e_client.py"), "done");
-    let status = client.wait(WAIT);
-    let ended_ns = now_unix_ns();
-    assert!(status.success(), "e2e_client.py failed: {status}");
-
-    let n = usize::try_from(REQUESTS).expect("count");
-    let spans = collect_exact(&receiver, &mut agent, n, n).await;
-    let peers = ScriptPeers {
-        port,
-        server_pid: server.pid(),
-        client_pid: client.pid(),
-        client_port,
-        started_ns,
-        ended_ns,
-    };
-    for i in 0..REQUESTS {
-        check_script_request(&spans, &peers, &format!("/r/{i}"));
-    }
+    let extra = ["--ring-buffer-bytes", "65536"];
+    let log = script_requests_on_one_connection("small-ring", "/r", 300, &extra).await;
     // Their 144-byte headers alone filled the ring twice over.
-    let log = agent.stderr();
     let received = logged_metric(&log, "tracer_events_received_total");
     assert!(
         received * 144 > 2 * 65536,

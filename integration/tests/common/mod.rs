@@ -611,8 +611,19 @@ impl Agent {
 
     /// Starts the agent exporting to `receiver`, tracing only connections on `port`.
     pub fn start_otlp(dir: &TempDir, receiver: &OtlpReceiver, port: u16) -> Agent {
+        Agent::start_otlp_with(dir, receiver, port, &[])
+    }
+
+    /// As [`Agent::start_otlp`], with the flags `extra` added.
+    pub fn start_otlp_with(
+        dir: &TempDir,
+        receiver: &OtlpReceiver,
+        port: u16,
+        extra: &[&str],
+    ) -> Agent {
         let mut args = Agent::otlp_args(receiver);
         args.extend(["--port".to_owned(), port.to_string()]);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         Agent::start(dir, &args)
     }
 
