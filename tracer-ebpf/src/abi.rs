@@ -133,10 +133,6 @@ pub const SOCK_IOV_SEND: u32 = 1;
 /// Number of `SOCK_IOV` slots.
 pub const SOCK_IOV_SLOTS: u32 = 2;
 
-/// Size of an `OUT_CTX` value (the trace id chosen for a client socket's requests); userspace only
-/// deletes entries, so it needs the size, not the layout.
-pub const OUT_CTX_VALUE_SIZE: usize = 32;
-
 /// Header of every ring-buffer record. A data event is followed by `captured` payload bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -314,6 +310,18 @@ pub struct ConnState {
     /// With `family`: the connection's tuple, so that its events copy it from here rather than
     /// read the socket each time.
     pub tuple: ConnTuple,
+    /// A client connection's outgoing trace context: the trace id its current request carries
+    /// (in the TCP option of its segments, or handed over to a peer on this host), chosen by the
+    /// write that starts the request and kept by its later writes until a response byte is read.
+    pub out_trace_id: [u64; 2],
+    /// Origin of `out_trace_id` (`EV_F_TRACE_IN_BAND` or `EV_F_TRACE_GENERATED`); 0 when none is
+    /// chosen. Userspace clears it when it ignores the connection.
+    pub out_origin: u8,
+    /// Non-zero once a byte of the response to the request was read: the next write is a new
+    /// request.
+    pub out_responded: u8,
+    /// Reserved, zero.
+    pub _pad2: [u8; 6],
 }
 
 /// A connection's addresses and ports, as [`EventHeader`] carries them.

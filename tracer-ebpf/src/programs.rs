@@ -143,11 +143,6 @@ static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 #[map]
 static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
-/// The trace id the sock_ops program writes into the TCP option of a client socket's data
-/// segments, keyed by the socket's `struct sock` address (the sock_ops context's `sk`).
-#[map]
-static OUT_CTX: LruHashMap<u64, OutCtx> = LruHashMap::with_max_entries(65536, 0);
-
 /// The trace id the sock_ops program last read from a TCP option on a socket, keyed by its tuple.
 /// Keyed by the `struct sock` address instead, a server read once found the id an older
 /// connection at the same address had left although the new request's option had been parsed
@@ -281,21 +276,6 @@ const SERVING_ANSWERED: u8 = 1;
 /// [`Serving::state`]: the thread started reading this request while another one, on another
 /// socket, was unanswered (an event loop): its outgoing calls cannot be attributed.
 const SERVING_AMBIGUOUS: u8 = 2;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct OutCtx {
-    trace_id: TraceId,
-    /// `conn_id` of the connection that chose it: a later connection on the same tuple never
-    /// reuses it.
-    conn_id: u64,
-    /// `EV_F_TRACE_IN_BAND` or `EV_F_TRACE_GENERATED`.
-    origin: u8,
-    /// Non-zero once a byte of the response was read: the next write is a new request.
-    responded: u8,
-    _pad: [u8; 6],
-}
-const _: () = assert!(core::mem::size_of::<OutCtx>() == OUT_CTX_VALUE_SIZE);
 
 /// A trace id received in band. The sock_ops program rewrites an entry in place for each request
 /// on its connection (an LRU map's update allocates a new element and frees the old one, which
@@ -1093,18 +1073,18 @@ fn serve_write(thread: *mut Thread, sock: u64) {
     }
 }
 
-/// A write on client socket `sock` (connection `conn_id`) by the current thread, before the
-/// kernel sends anything: picks the trace id for the TCP option of its segments and stores it in
-/// `OUT_CTX` for the sock_ops program. The request the thread serves gives it; a thread that
-/// serves none starts a trace (later writes of the same request, before a response byte is read,
-/// keep it); an ambiguous thread sends none.
+/// A write on a client connection (`c`, its state) by the current thread, before the kernel
+/// sends anything: picks the trace id for the TCP option of its segments and keeps it in the
+/// connection's state, where the sock_ops program reads it. The request the thread serves gives
+/// it; a thread that serves none starts a trace (later writes of the same request, before a
+/// response byte is read, keep it); an ambiguous thread sends none.
 #[inline(always)]
-fn client_write(thread: *mut Thread, sock: u64, conn_id: u64) -> Option<(TraceId, u8)> {
+fn client_write(thread: *mut Thread, c: *mut ConnState) -> Option<(TraceId, u8)> {
     // SAFETY: the thread's own record, from a successful lookup.
     let serving = Some(unsafe { (*thread).serving }).filter(|s| s.sock != 0);
-    let slot = OUT_CTX.get_ptr_mut(sock);
-    // SAFETY: copied out of the map.
-    let current = slot.map(|p| unsafe { *p });
+    // SAFETY: `c` is from a successful lookup in `CONNS`.
+    let (current, origin, responded) =
+        unsafe { ((*c).out_trace_id, (*c).out_origin, (*c).out_responded) };
     let chosen = match serving {
         Some(s) if s.state & SERVING_ANSWERED == 0 => {
             if s.state & SERVING_AMBIGUOUS != 0 {
@@ -1113,36 +1093,22 @@ fn client_write(thread: *mut Thread, sock: u64, conn_id: u64) -> Option<(TraceId
                 Some((s.trace_id, s.origin))
             }
         }
-        _ => match current {
-            Some(o) if o.conn_id == conn_id && o.responded == 0 => Some((o.trace_id, o.origin)),
-            _ => Some((random_trace_id(), EV_F_TRACE_GENERATED)),
-        },
+        _ if origin != 0 && responded == 0 => Some((current, origin)),
+        _ => Some((random_trace_id(), EV_F_TRACE_GENERATED)),
     };
-    match (chosen, slot) {
-        (Some((trace_id, origin)), slot) => {
-            let out = OutCtx {
-                trace_id,
-                conn_id,
-                origin,
-                responded: 0,
-                _pad: [0; 6],
-            };
-            match slot {
-                // In place: an LRU map's update allocates a new element and frees the old one.
-                // The sock_ops program may read the entry meanwhile on another CPU (a segment of
-                // the previous request sent from softirq); it then writes a mix of the two ids,
-                // which links that segment's request to nothing rather than to another trace.
-                // SAFETY: pointer from a successful lookup.
-                Some(p) => unsafe { *p = out },
-                None => {
-                    let _ = OUT_CTX.insert(sock, out, 0);
-                }
+    // In place, in the connection's state: the sock_ops program may read it meanwhile on another
+    // CPU (a segment of the previous request sent from softirq); it then writes a mix of the two
+    // ids, which links that segment's request to nothing rather than to another trace.
+    // SAFETY: as above; plain stores into a live map value.
+    unsafe {
+        match chosen {
+            Some((trace_id, origin)) => {
+                (*c).out_trace_id = trace_id;
+                (*c).out_origin = origin;
+                (*c).out_responded = 0;
             }
+            None => (*c).out_origin = 0,
         }
-        (None, Some(_)) => {
-            let _ = OUT_CTX.remove(sock);
-        }
-        (None, None) => {}
     }
     chosen
 }
@@ -1171,21 +1137,20 @@ fn tls_trace(pid_tgid: u64, sock: u64, conn: &Conn, direction: u8) -> Option<(Tr
         }
     } else if conn.role == ROLE_CLIENT && direction == DIR_SEND {
         // SAFETY: copied out of the map.
-        let o = unsafe { OUT_CTX.get(sock) }.copied()?;
-        if o.conn_id == conn.conn_id {
-            return Some((o.trace_id, o.origin));
+        let c = unsafe { CONNS.get(sock) }?;
+        if c.conn_id == conn.conn_id && c.out_origin != 0 {
+            return Some((c.out_trace_id, c.out_origin));
         }
     }
     None
 }
 
-/// A read of response bytes on client socket `sock`: its next write is a new request.
+/// A read of response bytes on a client connection (`c`, its state): its next write is a new
+/// request.
 #[inline(always)]
-fn client_read(sock: u64) {
-    if let Some(o) = OUT_CTX.get_ptr_mut(sock) {
-        // SAFETY: pointer from a successful lookup.
-        unsafe { (*o).responded = 1 };
-    }
+fn client_read(c: *mut ConnState) {
+    // SAFETY: `c` is from a successful lookup in `CONNS`; one byte's store.
+    unsafe { (*c).out_responded = 1 };
 }
 
 /// Records a data syscall's entry when its fd is a TCP socket.
@@ -1199,7 +1164,7 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
     let Some((sock, file, by_fops)) = socket_of_fd(args[0] as i64) else {
         return 0;
     };
-    let found = CONNS.get_ptr(sock);
+    let found = CONNS.get_ptr_mut(sock);
     // SAFETY: copied out of the map, from a successful lookup.
     let conn = found.map(|c| unsafe { Conn::at(c) });
     // A socket the programs know is a TCP one: its family and type need no reads. An entry can
@@ -1222,9 +1187,11 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
         tls::socket_io(pid_tgid, inflight.sock, || inflight.fd, conn.conn_id);
         return 0;
     }
-    // Only a send's entry is timed: a read's span time is when its bytes arrived, its exit (the
-    // clock costs ~50 ns per read here). 1 keeps a read's record live.
-    inflight.enter_ns = if direction == DIR_SEND {
+    // Only a client's send's entry is timed: a read's span time is when its bytes arrived, its
+    // exit, and a server's send's is when it ended, when the response left (the clock costs
+    // ~50 ns per read here). 1 keeps a record live.
+    let server = conn.is_some_and(|c| c.role == ROLE_SERVER);
+    inflight.enter_ns = if direction == DIR_SEND && !server {
         // SAFETY: reads the monotonic clock.
         unsafe { bpf_ktime_get_ns() }
     } else {
@@ -1237,11 +1204,11 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
     if direction == DIR_SEND && trace_context() {
         // Every connection left here makes spans (a TLS one from its plaintext, whose client
         // writes still choose the trace id the SSL probes report).
-        if let Some(conn) = conn {
+        if let (Some(conn), Some(c)) = (conn, found) {
             if conn.role == ROLE_SERVER {
                 serve_write(thread, inflight.sock);
             } else if conn.role == ROLE_CLIENT {
-                let chosen = client_write(thread, inflight.sock, conn.conn_id);
+                let chosen = client_write(thread, c);
                 if conn.flags & CONN_F_LOCAL != 0 {
                     // A plain buffer's length is the call's; through iovecs it is not known here.
                     let len = if buf_kind == BUF_PLAIN {
@@ -1254,7 +1221,7 @@ fn enter_io(ctx: &TracePointContext, source: u8, direction: u8, buf_kind: u8) ->
                     hand_over(
                         inflight.sock,
                         None,
-                        found,
+                        Some(c),
                         chosen.map_or([0, 0], |(id, _)| id),
                         len,
                     );
@@ -1537,8 +1504,17 @@ fn emit_io<const IOVECS: usize>(
     let Some(scratch) = scratch() else { return 0 };
     // SAFETY: the per-CPU scratch slot belongs to this program invocation until it returns.
     let scratch = unsafe { &mut *scratch };
-    // SAFETY: reads the monotonic clock.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // A send's start is timed (above 1) where a span may start with it: a client's request. At
+    // the socket layer, where a client's send is timed before it queues a byte, that is the
+    // event's one time (nothing reads when a request's write ended); every other event is
+    // timed here, where it ends (a server's response: when it left).
+    let timed = inf.direction == DIR_SEND && inf.enter_ns > 1;
+    let now = if timed && socket_layer {
+        inf.enter_ns
+    } else {
+        // SAFETY: reads the monotonic clock.
+        unsafe { bpf_ktime_get_ns() }
+    };
     let tgid = (pid_tgid >> 32) as u32;
     let (conn, offset, slot) = conn_advance_at(conn, inf.sock, tgid, now, inf.direction, bytes);
     // SAFETY: the thread's own record, from a successful lookup.
@@ -1565,12 +1541,8 @@ fn emit_io<const IOVECS: usize>(
     h.tgid = (pid_tgid >> 32) as u32;
     h.tid = pid_tgid as u32;
     h.fd = inf.fd;
-    // A read's entry is not timed (see `enter_io`).
-    h.enter_ns = if inf.direction == DIR_SEND {
-        inf.enter_ns
-    } else {
-        now
-    };
+    // A read's entry is not timed (see `enter_io`), nor a server's send.
+    h.enter_ns = if timed { inf.enter_ns } else { now };
     h.exit_ns = now;
     h.conn_id = conn.conn_id;
     h.sock = inf.sock;
@@ -1616,8 +1588,10 @@ fn emit_io<const IOVECS: usize>(
             let (id, origin) = serve_read(thread, inf.sock, seq, || tuple_key(h));
             h.trace_id = trace_bytes(id);
             h.flags |= EV_F_TRACE | origin;
-        } else if conn.role == ROLE_CLIENT {
-            client_read(inf.sock);
+        } else if conn.role == ROLE_CLIENT
+            && let Some(c) = slot
+        {
+            client_read(c);
         }
     }
     if conn.flags & CONN_F_NO_PAYLOAD != 0 {
@@ -1767,9 +1741,11 @@ fn choose_read_context(thread: *mut Thread, inf: *mut Inflight, rc: i64) {
     }
     // SAFETY: the thread's own record, from a successful lookup; only this thread writes it.
     let (sock, mmsg) = unsafe { ((*inf).sock, (*inf).mmsg) };
-    let Some(conn) = Conn::of(sock) else {
+    let Some(c) = CONNS.get_ptr_mut(sock) else {
         return;
     };
+    // SAFETY: from a successful lookup.
+    let conn = unsafe { Conn::at(c) };
     // Requests on a connection userspace ignores make no span for anything to link to: the
     // thread is not serving one as far as linking goes (its outgoing calls start traces).
     if !wants_trace(conn.flags) {
@@ -1791,7 +1767,7 @@ fn choose_read_context(thread: *mut Thread, inf: *mut Inflight, rc: i64) {
             (*inf).trace_flags = EV_F_TRACE | origin;
         }
     } else if conn.role == ROLE_CLIENT {
-        client_read(sock);
+        client_read(c);
     }
 }
 

@@ -43,8 +43,8 @@ use tracer_ebpf::abi::*;
 
 use super::{
     BUF_IOVEC, BUF_KERNEL, BUF_MSGHDR, BUF_PLAIN, CONNS, Conn, Inflight, OFFSETS, PT_REGS_DI,
-    PT_REGS_DX, PT_REGS_ORIG_AX, PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, Scratch, THREADS, call_of,
-    choose_read_context, client_write, conn_open, count, emit_header, emit_io, hand_over,
+    PT_REGS_DX, PT_REGS_ORIG_AX, PT_REGS_SI, ROLE_CLIENT, ROLE_SERVER, Scratch, THREADS, Thread,
+    call_of, choose_read_context, client_write, conn_open, count, emit_header, emit_io, hand_over,
     inflight_take, kload, kread, offset_at, port_wanted_at, scratch, scratch_interrupting,
     serve_write, socket_states, tcp_sock, tcp_sock_at, thread_of, tls, trace_context, traced,
     wants_trace,
@@ -258,8 +258,9 @@ fn copy_iov<const IOVECS: usize, C: SockCtx, const DIRECTION: u8>(ctx: &C) -> u3
 }
 
 /// The first firing in a TCP send call (it fires before each buffer the call queues): what the
-/// syscall entry does for a write, before the kernel sends a byte, so that a client's TCP option
-/// carries the trace id of the request it sends.
+/// syscall entry does for a client's write, before the kernel sends a byte, so that a client's
+/// TCP option carries the trace id of the request it sends. A server's write needs nothing
+/// before its bytes leave: `sock_send_length` takes it whole (see [`server_send`]).
 #[inline(always)]
 fn sendmsg_locked<C: SockCtx>(ctx: &C) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -267,6 +268,14 @@ fn sendmsg_locked<C: SockCtx>(ctx: &C) -> u32 {
         return 0;
     }
     let sk = ctx.arg_u64(0);
+    let found = CONNS.get_ptr_mut(sk);
+    // SAFETY: copied out of the map, from a successful lookup.
+    let conn = found.map(|c| unsafe { Conn::at(c) });
+    if conn.is_some_and(|c| c.role == ROLE_SERVER || !wants_trace(c.flags))
+        || !port_wanted_at(sk, C::TYPED)
+    {
+        return 0;
+    }
     let thread = THREADS.get_ptr_mut(pid_tgid);
     // SAFETY: the thread's own record, from a successful lookup.
     if let Some(t) = thread
@@ -274,12 +283,6 @@ fn sendmsg_locked<C: SockCtx>(ctx: &C) -> u32 {
     {
         // A later buffer of the same call, or a call a syscall program recorded (sendmmsg,
         // sendfile).
-        return 0;
-    }
-    let found = CONNS.get_ptr(sk);
-    // SAFETY: copied out of the map, from a successful lookup.
-    let conn = found.map(|c| unsafe { Conn::at(c) });
-    if conn.is_some_and(|c| !wants_trace(c.flags)) || !port_wanted_at(sk, C::TYPED) {
         return 0;
     }
     let Some(thread) = thread.or_else(|| thread_of(pid_tgid)) else {
@@ -290,33 +293,70 @@ fn sendmsg_locked<C: SockCtx>(ctx: &C) -> u32 {
     let mut call: Inflight = unsafe { core::mem::zeroed() };
     call.sock = sk;
     call.direction = DIR_SEND;
-    // SAFETY: reads the monotonic clock.
+    // SAFETY: reads the monotonic clock. The event's one time: a request's span starts here,
+    // and nothing reads when its write ended (see `emit_io`).
     call.enter_ns = unsafe { bpf_ktime_get_ns() };
     if trace_context()
-        && let Some(conn) = conn
+        && let (Some(conn), Some(c)) = (conn, found)
+        && conn.role == ROLE_CLIENT
     {
-        if conn.role == ROLE_SERVER {
-            serve_write(thread, sk);
-        } else if conn.role == ROLE_CLIENT {
-            let chosen = client_write(thread, sk, conn.conn_id);
-            if conn.flags & CONN_F_LOCAL != 0 {
-                hand_over(
-                    sk,
-                    C::typed(sk),
-                    found,
-                    chosen.map_or([0, 0], |(id, _)| id),
-                    send_len(ctx),
-                );
-            }
-            if let Some((id, origin)) = chosen {
-                call.trace_id = id;
-                call.trace_flags = EV_F_TRACE | origin;
-            }
+        let chosen = client_write(thread, c);
+        if conn.flags & CONN_F_LOCAL != 0 {
+            hand_over(
+                sk,
+                C::typed(sk),
+                Some(c),
+                chosen.map_or([0, 0], |(id, _)| id),
+                send_len(ctx),
+            );
+        }
+        if let Some((id, origin)) = chosen {
+            call.trace_id = id;
+            call.trace_flags = EV_F_TRACE | origin;
         }
     }
     // SAFETY: the thread's own record, from a successful lookup; only this thread writes it.
     unsafe { (*thread).call = call };
     0
+}
+
+/// A send on socket `sk` that `tcp_sendmsg_locked` did not record, by the current thread
+/// (`thread`, its record, when it has one): the start of a traced server connection's send,
+/// untimed (its event's time is the send's end: when the response left), with the socket's
+/// state; `None` for any other socket, whose SSL call running on this thread still learns it
+/// (see `enter_io`). A server's write costs one lookup of its thread and one of its socket
+/// fewer, and one clock read fewer, this way than through a record made at its start.
+#[inline(always)]
+fn server_send<C: SockCtx>(
+    pid_tgid: u64,
+    sk: u64,
+    thread: Option<*mut Thread>,
+) -> Option<(Inflight, *mut ConnState)> {
+    if !traced((pid_tgid >> 32) as u32) || (C::TYPED && !tcp_sock_at(sk, true)) {
+        return None;
+    }
+    let found = CONNS.get_ptr_mut(sk)?;
+    // SAFETY: copied out of the map, from a successful lookup.
+    let conn = unsafe { Conn::at(found) };
+    if conn.role != ROLE_SERVER || !wants_trace(conn.flags) || !port_wanted_at(sk, C::TYPED) {
+        // SAFETY: the thread's own record, from a successful lookup.
+        if thread.is_some_and(|t| unsafe { (*t).ssl } != 0) {
+            tls::socket_io(pid_tgid, sk, || syscall_args().1[0] as i32, conn.conn_id);
+        }
+        return None;
+    }
+    if trace_context()
+        && let Some(t) = thread
+    {
+        serve_write(t, sk);
+    }
+    // SAFETY: all-zero bytes are a valid record (plain integers); source 0 as for a record
+    // `tcp_sendmsg_locked` made. Non-zero keeps the record live.
+    let mut call: Inflight = unsafe { core::mem::zeroed() };
+    call.sock = sk;
+    call.direction = DIR_SEND;
+    call.enter_ns = 1;
+    Some((call, found))
 }
 
 /// The bytes the send of this `tcp_sendmsg_locked` firing has left to queue (at its first firing,
@@ -332,35 +372,36 @@ fn send_len<C: SockCtx>(ctx: &C) -> u64 {
 }
 
 /// A write on a socket returned: emits its bytes, with the time and trace context that
-/// `tcp_sendmsg_locked`, or the syscall entry where that is not attached, recorded at the call's
-/// start.
+/// `tcp_sendmsg_locked`, or the syscall entry where that is not attached, recorded at a client
+/// call's start; a server's send is taken here whole (see [`server_send`]).
 #[inline(always)]
 fn send_length<C: SockCtx>(ctx: &C) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // A thread without a record never sent on a traced TCP socket nor called the SSL library.
-    let Some(thread) = THREADS.get_ptr_mut(pid_tgid) else {
-        return 0;
-    };
     let sk = ctx.arg_u64(0);
+    let thread = THREADS.get_ptr_mut(pid_tgid);
     // SAFETY: the thread's own record, from a successful lookup; only this thread writes it.
-    let started: Inflight = unsafe { (*thread).call };
-    if started.enter_ns == 0 || started.sock != sk {
-        // Not a traced TCP send: another kind of socket, or a connection userspace ignores,
-        // whose socket an SSL call running on this thread still learns (see `enter_io`).
-        if started.enter_ns != 0 && started.source == 0 {
-            // A start `tcp_sendmsg_locked` recorded (it sets no source) for a send that ended
-            // without this tracepoint on its socket: it must not pass for the next send's.
-            // SAFETY: as above.
-            unsafe { (*thread).call.enter_ns = 0 };
+    let recorded = thread
+        .map(|t| unsafe { (*t).call })
+        .filter(|c| c.enter_ns != 0 && c.sock == sk);
+    let (started, found) = match recorded {
+        Some(started) => (started, None),
+        None => {
+            if let Some(t) = thread
+                // SAFETY: as above.
+                && unsafe { (*t).call.enter_ns != 0 && (*t).call.source == 0 }
+            {
+                // A start `tcp_sendmsg_locked` recorded (it sets no source) for a send that
+                // ended without this tracepoint on its socket: it must not pass for the next
+                // send's.
+                // SAFETY: as above.
+                unsafe { (*t).call.enter_ns = 0 };
+            }
+            let Some((started, found)) = server_send::<C>(pid_tgid, sk, thread) else {
+                return 0;
+            };
+            (started, Some(found))
         }
-        // SAFETY: as above; copied out of the map.
-        if unsafe { (*thread).ssl } != 0
-            && let Some(conn) = unsafe { CONNS.get(sk) }
-        {
-            tls::socket_io(pid_tgid, sk, || syscall_args().1[0] as i32, conn.conn_id);
-        }
-        return 0;
-    }
+    };
     let (nr, args) = syscall_args();
     // With no syscall program left (see the module's doc), a sendfile's or sendmmsg's bytes
     // count here, one firing per buffer or message, uncopied: the file's pages never pass
@@ -379,9 +420,12 @@ fn send_length<C: SockCtx>(ctx: &C) -> u32 {
     }) else {
         // A send these programs do not take. Unless a syscall program recorded it, the record
         // `tcp_sendmsg_locked` made for it (a send from io_uring) ends here.
-        if started.source == 0 || (nr != NR_SENDMMSG && nr != NR_SENDFILE) {
+        if let Some(t) = thread
+            && recorded.is_some()
+            && (started.source == 0 || (nr != NR_SENDMMSG && nr != NR_SENDFILE))
+        {
             // SAFETY: as above.
-            unsafe { (*thread).call.enter_ns = 0 };
+            unsafe { (*t).call.enter_ns = 0 };
         }
         return 0;
     };
@@ -391,19 +435,26 @@ fn send_length<C: SockCtx>(ctx: &C) -> u32 {
     call.trace_flags = started.trace_flags;
     let rc = length_ret(ctx);
     if call.buf_kind == BUF_PLAIN || call.buf_kind == BUF_KERNEL {
-        // SAFETY: as above.
-        unsafe { (*thread).call.enter_ns = 0 };
+        if let Some(t) = thread
+            && recorded.is_some()
+        {
+            // SAFETY: as above.
+            unsafe { (*t).call.enter_ns = 0 };
+        }
         return emit_io::<0>(
             pid_tgid,
             call,
-            Some(thread),
-            None,
+            thread,
+            found,
             C::typed(sk),
             rc,
             DIR_SEND,
             true,
         );
     }
+    let Some(thread) = thread.or_else(|| thread_of(pid_tgid)) else {
+        return 0;
+    };
     // SAFETY: as above; the tail-called program takes the record.
     unsafe {
         (*thread).call = call;

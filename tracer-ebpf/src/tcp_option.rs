@@ -1,9 +1,10 @@
 //! Trace context in band: a sock_ops program, attached to the cgroup v2 root, that writes the
-//! trace id the syscall programs chose for a client socket (`OUT_CTX`) into a TCP header option of
-//! the socket's data segments, and on the receiving host reads it into `IN_CTX`, where the server's
-//! read finds it. `OUT_CTX` is keyed by the socket's `struct sock` address (the context's `sk`
-//! here, the socket behind the file descriptor there), `IN_CTX` by the socket's tuple, built here
-//! from the `bpf_sock_ops` context and there from `sock_common`.
+//! trace id the syscall programs chose for a client socket (kept in its `CONNS` entry, see
+//! `ConnState::out_trace_id`) into a TCP header option of the socket's data segments, and on the
+//! receiving host reads it into `IN_CTX`, where the server's read finds it. `CONNS` is keyed by
+//! the socket's `struct sock` address (the context's `sk` here, the socket the syscall programs
+//! see there), `IN_CTX` by the socket's tuple, built here from the `bpf_sock_ops` context and
+//! there from `sock_common`.
 //!
 //! Option layout ([`TCP_OPT_KIND`]): kind 253, length 20, the 16-bit experiment id
 //! [`TCP_OPT_EXID`], the 16-byte trace id. Requests flow from the connecting side, so only active
@@ -26,7 +27,7 @@ use aya_ebpf::programs::SockOpsContext;
 use tracer_ebpf::abi::*;
 
 use super::{
-    AF_INET6, CONNS, IN_CTX, OUT_CTX, TraceId, TupleKey, canonical, count, in_ctx_record, is_local,
+    AF_INET6, CONNS, IN_CTX, TraceId, TupleKey, canonical, count, in_ctx_record, is_local,
     local_hand_over, trace_bytes, wants_trace,
 };
 
@@ -47,7 +48,10 @@ pub fn trace_tcp_opt(ctx: SockOpsContext) -> u32 {
             // write has chosen an id for this one yet. Without this, its segments would carry
             // the old socket's id (a process this agent does not trace, or whose writes bypass
             // the syscalls, never replaces it).
-            let _ = OUT_CTX.remove(&sock(ops));
+            if let Some(c) = CONNS.get_ptr_mut(&sock(ops)) {
+                // SAFETY: pointer from a successful lookup; one byte's store.
+                unsafe { (*c).out_origin = 0 };
+            }
             // Both ends on this host: the client's writes hand their ids over in memory
             // (`hand_over`), and no segment of the connection runs this program.
             if !(local_hand_over() && is_local(&tuple(ops))) {
@@ -135,7 +139,7 @@ fn raw_tuple(ops: *mut bpf_sock_ops) -> TupleKey {
     }
 }
 
-/// The `struct sock` address of the context's socket, the key of `CONNS` and `OUT_CTX`; 0 when
+/// The `struct sock` address of the context's socket, the key of `CONNS`; 0 when
 /// there is none.
 #[inline(always)]
 fn sock(ops: *mut bpf_sock_ops) -> u64 {
@@ -177,9 +181,16 @@ fn reserve(ctx: &SockOpsContext) {
     if !mss && !data {
         return;
     }
-    // SAFETY: presence check only.
-    if unsafe { OUT_CTX.get(&sock(ops)) }.is_none() {
-        if data && ignored(ops) {
+    let sk = sock(ops);
+    // SAFETY: copied out of the map; the key is the `struct sock` address, as the syscall
+    // programs key it.
+    let conn = if sk == 0 {
+        None
+    } else {
+        unsafe { CONNS.get(&sk) }
+    };
+    if conn.is_none_or(|c| c.out_origin == 0) {
+        if data && conn.is_some_and(|c| !wants_trace(c.flags)) {
             // No write on this connection will choose a trace id (userspace deleted the one its
             // first writes chose): stop running for its segments. A new connection, even at the
             // same address, sets the flag again when it is established.
@@ -196,25 +207,20 @@ fn reserve(ctx: &SockOpsContext) {
     }
 }
 
-/// Whether userspace ignores the connection of this segment (see `wants_trace`).
-#[inline(always)]
-fn ignored(ops: *mut bpf_sock_ops) -> bool {
-    let sk = sock(ops);
-    if sk == 0 {
-        return false;
-    }
-    // SAFETY: copied out of the map; the key is the `struct sock` address, as the syscall
-    // programs key it.
-    unsafe { CONNS.get(&sk) }.is_some_and(|c| !wants_trace(c.flags))
-}
-
 /// `BPF_SOCK_OPS_WRITE_HDR_OPT_CB`: the option itself, in the room reserved for this segment.
 #[inline(always)]
 fn write(ops: *mut bpf_sock_ops) {
+    let sk = sock(ops);
+    if sk == 0 {
+        return;
+    }
     // SAFETY: copied out of the map.
-    let Some(out) = (unsafe { OUT_CTX.get(&sock(ops)) }).copied() else {
+    let Some(out) = (unsafe { CONNS.get(&sk) }).map(|c| (c.out_trace_id, c.out_origin)) else {
         return;
     };
+    if out.1 == 0 {
+        return;
+    }
     // Another program may have reserved room on a segment this one skipped.
     if !matches!(segment(ops), Some((_, len)) if len > 0) {
         return;
@@ -223,7 +229,7 @@ fn write(ops: *mut bpf_sock_ops) {
     opt[0] = TCP_OPT_KIND;
     opt[1] = TCP_OPT_LEN as u8;
     opt[2..4].copy_from_slice(&TCP_OPT_EXID.to_be_bytes());
-    opt[4..].copy_from_slice(&trace_bytes(out.trace_id));
+    opt[4..].copy_from_slice(&trace_bytes(out.0));
     // SAFETY: `opt` is TCP_OPT_LEN bytes on the stack.
     let rc =
         unsafe { bpf_store_hdr_opt(ops, opt.as_ptr() as *const c_void, TCP_OPT_LEN as u32, 0) };

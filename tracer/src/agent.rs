@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use tokio::io::AsyncWriteExt as _;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
-use tracer_ebpf::abi::{self, KernelOffsets};
+use tracer_ebpf::abi::KernelOffsets;
 use tracing::{info, warn};
 
 use crate::capture::events::Event;
@@ -322,13 +322,6 @@ fn apply_stop_payload(capture: &mut Capture, conns: &mut Connections) {
     for stop in conns.take_stop_payload() {
         if let Err(err) = capture.set_conn_flags(stop.sock, stop.conn_id, stop.flags) {
             tracing::debug!(%err, "could not mark connection as payload-free");
-        }
-        // A TLS connection keeps its trace ids: its plaintext makes the spans.
-        if stop.flags & abi::CONN_F_NO_PAYLOAD != 0
-            && stop.flags & abi::CONN_F_TLS == 0
-            && let Err(err) = capture.forget_trace_out(stop.sock)
-        {
-            tracing::debug!(%err, "could not forget an ignored connection's trace id");
         }
     }
 }

@@ -870,21 +870,6 @@ impl Capture {
         })
     }
 
-    /// Forgets the trace id the kernel chose for the requests of the client connection on socket
-    /// `sock` (nothing happens if it has none): once userspace ignores a connection the kernel
-    /// chooses no new one, and without this the last one would go on riding in the TCP option of
-    /// every segment. With it gone, the sock_ops program stops running for the socket.
-    pub fn forget_trace_out(&mut self, sock: u64) -> Result<(), CaptureError> {
-        if !self.tcp_option {
-            return Ok(());
-        }
-        let mut out: BpfHashMap<_, u64, [u8; abi::OUT_CTX_VALUE_SIZE]> =
-            typed_map(&mut self.ebpf, "OUT_CTX")?;
-        // A key that is not there is the common case (server side, no trace chosen yet).
-        let _ = out.remove(&sock);
-        Ok(())
-    }
-
     /// Sets `flags` on the kernel's state of connection `sock` (e.g. stop copying payload).
     pub fn set_conn_flags(
         &mut self,
@@ -901,6 +886,13 @@ impl Capture {
             return Ok(());
         }
         state.flags |= flags;
+        if flags & abi::CONN_F_NO_PAYLOAD != 0 && state.flags & abi::CONN_F_TLS == 0 {
+            // Once userspace ignores a connection the kernel chooses no new trace id for it;
+            // without this its last one would go on riding in the TCP option of every segment.
+            // With it gone, the sock_ops program stops running for the socket. A TLS connection
+            // keeps its ids: its plaintext makes the spans.
+            state.out_origin = 0;
+        }
         conns
             .insert(sock, ConnStatePod(state), 0)
             .map_err(|source| CaptureError::Map {
