@@ -159,11 +159,14 @@ pub struct EventHeader {
     pub fd: i32,
     /// Payload bytes that follow this header.
     pub captured: u32,
-    /// Monotonic ns (bpf_ktime_get_ns) at syscall entry for a send; for a receive syscall, whose
-    /// entry is not timed (a read's start is when its bytes arrive, not when it began to wait), the
-    /// same as `exit_ns`. TLS plaintext events (SSL and Go probes): the call's entry either way.
+    /// Monotonic ns (bpf_ktime_get_ns) at syscall entry for a client's send (where a request
+    /// span starts); for a receive, whose entry is not timed (a read's start is when its bytes
+    /// arrive, not when it began to wait), and a server's send (whose span time is its end, when
+    /// the response left), the same as `exit_ns`. TLS plaintext events (SSL and Go probes): the
+    /// call's entry either way.
     pub enter_ns: u64,
-    /// Monotonic ns at syscall exit.
+    /// Monotonic ns at syscall exit; for a send taken at the socket layer with its start timed
+    /// (a client's), the same as `enter_ns`: one clock read per send.
     pub exit_ns: u64,
     /// Connection identity: monotonic ns at which the kernel first saw this socket. With `sock` and
     /// `tgid` it is unique across fd and socket reuse.
