@@ -191,7 +191,7 @@ fn reserve(ctx: &SockOpsContext) {
     };
     if conn.is_none_or(|c| c.out_origin == 0) {
         if data && conn.is_some_and(|c| !wants_trace(c.flags)) {
-            // No write on this connection will choose a trace id (userspace deleted the one its
+            // No write on this connection will choose a trace id (userspace cleared the one its
             // first writes chose): stop running for its segments. A new connection, even at the
             // same address, sets the flag again when it is established.
             let flags = ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
