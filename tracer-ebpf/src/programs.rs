@@ -1123,9 +1123,16 @@ fn wants_trace(flags: u8) -> bool {
 
 /// The trace context of TLS plaintext on `sock` moved by the current thread, as the syscall
 /// programs chose it for the ciphertext underneath: for a read on a server socket, the request the
-/// thread serves on it; for a write on a client socket, the id its TCP option carries.
+/// thread serves on it; for a write on a client socket, the id its TCP option carries, from the
+/// connection's state (`slot`, where it lives in `CONNS`).
 #[inline(always)]
-fn tls_trace(pid_tgid: u64, sock: u64, conn: &Conn, direction: u8) -> Option<(TraceId, u8)> {
+fn tls_trace(
+    pid_tgid: u64,
+    sock: u64,
+    conn: &Conn,
+    slot: Option<*mut ConnState>,
+    direction: u8,
+) -> Option<(TraceId, u8)> {
     if !trace_context() {
         return None;
     }
@@ -1136,10 +1143,11 @@ fn tls_trace(pid_tgid: u64, sock: u64, conn: &Conn, direction: u8) -> Option<(Tr
             return Some((s.trace_id, s.origin));
         }
     } else if conn.role == ROLE_CLIENT && direction == DIR_SEND {
-        // SAFETY: copied out of the map.
-        let c = unsafe { CONNS.get(sock) }?;
-        if c.conn_id == conn.conn_id && c.out_origin != 0 {
-            return Some((c.out_trace_id, c.out_origin));
+        let c = slot?;
+        // SAFETY: `c` is from a successful lookup in `CONNS`.
+        let (trace_id, origin) = unsafe { ((*c).out_trace_id, (*c).out_origin) };
+        if origin != 0 {
+            return Some((trace_id, origin));
         }
     }
     None

@@ -383,8 +383,9 @@ fn send_length<C: SockCtx>(ctx: &C) -> u32 {
     let recorded = thread
         .map(|t| unsafe { (*t).call })
         .filter(|c| c.enter_ns != 0 && c.sock == sk);
-    let (started, found) = match recorded {
-        Some(started) => (started, None),
+    // The thread whose record holds the call's start, which the call's end clears.
+    let (started, found, holder) = match recorded {
+        Some(started) => (started, None, thread),
         None => {
             if let Some(t) = thread
                 // SAFETY: as above.
@@ -399,7 +400,7 @@ fn send_length<C: SockCtx>(ctx: &C) -> u32 {
             let Some((started, found)) = server_send::<C>(pid_tgid, sk, thread) else {
                 return 0;
             };
-            (started, Some(found))
+            (started, Some(found), None)
         }
     };
     let (nr, args) = syscall_args();
@@ -420,8 +421,7 @@ fn send_length<C: SockCtx>(ctx: &C) -> u32 {
     }) else {
         // A send these programs do not take. Unless a syscall program recorded it, the record
         // `tcp_sendmsg_locked` made for it (a send from io_uring) ends here.
-        if let Some(t) = thread
-            && recorded.is_some()
+        if let Some(t) = holder
             && (started.source == 0 || (nr != NR_SENDMMSG && nr != NR_SENDFILE))
         {
             // SAFETY: as above.
@@ -435,9 +435,7 @@ fn send_length<C: SockCtx>(ctx: &C) -> u32 {
     call.trace_flags = started.trace_flags;
     let rc = length_ret(ctx);
     if call.buf_kind == BUF_PLAIN || call.buf_kind == BUF_KERNEL {
-        if let Some(t) = thread
-            && recorded.is_some()
-        {
+        if let Some(t) = holder {
             // SAFETY: as above.
             unsafe { (*t).call.enter_ns = 0 };
         }

@@ -21,7 +21,7 @@ use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 use tracer_ebpf::abi::*;
 
 use super::{
-    CAPTURE_LIMIT, CONNS, Conn, conn_advance, copy_user, count, fill_tuple, opaque, output,
+    CAPTURE_LIMIT, CONNS, Conn, conn_advance_at, copy_user, count, fill_tuple, opaque, output,
     scratch, thread_of, tls_trace, trace_bytes, traced,
 };
 
@@ -294,7 +294,7 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
     };
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (conn, _) = conn_advance(sock, tgid, now, call.direction, 0);
+    let (conn, _, slot) = conn_advance_at(None, sock, tgid, now, call.direction, 0);
     if pin {
         remember_socket(key, sock, conn.conn_id, fd);
     }
@@ -327,7 +327,7 @@ fn ssl_exit(ctx: &RetProbeContext) -> u32 {
     h.stream_offset = offset;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     h.trace_id = [0; 16];
-    if let Some((id, origin)) = tls_trace(pid_tgid, sock, &conn, call.direction) {
+    if let Some((id, origin)) = tls_trace(pid_tgid, sock, &conn, slot, call.direction) {
         h.trace_id = trace_bytes(id);
         h.flags = EV_F_TRACE | origin;
     }
