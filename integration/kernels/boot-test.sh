@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Boots one Debian kernel under qemu (software emulation, no KVM needed) with a busybox initramfs
-# holding the agent, runs `tracer check` and `tracer run` against busybox httpd/wget inside the
-# guest, and prints the guest's console. The end-to-end test (tests/kernel_matrix.rs) asserts on it.
+# holding the agent, runs `tracer check` and `tracer run` against busybox httpd/wget and a static
+# test program (late_reads.c) inside the guest, and prints the guest's console. The end-to-end
+# test (tests/kernel_matrix.rs) asserts on it.
 #
 #   boot-test.sh META_PACKAGE TRACER_BIN
 #   META_PACKAGE: a Debian kernel meta package, e.g. linux-image-cloud-amd64 (6.1) or
@@ -14,7 +15,7 @@ tracer=$2
 cache=${TRACER_KERNEL_CACHE:-/var/cache/tracer-kernels}
 
 need=()
-for p in qemu-system-x86 busybox-static cpio; do
+for p in qemu-system-x86 busybox-static cpio gcc libc6-dev; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -45,6 +46,8 @@ trap 'rm -rf "$work"' EXIT
 root="$work/root"
 mkdir -p "$root"/{bin,proc,sys,dev,tmp,www,lib64,lib/x86_64-linux-gnu}
 cp /bin/busybox "$root/bin/busybox"
+# A client and server whose reads come long after their bytes arrived (see the source).
+gcc -O2 -static -o "$root/bin/late_reads" "$(dirname "$0")/late_reads.c"
 # The agent as built, stripped to keep the initramfs small, with the shared libraries it needs.
 objcopy --strip-debug "$tracer" "$root/tracer"
 for lib in $(ldd "$tracer" | awk '/=> \// {print $3} /^\t\/lib64/ {print $1}'); do
@@ -75,11 +78,12 @@ wait_ready() {
   done
 }
 TRACER_LOG=info,tracer::trace_context=debug OTEL_BSP_SCHEDULE_DELAY=200 \
-  /tracer run --port 8080 > /tmp/spans.txt 2> /tmp/agent.log &
+  /tracer run --port 8080 --port 8081 > /tmp/spans.txt 2> /tmp/agent.log &
 agent=$!
 wait_ready $agent /tmp/agent.log
 wget -q -O /dev/null http://127.0.0.1:8080/index.html
 wget -q -O /dev/null http://127.0.0.1:8080/missing
+late_reads 8081
 sleep 3
 kill -INT $agent
 wait $agent

@@ -493,6 +493,62 @@ async fn script_requests_on_one_connection(
     agent.stderr()
 }
 
+/// Spans take the times of their reads and writes, not of their bytes' arrivals: the server of
+/// `kernels/late_reads.c` reads the request a second after it arrived and answers at once; its
+/// client reads the response two seconds after sending the request. (Reads taken at the socket
+/// layer are timed by TCP's clock of the read's last copy, not by one of their own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_take_the_times_of_late_reads() {
+    require_root();
+    let dir = TempDir::new("late-reads");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/late_reads.c");
+    let exe = dir.path().join("late_reads");
+    let built = Command::new("gcc")
+        .args(["-O2", "-o"])
+        .arg(&exe)
+        .arg(source)
+        .status()
+        .expect("run gcc");
+    assert!(built.success(), "gcc late_reads.c: {built}");
+    let receiver = receiver(Protocol::HttpProtobuf).await;
+    let port = free_port();
+    let mut agent = Agent::start_otlp_with(&dir, &receiver, port, &[]);
+    let out = Command::new(&exe)
+        .arg(port.to_string())
+        .output()
+        .expect("run late_reads");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("late_reads done"),
+        "late_reads failed: {out:?}"
+    );
+    let spans = collect_exact(&receiver, &mut agent, 1, 1).await;
+    let server = one(&spans, SpanKind::Server, "/late", |s| {
+        s.attr_str("url.path") == Some("/late")
+    });
+    let client = one(&spans, SpanKind::Client, "/late", |s| {
+        s.attr_str("url.path").is_some() || s.attr_str("url.full").is_some()
+    });
+    let ms = |s: &ReceivedSpan| (s.end_unix_ns - s.start_unix_ns) as f64 / 1e6;
+    // The server read the request 1000 ms after the client sent it.
+    let waited = (server.start_unix_ns - client.start_unix_ns) as f64 / 1e6;
+    assert!(
+        waited >= 990.0,
+        "server span starts {waited} ms after the client's"
+    );
+    assert!(
+        ms(server) < 500.0,
+        "server span {} ms: {}",
+        ms(server),
+        describe(server)
+    );
+    assert!(
+        ms(client) >= 1990.0,
+        "client span {} ms: {}",
+        ms(client),
+        describe(client)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_connection_with_twenty_requests() {
     require_root();

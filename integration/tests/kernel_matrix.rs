@@ -2,8 +2,9 @@
 //! emulation) with the agent in a busybox initramfs, and checks that the programs pass those
 //! kernels' verifiers, `tracer check` reports their features, and busybox httpd/wget traffic
 //! inside the guest becomes spans, with wget's trace ids reaching httpd in memory (both ends on
-//! one host) and, in a second run, in the TCP option written and read. The host kernel is covered
-//! by the other end-to-end tests.
+//! one host) and, in a second run, in the TCP option written and read; a static test program's
+//! late reads (`kernels/late_reads.c`) give spans the times of the reads. The host kernel is
+//! covered by the other end-to-end tests.
 
 mod common;
 
@@ -164,13 +165,46 @@ fn check_kernel(meta: &str, version_prefix: &str, mode: &str, taken_at: &str) {
         missing.contains("status=404") && missing.contains(" ERROR "),
         "{missing}"
     );
+    // A span's times are those of its reads and writes, not of its bytes' arrivals: where reads
+    // are taken at the socket layer, their time is TCP's clock of the read's last copy.
+    assert!(
+        console.contains("late_reads done"),
+        "late_reads did not finish:\n{console}"
+    );
+    let server = span_line(&spans, "SERVER", "path=/late", &console);
+    assert!(
+        duration_ms(server) < LATE_SERVER_MAX_MS,
+        "the server span starts at the request's arrival, not its read: {server}"
+    );
+    let client = span_line(&spans, "CLIENT", "url=http://127.0.0.1/late", &console);
+    assert!(
+        duration_ms(client) >= LATE_CLIENT_MIN_MS,
+        "the client span ends at the response's arrival, not its read: {client}"
+    );
     assert_eq!(
         spans
             .iter()
             .filter(|l| l.contains(" SERVER ") || l.contains(" CLIENT "))
             .count(),
-        4
+        6
     );
+}
+
+/// late_reads.c's server reads the request 1000 ms after it arrived and answers at once: its span
+/// (read to write) is far shorter, even on an emulated CPU.
+const LATE_SERVER_MAX_MS: f64 = 800.0;
+/// late_reads.c's client reads the response 2000 ms after it sent the request (the response
+/// arrived after ~1000 ms).
+const LATE_CLIENT_MIN_MS: f64 = 1900.0;
+
+/// The duration of a stdout span line (`<time> <service> <KIND> "<name>" <OK|ERROR> <n.nnn>ms
+/// key=value...`; the names here have no spaces).
+fn duration_ms(line: &str) -> f64 {
+    line.split_whitespace()
+        .nth(5)
+        .and_then(|d| d.strip_suffix("ms"))
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {line:?}"))
 }
 
 #[test]

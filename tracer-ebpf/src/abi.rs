@@ -166,7 +166,9 @@ pub struct EventHeader {
     /// call's entry either way.
     pub enter_ns: u64,
     /// Monotonic ns at syscall exit; for a send taken at the socket layer with its start timed
-    /// (a client's), the same as `enter_ns`: one clock read per send.
+    /// (a client's), the same as `enter_ns`: one clock read per send. For a TCP read taken at
+    /// the socket layer, TCP's own time of the read's last copy (`tcp_sock.tcp_clock_cache`, the
+    /// same clock): no clock read.
     pub exit_ns: u64,
     /// Connection identity: monotonic ns at which the kernel first saw this socket. With `sock` and
     /// `tgid` it is unique across fd and socket reuse.
@@ -279,6 +281,13 @@ pub struct KernelOffsets {
     /// `sock.sk_shutdown` (u8): which directions are shut; 0 when BTF has no such byte, and then
     /// connections open and close at their syscalls.
     pub sk_shutdown: u32,
+    /// `tcp_sock.tcp_clock_cache` (u64): the monotonic time TCP last read for the socket; 0 when
+    /// BTF lacks it.
+    pub tcp_clock_cache: u32,
+    /// `sock.sk_user_data` (a pointer): set on a user's TCP socket where a sockmap's psock reads
+    /// it for the process instead of TCP (and then TCP's clock above may be stale); 0 when BTF
+    /// lacks it.
+    pub sk_user_data: u32,
     /// Reserved, zero.
     pub _pad: u32,
 }

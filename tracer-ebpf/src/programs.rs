@@ -88,6 +88,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     file_f_op: 0,
     msg_iter_count: 0,
     sk_shutdown: 0,
+    tcp_clock_cache: 0,
+    sk_user_data: 0,
     _pad: 0,
 };
 
@@ -356,24 +358,54 @@ fn kread<T: Copy>(addr: u64) -> Option<T> {
     }
 }
 
-/// The `u32` at offset `member` of TCP socket `sock`'s `struct tcp_sock`. Where the caller has
-/// the socket as a BTF pointer (`typed`: a BTF tracepoint's argument), a plain load through the
-/// helper that types it as a TCP socket: the verifier checks the load against the kernel's type
-/// (`member` is a constant of the frozen read-only data) and makes it one that cannot fault.
-/// Otherwise a `bpf_probe_read_kernel` call, ~25 ns more on every captured syscall.
+/// Socket `typed` (a BTF pointer to a `struct sock`, where the caller has one) as the kernel
+/// types a TCP socket: `Some(0)` for a socket of another kind, `None` without a BTF pointer.
 #[inline(always)]
-fn tcp_u32(typed: Option<u64>, sock: u64, member: u32) -> Option<u32> {
-    let Some(sk) = typed else {
-        return kread(sock + member as u64);
-    };
+fn tcp_typed(typed: Option<u64>) -> Option<u64> {
     // SAFETY: `sk` is a BTF pointer to a `struct sock`; the helper returns it as a `tcp_sock`, or
     // null for a socket of another kind.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as u64;
+    typed.map(|sk| unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as u64)
+}
+
+/// The `u32` at offset `member` of TCP socket `sock`'s `struct tcp_sock`. Where the caller has
+/// the socket typed as a TCP socket (`tp`, from [`tcp_typed`]), a plain load: the verifier checks
+/// it against the kernel's type (`member` is a constant of the frozen read-only data) and makes
+/// it one that cannot fault. Otherwise a `bpf_probe_read_kernel` call, ~25 ns more on every
+/// captured syscall.
+#[inline(always)]
+fn tcp_u32(tp: Option<u64>, sock: u64, member: u32) -> Option<u32> {
+    let Some(tp) = tp else {
+        return kread(sock + member as u64);
+    };
     if tp == 0 {
         return None;
     }
     // SAFETY: a load through a BTF pointer, checked by the verifier and made fault-tolerant.
     Some(unsafe { read_volatile((tp + member as u64) as *const u32) })
+}
+
+/// When TCP last read the monotonic clock for typed TCP socket `tp` (see [`tcp_typed`]), the
+/// clock `bpf_ktime_get_ns` reads: after a read that returned bytes, the time of its last copy
+/// (`tcp_recvmsg` refreshes `tcp_clock_cache` after each, in `tcp_rcv_space_adjust`, on every
+/// kernel with the socket-layer tracepoints; `late_reads.c` checks it in the end-to-end tests).
+/// `None` where BTF lacks the fields, for a socket in a sockmap, or before TCP read the clock.
+#[inline(always)]
+fn tcp_clock(tp: u64) -> Option<u64> {
+    let (member, psock) = (off!(tcp_clock_cache), off!(sk_user_data));
+    if member == 0 || psock == 0 {
+        return None;
+    }
+    // SAFETY: loads through a BTF pointer (a `tcp_sock` begins with its `struct sock`), checked
+    // by the verifier and made fault-tolerant.
+    let (at, psock) = unsafe {
+        (
+            read_volatile((tp + member as u64) as *const u64),
+            read_volatile((tp + psock as u64) as *const u64),
+        )
+    };
+    // A socket in a sockmap is read through its psock, which may hand over bytes that never
+    // passed this socket's TCP receive: its clock may be long stale.
+    (at != 0 && psock == 0).then_some(at)
 }
 
 /// A field of the tracepoint record at constant offset `off`, loaded straight from the context
@@ -999,7 +1031,7 @@ fn hand_over(sock: u64, typed: Option<u64>, conn: Option<*const ConnState>, id: 
         return;
     }
     // The sequence number of the first byte this call sends.
-    let Some(first) = tcp_u32(typed, sock, member) else {
+    let Some(first) = tcp_u32(tcp_typed(typed), sock, member) else {
         return;
     };
     let t = conn_tuple_key(sock, conn);
@@ -1515,10 +1547,19 @@ fn emit_io<const IOVECS: usize>(
     // A send's start is timed (above 1) where a span may start with it: a client's request. At
     // the socket layer, where a client's send is timed before it queues a byte, that is the
     // event's one time (nothing reads when a request's write ended); every other event is
-    // timed here, where it ends (a server's response: when it left).
+    // timed here, where it ends (a server's response: when it left). A read of a TCP socket
+    // typed here ends within TCP's own reading of the clock, after its last copy (see
+    // [`tcp_clock`]): that time costs a load instead of a clock read (~15 ns) of its own.
     let timed = inf.direction == DIR_SEND && inf.enter_ns > 1;
+    let tp = tcp_typed(typed);
+    let read_at = match tp {
+        Some(tp) if tp != 0 && direction == DIR_RECV && socket_layer => tcp_clock(tp),
+        _ => None,
+    };
     let now = if timed && socket_layer {
         inf.enter_ns
+    } else if let Some(at) = read_at {
+        at
     } else {
         // SAFETY: reads the monotonic clock.
         unsafe { bpf_ktime_get_ns() }
@@ -1564,7 +1605,7 @@ fn emit_io<const IOVECS: usize>(
             off!(tcp_copied_seq)
         };
         if member != 0
-            && let Some(after) = tcp_u32(typed, inf.sock, member)
+            && let Some(after) = tcp_u32(tp, inf.sock, member)
         {
             h.tcp_seq = after.wrapping_sub(bytes as u32);
             h.flags = EV_F_TCP_SEQ;

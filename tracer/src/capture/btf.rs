@@ -700,6 +700,11 @@ pub fn resolve_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         // Optional (a bitfield, which does not resolve, in older kernels): without it
         // connections open and close at their syscalls.
         sk_shutdown: btf.member_offset("sock", &["sk_shutdown"]).unwrap_or(0),
+        // Optional: without them, reads at the socket layer read the clock themselves.
+        tcp_clock_cache: btf
+            .member_offset("tcp_sock", &["tcp_clock_cache"])
+            .unwrap_or(0),
+        sk_user_data: btf.member_offset("sock", &["sk_user_data"]).unwrap_or(0),
         _pad: 0,
     })
 }
