@@ -529,10 +529,12 @@ async fn spans_take_the_times_of_late_reads() {
         s.attr_str("url.path").is_some() || s.attr_str("url.full").is_some()
     });
     let ms = |s: &ReceivedSpan| (s.end_unix_ns - s.start_unix_ns) as f64 / 1e6;
-    // The server read the request 1000 ms after the client sent it.
+    // The server read the request 1000 ms after its accept(2) returned, at about the time the
+    // client sent it (the margin covers the client being preempted between its connect and its
+    // write; a span starting at the request's arrival would start ~0 ms after the client's).
     let waited = (server.start_unix_ns - client.start_unix_ns) as f64 / 1e6;
     assert!(
-        waited >= 990.0,
+        waited >= 900.0,
         "server span starts {waited} ms after the client's"
     );
     assert!(
