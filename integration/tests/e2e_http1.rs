@@ -803,58 +803,6 @@ async fn nginx_static_file_and_503() {
     );
 }
 
-/// One line of the agent's stdout mode.
-#[derive(Debug)]
-struct StdoutLine {
-    timestamp: String,
-    service: String,
-    kind: String,
-    name: String,
-    status: String,
-    duration_ms: f64,
-    fields: Vec<(String, String)>,
-}
-
-impl StdoutLine {
-    /// `<time> <service> <KIND> "<name>" <OK|ERROR> <n.nnn>ms key=value...`; values in this test
-    /// contain no spaces.
-    fn parse(line: &str) -> StdoutLine {
-        let tokens: Vec<&str> = line.split_whitespace().collect();
-        let [timestamp, service, kind, name, status, duration, rest @ ..] = &tokens[..] else {
-            panic!("short stdout line {line:?}");
-        };
-        let duration_ms = duration
-            .strip_suffix("ms")
-            .and_then(|d| d.parse().ok())
-            .unwrap_or_else(|| panic!("bad duration in {line:?}"));
-        let fields = rest
-            .iter()
-            .map(|t| {
-                let (k, v) = t
-                    .split_once('=')
-                    .unwrap_or_else(|| panic!("bad field {t:?} in {line:?}"));
-                (k.to_owned(), v.to_owned())
-            })
-            .collect();
-        StdoutLine {
-            timestamp: (*timestamp).to_owned(),
-            service: (*service).to_owned(),
-            kind: (*kind).to_owned(),
-            name: name.trim_matches('"').to_owned(),
-            status: (*status).to_owned(),
-            duration_ms,
-            fields,
-        }
-    }
-
-    fn field(&self, key: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// `YYYY-MM-DDThh:mm:ss.mmmZ` of a Unix time in ns, by date(1).
 fn utc_millis(unix_ns: u64) -> String {
     let secs = unix_ns / 1_000_000_000;

@@ -173,12 +173,12 @@ fn check_kernel(meta: &str, version_prefix: &str, mode: &str, taken_at: &str) {
     );
     let server = span_line(&spans, "SERVER", "path=/late", &console);
     assert!(
-        duration_ms(server) < LATE_SERVER_MAX_MS,
+        common::StdoutLine::parse(server).duration_ms < LATE_SERVER_MAX_MS,
         "the server span starts at the request's arrival, not its read: {server}"
     );
     let client = span_line(&spans, "CLIENT", "url=http://127.0.0.1/late", &console);
     assert!(
-        duration_ms(client) >= LATE_CLIENT_MIN_MS,
+        common::StdoutLine::parse(client).duration_ms >= LATE_CLIENT_MIN_MS,
         "the client span ends at the response's arrival, not its read: {client}"
     );
     assert_eq!(
@@ -196,16 +196,6 @@ const LATE_SERVER_MAX_MS: f64 = 800.0;
 /// late_reads.c's client reads the response 2000 ms after it sent the request (the response
 /// arrived after ~1000 ms).
 const LATE_CLIENT_MIN_MS: f64 = 1900.0;
-
-/// The duration of a stdout span line (`<time> <service> <KIND> "<name>" <OK|ERROR> <n.nnn>ms
-/// key=value...`; the names here have no spaces).
-fn duration_ms(line: &str) -> f64 {
-    line.split_whitespace()
-        .nth(5)
-        .and_then(|d| d.strip_suffix("ms"))
-        .and_then(|d| d.parse().ok())
-        .unwrap_or_else(|| panic!("no duration in {line:?}"))
-}
 
 #[test]
 fn debian_6_1_kernel() {

@@ -1056,3 +1056,55 @@ pub fn trace_events(stderr: &str) -> Vec<TraceEvent> {
         })
         .collect()
 }
+
+/// One line of the agent's stdout mode.
+#[derive(Debug)]
+pub struct StdoutLine {
+    pub timestamp: String,
+    pub service: String,
+    pub kind: String,
+    pub name: String,
+    pub status: String,
+    pub duration_ms: f64,
+    pub fields: Vec<(String, String)>,
+}
+
+impl StdoutLine {
+    /// `<time> <service> <KIND> "<name>" <OK|ERROR> <n.nnn>ms key=value...`; the values of the lines
+    /// parsed contain no spaces.
+    pub fn parse(line: &str) -> StdoutLine {
+        let tokens: Vec<&str> = line.split_whitespace().collect();
+        let [timestamp, service, kind, name, status, duration, rest @ ..] = &tokens[..] else {
+            panic!("short stdout line {line:?}");
+        };
+        let duration_ms = duration
+            .strip_suffix("ms")
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("bad duration in {line:?}"));
+        let fields = rest
+            .iter()
+            .map(|t| {
+                let (k, v) = t
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad field {t:?} in {line:?}"));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect();
+        StdoutLine {
+            timestamp: (*timestamp).to_owned(),
+            service: (*service).to_owned(),
+            kind: (*kind).to_owned(),
+            name: name.trim_matches('"').to_owned(),
+            status: (*status).to_owned(),
+            duration_ms,
+            fields,
+        }
+    }
+
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
